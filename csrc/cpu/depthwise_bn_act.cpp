@@ -1,0 +1,407 @@
+// CPU primitives of the fused depthwise conv + BatchNorm + activation (see
+// effnet_kernels/ops/reference.py for their exact semantics). Per channel c, with
+// y = depthwise_conv(x, weight) and z = y * scale[c] + shift[c]:
+//
+//   dw_stats            mean[c], biased var[c] of y   (per-row mean/M2, Chan merges)
+//   dw_forward          out = act(z)
+//   dw_backward_reduce  g = dy * act'(z);  sum_g[c] = sum g,  sum_g_yc[c] = sum g (y - mean)
+//   dw_backward         dyc = scale * g + coef_b + coef_c * (y - mean)
+//                       dx = conv_transpose(dyc, weight),  dweight = corr(x, dyc)
+//
+// Every pass recomputes y from x (design.md §4). Kernels run on channels_last data
+// (NCHW inputs are converted on entry and outputs converted back) and accumulate in
+// float (double for float64). The row kernels live in depthwise_kernels.h, compiled
+// once per ISA (AVX-512, AVX2, baseline) and picked at runtime; EFFNET_CPU_ISA=avx2 or
+// =base forces a narrower one. Threads split fixed work units (at::parallel_for) and
+// write per-group partials that are merged in order, so results are deterministic.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include "common/binding_registry.h"
+#include "common/checks.h"
+#include "common/math.h"
+
+namespace effnet::cpu_dw {
+
+// Geometry of one call; x is (N, C, H, W), y is (N, C, OH, OW), kernel K x K.
+struct Geo {
+  int64_t N, C, H, W, OH, OW, K, S, pt, pl, act;
+};
+
+// Per-channel inputs in the accumulation type; wt is the weight as [kh][kw][c].
+template <typename A>
+struct Params {
+  const A* wt = nullptr;
+  const A* scale = nullptr;
+  const A* shift = nullptr;
+  const A* mean = nullptr;
+  const A* coef_b = nullptr;
+  const A* coef_c = nullptr;
+};
+
+#if defined(__x86_64__) || defined(__i386__)
+#define EFFNET_DW_X86 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
+namespace avx512 {
+constexpr int kVecBytes = 64;
+#include "vec_math.h"
+#include "depthwise_kernels.h"
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+constexpr int kVecBytes = 32;
+#include "vec_math.h"
+#include "depthwise_kernels.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+namespace base {
+constexpr int kVecBytes = 16;
+#include "vec_math.h"
+#include "depthwise_kernels.h"
+}  // namespace base
+
+namespace {
+
+enum class Isa { Base, Avx2, Avx512 };
+
+Isa detect_isa() {
+  const char* env = std::getenv("EFFNET_CPU_ISA");
+  const std::string forced = env ? env : "";
+  if (forced == "base") return Isa::Base;
+#ifdef EFFNET_DW_X86
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (avx512 && forced != "avx2") return Isa::Avx512;
+  if (avx2) return Isa::Avx2;
+#endif
+  return Isa::Base;
+}
+
+Isa isa() {
+  static const Isa chosen = detect_isa();
+  return chosen;
+}
+
+std::string isa_name() {
+  switch (isa()) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "base";
+  }
+}
+
+template <class F>
+F pick(F f_avx512, F f_avx2, F f_base) {
+  switch (isa()) {
+    case Isa::Avx512: return f_avx512;
+    case Isa::Avx2: return f_avx2;
+    default: return f_base;
+  }
+}
+
+#ifdef EFFNET_DW_X86
+#define EFFNET_DW_PICK(fn) pick(&avx512::fn, &avx2::fn, &base::fn)
+#else
+#define EFFNET_DW_PICK(fn) pick(&base::fn, &base::fn, &base::fn)
+#endif
+
+template <typename X>
+using AccOf = base::AccOf<X>;
+
+constexpr int64_t kMaxGroups = 64;
+
+// ---- argument checks ------------------------------------------------------------
+
+at::MemoryFormat check_input(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+                             int64_t pad_top, int64_t pad_left, int64_t act) {
+  EFFNET_CHECK_DEVICE(x, at::kCPU);
+  EFFNET_CHECK_DEVICE(weight, at::kCPU);
+  const auto fmt = activation_format(x, "x");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+              "x must be float32, float64, bfloat16 or float16, got ", dt);
+  EFFNET_CHECK_DTYPE(weight, dt);
+  EFFNET_CHECK_DIM(weight, 4);
+  const int64_t k = weight.size(3);
+  TORCH_CHECK(weight.size(0) == x.size(1) && weight.size(1) == 1 && weight.size(2) == k,
+              "weight must be (C, 1, k, k) with C = ", x.size(1), ", got shape ", weight.sizes());
+  TORCH_CHECK(k == 1 || k == 3 || k == 5 || k == 7, "weight kernel size must be 1, 3, 5 or 7, got ",
+              k);
+  TORCH_CHECK(stride == 1 || stride == 2, "stride must be 1 or 2, got ", stride);
+  TORCH_CHECK(pad_top >= 0 && pad_left >= 0, "pad_top and pad_left must be >= 0, got ", pad_top,
+              ", ", pad_left);
+  TORCH_CHECK(act >= 0 && act <= 2, "act must be 0 (identity), 1 (relu) or 2 (silu), got ", act);
+  return fmt;
+}
+
+// A per-channel vector (scale, shift, ...) in the accumulation type, made contiguous.
+at::Tensor per_channel(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
+  const auto acc = acc_type_of(x.scalar_type());
+  TORCH_CHECK(t.scalar_type() == acc, name, " must have dtype ", acc, ", got ", t.scalar_type());
+  TORCH_CHECK(t.numel() == x.size(1), name, " must have ", x.size(1), " elements, got ",
+              t.numel());
+  return t.contiguous();
+}
+
+// dy in x's dtype and channels_last layout, checked against x's N and C.
+at::Tensor grad_output(const at::Tensor& dy, const at::Tensor& x) {
+  EFFNET_CHECK_DEVICE(dy, x.device());
+  EFFNET_CHECK_DIM(dy, 4);
+  TORCH_CHECK(dy.size(0) == x.size(0) && dy.size(1) == x.size(1), "dy must be (N, C, out_h, out_w) = (",
+              x.size(0), ", ", x.size(1), ", ...), got shape ", dy.sizes());
+  return dy.to(x.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+Geo make_geo(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t pad_top,
+             int64_t pad_left, int64_t out_h, int64_t out_w, int64_t act) {
+  TORCH_CHECK(out_h >= 0 && out_w >= 0, "out_h and out_w must be >= 0, got ", out_h, ", ", out_w);
+  return Geo{x.size(0), x.size(1), x.size(2), x.size(3), out_h, out_w,
+             weight.size(3), stride, pad_top, pad_left, act};
+}
+
+// ---- helpers ----------------------------------------------------------------------
+
+// weight (C, 1, K, K) -> wt[kh][kw][c] in the accumulation type.
+template <typename X>
+std::vector<AccOf<X>> transpose_weight(const at::Tensor& weight) {
+  const auto w = weight.contiguous();
+  const X* src = w.const_data_ptr<X>();
+  const int64_t C = w.size(0), KK = w.size(2) * w.size(3);
+  std::vector<AccOf<X>> wt(KK * C);
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t t = 0; t < KK; ++t) wt[t * C + c] = static_cast<AccOf<X>>(src[c * KK + t]);
+  }
+  return wt;
+}
+
+// Outputs are written once right after allocation, and first-touch page faults on fresh
+// 4 KiB pages cost about as much as the kernel itself at B0 sizes. On Linux, large
+// outputs ask for transparent huge pages (2 MiB faults); only the 2 MiB-aligned interior
+// of our own allocation is advised, and the call is a hint that may be ignored.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (t.nbytes() >= 4 * kHuge && hi > lo) {
+    madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+  }
+#endif
+}
+
+at::Tensor empty_cl(const at::Tensor& x, int64_t h, int64_t w) {
+  auto t = at::empty({x.size(0), x.size(1), h, w},
+                     x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  advise_huge_pages(t);
+  return t;
+}
+
+at::Tensor to_format(const at::Tensor& t, at::MemoryFormat fmt) { return t.contiguous(fmt); }
+
+// Runs body(group, unit_begin, unit_end) over min(units, max_groups) groups in parallel.
+template <class F>
+int64_t run_groups(int64_t units, int64_t max_groups, F&& body) {
+  const int64_t groups = std::min(units, max_groups);
+  at::parallel_for(0, groups, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) body(i, units * i / groups, units * (i + 1) / groups);
+  });
+  return groups;
+}
+
+// Input-row blocks per image for the backward pass: enough units to balance threads,
+// blocks of at least 8 rows to keep the recomputed halo small.
+int64_t backward_blocks(const Geo& g) {
+  if (g.N == 0) return 1;
+  const int64_t want = (32 + g.N - 1) / g.N;
+  return std::max<int64_t>(1, std::min(want, g.H / 8));
+}
+
+}  // namespace
+
+// ---- primitives ---------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> dw_stats(const at::Tensor& x, const at::Tensor& weight,
+                                            int64_t stride, int64_t pad_top, int64_t pad_left,
+                                            int64_t out_h, int64_t out_w) {
+  check_input(x, weight, stride, pad_top, pad_left, 0);
+  const Geo g = make_geo(x, weight, stride, pad_top, pad_left, out_h, out_w, 0);
+  const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto acc_opts = x.options().dtype(acc_type_of(x.scalar_type()));
+  at::Tensor mean = at::empty({g.C}, acc_opts), var = at::empty({g.C}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_stats", [&] {
+    using X = scalar_t;
+    using A = AccOf<X>;
+    const auto wt = transpose_weight<X>(weight);
+    const Params<A> p{wt.data()};
+    const int64_t width = 1 + 2 * g.C;
+    std::vector<double> part(kMaxGroups * width, 0.0);
+    const auto kernel = EFFNET_DW_PICK(stats_rows<X>);
+    const int64_t groups = run_groups(g.N * g.OH, kMaxGroups, [&](int64_t i, int64_t r0, int64_t r1) {
+      kernel(g, xc.const_data_ptr<X>(), p, r0, r1, part.data() + i * width);
+    });
+    std::vector<double> total(width, 0.0);
+    for (int64_t i = 0; i < groups; ++i) {
+      const double* pi = part.data() + i * width;
+      base::chan_merge(total.data(), g.C, pi[0], pi + 1, pi + 1 + g.C);
+    }
+    A* m = mean.data_ptr<A>();
+    A* v = var.data_ptr<A>();
+    for (int64_t c = 0; c < g.C; ++c) {
+      m[c] = total[0] > 0 ? A(total[1 + c]) : std::numeric_limits<A>::quiet_NaN();
+      v[c] = total[0] > 0 ? A(total[1 + g.C + c] / total[0]) : std::numeric_limits<A>::quiet_NaN();
+    }
+  });
+  return {mean, var};
+}
+
+at::Tensor dw_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                      const at::Tensor& shift, int64_t stride, int64_t pad_top, int64_t pad_left,
+                      int64_t out_h, int64_t out_w, int64_t act) {
+  const auto fmt = check_input(x, weight, stride, pad_top, pad_left, act);
+  const Geo g = make_geo(x, weight, stride, pad_top, pad_left, out_h, out_w, act);
+  const auto sc = per_channel(scale, "scale", x), sh = per_channel(shift, "shift", x);
+  const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor out = empty_cl(x, g.OH, g.OW);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_forward", [&] {
+    using X = scalar_t;
+    using A = AccOf<X>;
+    const auto wt = transpose_weight<X>(weight);
+    const Params<A> p{wt.data(), sc.const_data_ptr<A>(), sh.const_data_ptr<A>()};
+    const auto kernel = EFFNET_DW_PICK(forward_rows<X>);
+    at::parallel_for(0, g.N * g.OH, 1, [&](int64_t r0, int64_t r1) {
+      kernel(g, xc.const_data_ptr<X>(), p, out.data_ptr<X>(), r0, r1);
+    });
+  });
+  return to_format(out, fmt);
+}
+
+std::tuple<at::Tensor, at::Tensor> dw_backward_reduce(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+    const at::Tensor& shift, const at::Tensor& mean, int64_t stride, int64_t pad_top,
+    int64_t pad_left, int64_t act) {
+  check_input(x, weight, stride, pad_top, pad_left, act);
+  const auto dyc = grad_output(dy, x);
+  const Geo g = make_geo(x, weight, stride, pad_top, pad_left, dy.size(2), dy.size(3), act);
+  const auto sc = per_channel(scale, "scale", x), sh = per_channel(shift, "shift", x);
+  const auto mu = per_channel(mean, "mean", x);
+  const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto acc_opts = x.options().dtype(acc_type_of(x.scalar_type()));
+  at::Tensor sum_g = at::empty({g.C}, acc_opts), sum_g_yc = at::empty({g.C}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_backward_reduce", [&] {
+    using X = scalar_t;
+    using A = AccOf<X>;
+    const auto wt = transpose_weight<X>(weight);
+    const Params<A> p{wt.data(), sc.const_data_ptr<A>(), sh.const_data_ptr<A>(), mu.const_data_ptr<A>()};
+    std::vector<double> part(kMaxGroups * 2 * g.C, 0.0);
+    const auto kernel = EFFNET_DW_PICK(reduce_rows<X>);
+    const int64_t groups = run_groups(g.N * g.OH, kMaxGroups, [&](int64_t i, int64_t r0, int64_t r1) {
+      kernel(g, xc.const_data_ptr<X>(), dyc.const_data_ptr<X>(), p, r0, r1, part.data() + i * 2 * g.C);
+    });
+    A* s1 = sum_g.data_ptr<A>();
+    A* s2 = sum_g_yc.data_ptr<A>();
+    for (int64_t c = 0; c < g.C; ++c) {
+      double a = 0, b = 0;
+      for (int64_t i = 0; i < groups; ++i) a += part[i * 2 * g.C + c], b += part[i * 2 * g.C + g.C + c];
+      s1[c] = A(a);
+      s2[c] = A(b);
+    }
+  });
+  return {sum_g, sum_g_yc};
+}
+
+std::tuple<at::Tensor, at::Tensor> dw_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+    const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& coef_b,
+    const at::Tensor& coef_c, int64_t stride, int64_t pad_top, int64_t pad_left, int64_t act) {
+  const auto fmt = check_input(x, weight, stride, pad_top, pad_left, act);
+  const auto dyc = grad_output(dy, x);
+  const Geo g = make_geo(x, weight, stride, pad_top, pad_left, dy.size(2), dy.size(3), act);
+  const auto sc = per_channel(scale, "scale", x), sh = per_channel(shift, "shift", x);
+  const auto mu = per_channel(mean, "mean", x);
+  const auto cb = per_channel(coef_b, "coef_b", x), cc = per_channel(coef_c, "coef_c", x);
+  const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor dx = empty_cl(x, g.H, g.W);
+  at::Tensor dweight = at::empty_like(weight, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_backward", [&] {
+    using X = scalar_t;
+    using A = AccOf<X>;
+    const auto wt = transpose_weight<X>(weight);
+    const Params<A> p{wt.data(), sc.const_data_ptr<A>(), sh.const_data_ptr<A>(),
+                      mu.const_data_ptr<A>(), cb.const_data_ptr<A>(), cc.const_data_ptr<A>()};
+    const int64_t width = g.K * g.K * g.C, blocks = backward_blocks(g);
+    std::vector<double> part(kMaxGroups * width, 0.0);
+    const auto kernel = EFFNET_DW_PICK(backward_units<X>);
+    const int64_t groups = run_groups(g.N * blocks, kMaxGroups, [&](int64_t i, int64_t u0, int64_t u1) {
+      kernel(g, xc.const_data_ptr<X>(), dyc.const_data_ptr<X>(), p, dx.data_ptr<X>(), blocks, u0,
+             u1, part.data() + i * width);
+    });
+    X* dw = dweight.data_ptr<X>();
+    for (int64_t c = 0; c < g.C; ++c) {
+      for (int64_t t = 0; t < g.K * g.K; ++t) {
+        double s = 0;
+        for (int64_t i = 0; i < groups; ++i) s += part[i * width + t * g.C + c];
+        dw[c * g.K * g.K + t] = static_cast<X>(s);
+      }
+    }
+  });
+  return {to_format(dx, fmt), dweight};
+}
+
+}  // namespace effnet::cpu_dw
+
+EFFNET_BINDINGS(bind_cpu_depthwise) {
+  namespace py = pybind11;
+  using namespace effnet::cpu_dw;
+  auto cpu = m.def_submodule("cpu");
+  cpu.def("dw_stats", &dw_stats, "per-channel mean and biased var of depthwise_conv(x, weight)",
+          py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("pad_top"),
+          py::arg("pad_left"), py::arg("out_h"), py::arg("out_w"));
+  cpu.def("dw_forward", &dw_forward, "act(depthwise_conv(x, weight) * scale + shift)",
+          py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("shift"), py::arg("stride"),
+          py::arg("pad_top"), py::arg("pad_left"), py::arg("out_h"), py::arg("out_w"),
+          py::arg("act"));
+  cpu.def("dw_backward_reduce", &dw_backward_reduce, "per-channel sums of g and g * (y - mean)",
+          py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("shift"),
+          py::arg("mean"), py::arg("stride"), py::arg("pad_top"), py::arg("pad_left"),
+          py::arg("act"));
+  cpu.def("dw_backward", &dw_backward, "(dx, dweight) of the fused depthwise op", py::arg("dy"),
+          py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("shift"), py::arg("mean"),
+          py::arg("coef_b"), py::arg("coef_c"), py::arg("stride"), py::arg("pad_top"),
+          py::arg("pad_left"), py::arg("act"));
+  cpu.def("dw_simd_isa", []() { return isa_name(); },
+          "instruction set the depthwise kernels dispatched to (avx512, avx2, base)");
+}

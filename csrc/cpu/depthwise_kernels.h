@@ -1,0 +1,427 @@
+// Row kernels of the fused depthwise conv + BN + activation, channels_last layout.
+//
+// No include guard on purpose: depthwise_bn_act.cpp includes this once per ISA, inside
+// a namespace and a `#pragma GCC target` region, after vec_math.h (see its header).
+//
+// Layout: x is NHWC, so one image row is W * C values with the channel fastest; every
+// inner loop runs over a vector of channels at one pixel. Weights arrive transposed to
+// wt[kh][kw][c] (accumulation type A). Out-of-image rows read a shared row of zeros;
+// out-of-image columns are skipped by a [lo, hi) range of valid kw taps.
+//
+// Work units (chosen by the driver): output rows r = n * OH + oh for the three forward-
+// style passes, (image, block of input rows) for the backward pass. Per-channel sums are
+// accumulated per row in A, then added into the caller's double partials, which the
+// driver merges in a fixed order: results do not depend on the thread count.
+
+template <typename X>
+using AccOf = std::conditional_t<std::is_same_v<X, double>, double, float>;
+
+// Runs f.template operator()<K>() for the runtime kernel size k in {1, 3, 5, 7}.
+template <class F>
+inline void with_kernel_size(int64_t k, F&& f) {
+  switch (k) {
+    case 1: return f.template operator()<1>();
+    case 3: return f.template operator()<3>();
+    case 5: return f.template operator()<5>();
+    default: return f.template operator()<7>();
+  }
+}
+
+// Calls f(c, Vec<A, L>{}) over channels: full vectors, one half vector, then single lanes.
+template <typename A, class F>
+inline void for_channel_vectors(int64_t C, F&& f) {
+  constexpr int L = kLanes<A>;
+  int64_t c = 0;
+  for (; c + L <= C; c += L) f(c, Vec<A, L>{});
+  if constexpr (L >= 4) {
+    if (c + L / 2 <= C) f(c, Vec<A, L / 2>{}), c += L / 2;
+  }
+  for (; c < C; ++c) f(c, Vec<A, 1>{});
+}
+
+// dst[i] = src[i] converted from storage type X to A (or back), i < n.
+template <typename X, typename A>
+inline void load_row(const X* src, A* dst, int64_t n) {
+  for_channel_vectors<A>(n, [&](int64_t i, auto proto) {
+    vstore(dst + i, load_as<decltype(proto)>(src + i));
+  });
+}
+
+template <typename A, typename X>
+inline void store_row(const A* src, X* dst, int64_t n) {
+  for_channel_vectors<A>(n, [&](int64_t i, auto proto) {
+    store_as(dst + i, vload<decltype(proto)>(src + i));
+  });
+}
+
+// Input rows of x as A pointers. Float storage is read in place; half types are
+// converted into a cache of K rows (slot ih % K is unique among K consecutive rows).
+template <typename X, typename A>
+class RowSource {
+ public:
+  RowSource(const X* x, const Geo& g)
+      : x_(x), H_(g.H), K_(g.K), WC_(g.W * g.C), zero_(WC_, A(0)) {
+    if constexpr (!std::is_same_v<X, A>) {
+      cache_.resize(K_ * WC_);
+      tag_.assign(K_, -1);
+    }
+  }
+
+  const A* row(int64_t n, int64_t ih) {
+    if (ih < 0 || ih >= H_) return zero_.data();
+    const X* src = x_ + (n * H_ + ih) * WC_;
+    if constexpr (std::is_same_v<X, A>) {
+      return src;
+    } else {
+      const int64_t slot = ih % K_;
+      A* dst = cache_.data() + slot * WC_;
+      if (tag_[slot] != n * H_ + ih) {
+        load_row(src, dst, WC_);
+        tag_[slot] = n * H_ + ih;
+      }
+      return dst;
+    }
+  }
+
+ private:
+  const X* x_;
+  int64_t H_, K_, WC_;
+  std::vector<A> zero_, cache_;
+  std::vector<int64_t> tag_;
+};
+
+// A row of dy (read) or of out/dx (written) seen as A values: in place for float
+// storage, through a converted buffer for half types.
+template <typename X, typename A>
+class RowView {
+ public:
+  explicit RowView(int64_t n) : buf_(std::is_same_v<X, A> ? 0 : n) {}
+
+  const A* read(const X* src, int64_t n) {
+    if constexpr (std::is_same_v<X, A>) {
+      return src;
+    } else {
+      load_row(src, buf_.data(), n);
+      return buf_.data();
+    }
+  }
+
+  A* target(X* dst) {
+    if constexpr (std::is_same_v<X, A>) {
+      return dst;
+    } else {
+      return buf_.data();
+    }
+  }
+
+  void commit(X* dst, int64_t n) {
+    if constexpr (!std::is_same_v<X, A>) store_row(buf_.data(), dst, n);
+  }
+
+ private:
+  std::vector<A> buf_;
+};
+
+template <int K, typename X, typename A>
+inline void gather_rows(RowSource<X, A>& src, const Geo& g, int64_t n, int64_t oh, const A** rows) {
+  for (int kh = 0; kh < K; ++kh) rows[kh] = src.row(n, oh * g.S - g.pt + kh);
+}
+
+// One channel vector of one output row of the conv: calls f(ow, y) for ow < OW.
+// The K*K weight vectors stay in registers; interior pixels run fully unrolled and
+// the left/right border pixels only visit the taps kw in [lo, hi) inside the image.
+template <int K, class V, class F>
+inline void conv_block(const ElemOf<V>* const* rows, const ElemOf<V>* wt, const Geo& g,
+                       int64_t c, F&& f) {
+  const int64_t C = g.C;
+  V w[K * K];
+  for (int t = 0; t < K * K; ++t) w[t] = vload<V>(wt + t * C + c);
+  for (int64_t ow = 0; ow < g.OW; ++ow) {
+    const int64_t iw0 = ow * g.S - g.pl;
+    const int64_t lo = std::max<int64_t>(0, -iw0), hi = std::min<int64_t>(K, g.W - iw0);
+    V acc{};
+    if (lo == 0 && hi == K) {
+#pragma GCC unroll 7
+      for (int kh = 0; kh < K; ++kh) {
+        const ElemOf<V>* r = rows[kh] + iw0 * C + c;
+#pragma GCC unroll 7
+        for (int kw = 0; kw < K; ++kw) acc += vload<V>(r + kw * C) * w[kh * K + kw];
+      }
+    } else {
+      for (int kh = 0; kh < K; ++kh) {
+        for (int64_t kw = lo; kw < hi; ++kw) {
+          acc += vload<V>(rows[kh] + (iw0 + kw) * C + c) * vload<V>(wt + (kh * K + kw) * C + c);
+        }
+      }
+    }
+    f(ow, acc);
+  }
+}
+
+// Chan's parallel merge of (nb, mean_b, m2_b) into acc = [count, mean[C], m2[C]].
+template <typename A>
+inline void chan_merge(double* acc, int64_t C, double nb, const A* mean_b, const A* m2_b) {
+  if (nb == 0) return;
+  const double na = acc[0], n = na + nb;
+  double* mean = acc + 1;
+  double* m2 = acc + 1 + C;
+  for (int64_t c = 0; c < C; ++c) {
+    const double delta = double(mean_b[c]) - mean[c];
+    mean[c] += delta * (nb / n);
+    m2[c] += double(m2_b[c]) + delta * delta * (na * nb / n);
+  }
+  acc[0] = n;
+}
+
+// ---- per-row cores (depend on K and the accumulation type A only) --------------------
+
+// Per-channel mean and M2 (sum of squared deviations) of one row of y; y[OW][C] scratch.
+template <int K, typename A>
+void moments_row(const Geo& g, const A* const* rows, const A* wt, A* y, A* mean, A* m2) {
+  for_channel_vectors<A>(g.C, [&](int64_t c, auto proto) {
+    using V = decltype(proto);
+    V sum{};
+    conv_block<K, V>(rows, wt, g, c, [&](int64_t ow, V v) {
+      sum += v;
+      vstore(y + ow * g.C + c, v);
+    });
+    const V m = sum / ElemOf<V>(g.OW);
+    V q{};
+    for (int64_t ow = 0; ow < g.OW; ++ow) {
+      const V d = vload<V>(y + ow * g.C + c) - m;
+      q += d * d;
+    }
+    vstore(mean + c, m);
+    vstore(m2 + c, q);
+  });
+}
+
+// out = act(y * scale + shift) for one row.
+template <int K, typename A>
+void forward_row(const Geo& g, const A* const* rows, const Params<A>& p, A* out) {
+  for_channel_vectors<A>(g.C, [&](int64_t c, auto proto) {
+    using V = decltype(proto);
+    const V sc = vload<V>(p.scale + c), sh = vload<V>(p.shift + c);
+    conv_block<K, V>(rows, p.wt, g, c, [&](int64_t ow, V y) {
+      vstore(out + ow * g.C + c, act_forward(y * sc + sh, g.act));
+    });
+  });
+}
+
+// sg[c] = sum_ow g, sgy[c] = sum_ow g (y - mean), g = dy * act'(y * scale + shift).
+template <int K, typename A>
+void reduce_row(const Geo& g, const A* const* rows, const A* dy, const Params<A>& p, A* sg,
+                A* sgy) {
+  for_channel_vectors<A>(g.C, [&](int64_t c, auto proto) {
+    using V = decltype(proto);
+    const V sc = vload<V>(p.scale + c), sh = vload<V>(p.shift + c), mu = vload<V>(p.mean + c);
+    V s1{}, s2{};
+    conv_block<K, V>(rows, p.wt, g, c, [&](int64_t ow, V y) {
+      const V gv = vload<V>(dy + ow * g.C + c) * act_backward(y * sc + sh, g.act);
+      s1 += gv;
+      s2 += gv * (y - mu);
+    });
+    vstore(sg + c, s1);
+    vstore(sgy + c, s2);
+  });
+}
+
+// dyc = scale * g + coef_b + coef_c * (y - mean), the gradient w.r.t. y, for one row.
+template <int K, typename A>
+void dyc_row(const Geo& g, const A* const* rows, const A* dy, const Params<A>& p, A* dyc) {
+  for_channel_vectors<A>(g.C, [&](int64_t c, auto proto) {
+    using V = decltype(proto);
+    const V sc = vload<V>(p.scale + c), sh = vload<V>(p.shift + c), mu = vload<V>(p.mean + c);
+    const V cb = vload<V>(p.coef_b + c), cc = vload<V>(p.coef_c + c);
+    conv_block<K, V>(rows, p.wt, g, c, [&](int64_t ow, V y) {
+      const V gv = vload<V>(dy + ow * g.C + c) * act_backward(y * sc + sh, g.act);
+      vstore(dyc + ow * g.C + c, sc * gv + cb + cc * (y - mu));
+    });
+  });
+}
+
+// dw[kh][kw][c] += sum_ow x[kh][ow * S - pl + kw][c] * dyc[ow][c] for one output row.
+// Interior pixels accumulate in registers; border taps go through a small array.
+template <int K, typename A>
+void dweight_row(const Geo& g, const A* const* rows, const A* dyc, double* dw) {
+  const int64_t C = g.C;
+  for_channel_vectors<A>(C, [&](int64_t c, auto proto) {
+    using V = decltype(proto);
+    V acc[K * K] = {};
+    V edge[K * K] = {};
+    for (int64_t ow = 0; ow < g.OW; ++ow) {
+      const int64_t iw0 = ow * g.S - g.pl;
+      const int64_t lo = std::max<int64_t>(0, -iw0), hi = std::min<int64_t>(K, g.W - iw0);
+      const V d = vload<V>(dyc + ow * C + c);
+      if (lo == 0 && hi == K) {
+#pragma GCC unroll 7
+        for (int kh = 0; kh < K; ++kh) {
+#pragma GCC unroll 7
+          for (int kw = 0; kw < K; ++kw) {
+            acc[kh * K + kw] += vload<V>(rows[kh] + (iw0 + kw) * C + c) * d;
+          }
+        }
+      } else {
+        for (int kh = 0; kh < K; ++kh) {
+          for (int64_t kw = lo; kw < hi; ++kw) {
+            edge[kh * K + kw] += vload<V>(rows[kh] + (iw0 + kw) * C + c) * d;
+          }
+        }
+      }
+    }
+#pragma GCC unroll 7
+    for (int t = 0; t < K * K; ++t) {
+      const V sum = acc[t] + edge[t];
+      for (int j = 0; j < kCount<V>; ++j) dw[t * C + c + j] += double(sum[j]);
+    }
+  });
+}
+
+// dx[iw][c] = sum of dyc[oh][ow][c] * wt[kh][kw][c] over oh * S = ih + pt - kh,
+// ow * S = iw + pl - kw (transposed conv as a gather). drows[kh]: dyc row or nullptr.
+template <int K, typename A>
+void dx_row(const Geo& g, const A* const* drows, const A* wt, A* dx) {
+  const int64_t C = g.C, shift = g.S - 1;
+  bool all_rows = g.S == 1;
+  for (int kh = 0; kh < K; ++kh) all_rows = all_rows && drows[kh] != nullptr;
+  for_channel_vectors<A>(C, [&](int64_t c, auto proto) {
+    using V = decltype(proto);
+    V w[K * K];
+    for (int t = 0; t < K * K; ++t) w[t] = vload<V>(wt + t * C + c);
+    for (int64_t iw = 0; iw < g.W; ++iw) {
+      const int64_t base = iw + g.pl;  // ow * S = base - kw
+      V acc{};
+      if (all_rows && base >= K - 1 && base < g.OW) {
+#pragma GCC unroll 7
+        for (int kh = 0; kh < K; ++kh) {
+#pragma GCC unroll 7
+          for (int kw = 0; kw < K; ++kw) {
+            acc += vload<V>(drows[kh] + (base - kw) * C + c) * w[kh * K + kw];
+          }
+        }
+      } else {
+        for (int kh = 0; kh < K; ++kh) {
+          if (drows[kh] == nullptr) continue;
+          for (int kw = 0; kw < K; ++kw) {
+            const int64_t num = base - kw;
+            if (num < 0 || (num & shift) != 0 || (num >> shift) >= g.OW) continue;
+            acc += vload<V>(drows[kh] + (num >> shift) * C + c) * vload<V>(wt + (kh * K + kw) * C + c);
+          }
+        }
+      }
+      vstore(dx + iw * C + c, acc);
+    }
+  });
+}
+
+// ---- passes over work units (templated on the storage type X) ------------------------
+
+// Pass 1: per-channel (count, mean, M2) of y over output rows [r0, r1).
+template <typename X>
+void stats_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, int64_t r0, int64_t r1,
+                double* acc) {
+  using A = AccOf<X>;
+  with_kernel_size(g.K, [&]<int K>() {
+    RowSource<X, A> src(x, g);
+    std::vector<A> y(g.OW * g.C), mean(g.C), m2(g.C);
+    const A* rows[K];
+    for (int64_t r = r0; r < r1; ++r) {
+      gather_rows<K>(src, g, r / g.OH, r % g.OH, rows);
+      moments_row<K>(g, rows, p.wt, y.data(), mean.data(), m2.data());
+      chan_merge(acc, g.C, double(g.OW), mean.data(), m2.data());
+    }
+  });
+}
+
+// Pass 2: out = act(y * scale + shift) over output rows [r0, r1).
+template <typename X>
+void forward_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, X* out, int64_t r0,
+                  int64_t r1) {
+  using A = AccOf<X>;
+  with_kernel_size(g.K, [&]<int K>() {
+    RowSource<X, A> src(x, g);
+    RowView<X, A> view(g.OW * g.C);
+    const A* rows[K];
+    for (int64_t r = r0; r < r1; ++r) {
+      gather_rows<K>(src, g, r / g.OH, r % g.OH, rows);
+      X* orow = out + r * g.OW * g.C;
+      forward_row<K>(g, rows, p, view.target(orow));
+      view.commit(orow, g.OW * g.C);
+    }
+  });
+}
+
+// Pass 3: acc[c] += sum g, acc[C + c] += sum g (y - mean) over output rows [r0, r1).
+template <typename X>
+void reduce_rows(const Geo& g, const X* x, const X* dy, const Params<AccOf<X>>& p, int64_t r0,
+                 int64_t r1, double* acc) {
+  using A = AccOf<X>;
+  with_kernel_size(g.K, [&]<int K>() {
+    RowSource<X, A> src(x, g);
+    RowView<X, A> view(g.OW * g.C);
+    std::vector<A> sums(2 * g.C);
+    const A* rows[K];
+    for (int64_t r = r0; r < r1; ++r) {
+      gather_rows<K>(src, g, r / g.OH, r % g.OH, rows);
+      const A* dyrow = view.read(dy + r * g.OW * g.C, g.OW * g.C);
+      reduce_row<K>(g, rows, dyrow, p, sums.data(), sums.data() + g.C);
+      for (int64_t c = 0; c < 2 * g.C; ++c) acc[c] += double(sums[c]);
+    }
+  });
+}
+
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+// Scratch of one thread for pass 4.
+template <typename X, typename A>
+struct BackwardScratch {
+  BackwardScratch(const X* x, const Geo& g)
+      : src(x, g), dy(g.OW * g.C), dx(g.W * g.C), ring(g.K * g.OW * g.C) {}
+  RowSource<X, A> src;
+  RowView<X, A> dy, dx;
+  std::vector<A> ring;
+};
+
+// Pass 4 over input rows [i0, i1) of image n: dx rows, plus dweight from the dyc rows this
+// block owns (row oh belongs to the block holding input row max(oh * S - pt, 0)).
+// dyc rows live in a ring of K rows; oh uses slot oh % K.
+template <int K, typename X, typename A>
+void backward_block(const Geo& g, BackwardScratch<X, A>& s, const X* dy, const Params<A>& p,
+                    X* dx, int64_t n, int64_t i0, int64_t i1, double* dw) {
+  const int64_t OWC = g.OW * g.C, WC = g.W * g.C;
+  int64_t next = std::max<int64_t>(0, -floor_div(-(i0 + g.pt - (K - 1)), g.S));
+  const A* rows[K];
+  const A* drows[K];
+  for (int64_t ih = i0; ih < i1; ++ih) {
+    const int64_t need = std::min(g.OH, floor_div(ih + g.pt, g.S) + 1);
+    for (; next < need; ++next) {
+      A* drow = s.ring.data() + (next % K) * OWC;
+      gather_rows<K>(s.src, g, n, next, rows);
+      dyc_row<K>(g, rows, s.dy.read(dy + (n * g.OH + next) * OWC, OWC), p, drow);
+      const int64_t owner = std::max<int64_t>(next * g.S - g.pt, 0);
+      if (owner >= i0 && owner < i1) dweight_row<K>(g, rows, drow, dw);
+    }
+    for (int kh = 0; kh < K; ++kh) {
+      const int64_t num = ih + g.pt - kh;
+      const bool ok = num >= 0 && num % g.S == 0 && num / g.S < g.OH;
+      drows[kh] = ok ? s.ring.data() + ((num / g.S) % K) * OWC : nullptr;
+    }
+    X* dxrow = dx + (n * g.H + ih) * WC;
+    dx_row<K>(g, drows, p.wt, s.dx.target(dxrow));
+    s.dx.commit(dxrow, WC);
+  }
+}
+
+// Pass 4 over units [u0, u1); unit u is block u % blocks of image u / blocks.
+template <typename X>
+void backward_units(const Geo& g, const X* x, const X* dy, const Params<AccOf<X>>& p, X* dx,
+                    int64_t blocks, int64_t u0, int64_t u1, double* dw) {
+  using A = AccOf<X>;
+  with_kernel_size(g.K, [&]<int K>() {
+    BackwardScratch<X, A> scratch(x, g);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t n = u / blocks, b = u % blocks;
+      backward_block<K>(g, scratch, dy, p, dx, n, b * g.H / blocks, (b + 1) * g.H / blocks, dw);
+    }
+  });
+}

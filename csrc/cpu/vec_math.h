@@ -1,0 +1,151 @@
+// SIMD helpers on GCC vector extensions for the CPU kernels.
+//
+// No include guard on purpose: a kernel file includes this once per ISA, inside a
+// namespace and a `#pragma GCC target` region, after defining `kVecBytes` (the ISA's
+// vector width in bytes) and including <cmath>, <cstring>, <cstdint>, <type_traits>,
+// <utility>, <immintrin.h> (x86) and c10's Half/BFloat16. Every ISA thus gets its own copy of these inline
+// templates compiled for its own instructions (runtime dispatch, no -march=native).
+//
+// Vec<A, L> is L lanes of A (float or double); L = 1 serves channel tails. Elementwise
+// formulas follow csrc/common/math.h (the shared truth); only exp is approximated.
+
+template <typename T, int L>
+struct VecOf {
+  typedef T type __attribute__((vector_size(sizeof(T) * L)));
+};
+template <typename T, int L>
+using Vec = typename VecOf<T, L>::type;
+
+// Lanes of T in one full vector register of this ISA.
+template <typename T>
+inline constexpr int kLanes = kVecBytes / int(sizeof(T));
+
+template <class V>
+using ElemOf = std::remove_cvref_t<decltype(std::declval<V>()[0])>;
+template <class V>
+inline constexpr int kCount = int(sizeof(V) / sizeof(ElemOf<V>));
+
+template <class V>
+inline V vload(const ElemOf<V>* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <class V>
+inline void vstore(ElemOf<V>* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+template <class V>
+inline V vsplat(ElemOf<V> s) {
+  return V{} + s;
+}
+
+// Load kCount<V> values stored as X (float, double, BFloat16, Half) into lanes of V.
+template <class V, typename X>
+inline V load_as(const X* p) {
+  constexpr int L = kCount<V>;
+  if constexpr (std::is_same_v<X, ElemOf<V>>) {
+    return vload<V>(p);
+  } else if constexpr (std::is_same_v<X, c10::BFloat16>) {
+    Vec<uint16_t, L> h;
+    std::memcpy(&h, p, sizeof(h));
+    return (V)(__builtin_convertvector(h, Vec<uint32_t, L>) << 16);
+  } else {
+    static_assert(std::is_same_v<X, c10::Half>, "unsupported storage type");
+    Vec<_Float16, L> h;
+    std::memcpy(&h, p, sizeof(h));
+    return __builtin_convertvector(h, V);
+  }
+}
+
+// Store lanes of V as X, rounding to nearest even (bfloat16 NaN -> 0x7FC0 like c10).
+template <class V, typename X>
+inline void store_as(X* p, V v) {
+  constexpr int L = kCount<V>;
+  if constexpr (std::is_same_v<X, ElemOf<V>>) {
+    vstore(p, v);
+  } else if constexpr (std::is_same_v<X, c10::BFloat16>) {
+    using U = Vec<uint32_t, L>;
+    const U u = (U)v;
+    U r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    r = (v != v) ? U{} + 0x7FC0u : r;
+    const auto h = __builtin_convertvector(r, Vec<uint16_t, L>);
+    std::memcpy(p, &h, sizeof(h));
+  } else {
+    static_assert(std::is_same_v<X, c10::Half>, "unsupported storage type");
+    const auto h = __builtin_convertvector(v, Vec<_Float16, L>);
+    std::memcpy(p, &h, sizeof(h));
+  }
+}
+
+// exp(x). float: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, degree-7 Taylor
+// polynomial (truncation < 6e-9 relative), 2^n built in the exponent bits; about
+// 1-2 ulp. The input is clamped to [-87, 88] so 2^n stays a normal finite float; NaN
+// passes through. double: libm per lane (the float64 path is for gradcheck, not speed).
+template <class V>
+inline V vexp(V x) {
+  if constexpr (std::is_same_v<ElemOf<V>, double>) {
+    for (int i = 0; i < kCount<V>; ++i) x[i] = std::exp(x[i]);
+    return x;
+  } else {
+    using I = Vec<int32_t, kCount<V>>;
+    x = x < -87.0f ? vsplat<V>(-87.0f) : x;
+    x = x > 88.0f ? vsplat<V>(88.0f) : x;
+    constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to integer
+    const V t = x * 1.44269504088896341f + kMagic;
+    const V n = t - kMagic;
+    V r = x - n * 0.693145751953125f;
+    r = r - n * 1.42860682030941723e-6f;
+    V p = vsplat<V>(1.0f / 5040.0f);
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const I e = ((I)t - 0x4B400000 + 127) << 23;
+    return p * (V)e;
+  }
+}
+
+// 1 / d. With AVX-512 float lanes: rcp14 (relative error < 2^-14) and one Newton step,
+// about 1 ulp and several times cheaper than vdivps; plain division elsewhere.
+template <class V>
+inline V vrecip(V d) {
+  if constexpr (kVecBytes == 64 && std::is_same_v<ElemOf<V>, float> && kCount<V> == 16) {
+    const V r = (V)_mm512_rcp14_ps((__m512)d);
+    return r * (2.0f - d * r);
+  } else if constexpr (kVecBytes == 64 && std::is_same_v<ElemOf<V>, float> && kCount<V> == 8) {
+    const V r = (V)_mm256_rcp14_ps((__m256)d);
+    return r * (2.0f - d * r);
+  } else {
+    return 1.0f / d;
+  }
+}
+
+template <class V>
+inline V vsigmoid(V z) {
+  return vrecip(1.0f + vexp(-z));
+}
+
+// act(z) for the Act codes of common/math.h (0 identity, 1 relu, 2 silu).
+template <class V>
+inline V act_forward(V z, int64_t act) {
+  if (act == 1) return z > 0 ? z : V{};
+  if (act == 2) return z * vsigmoid(z);
+  return z;
+}
+
+// act'(z): relu' = [z > 0]; silu' = s * (1 + z * (1 - s)), s = sigmoid(z).
+template <class V>
+inline V act_backward(V z, int64_t act) {
+  if (act == 1) return z > 0 ? vsplat<V>(1) : V{};
+  if (act == 2) {
+    const V s = vsigmoid(z);
+    return s * (1.0f + z * (1.0f - s));
+  }
+  return vsplat<V>(1);
+}

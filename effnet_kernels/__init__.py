@@ -1,0 +1,14 @@
+"""effnet-kernels: fused kernels for EfficientNet training and inference in PyTorch."""
+
+from . import functional
+from ._ext import build_info
+from .backends import available_backends, use_backend
+from .models import convert, create_model, revert
+from .nn.batchnorm import convert_sync_batchnorm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends", "build_info", "convert", "convert_sync_batchnorm", "create_model",
+    "functional", "revert", "use_backend", "__version__",
+]

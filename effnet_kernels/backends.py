@@ -1,0 +1,165 @@
+"""Backend registry: which implementation serves an op call, and why others cannot.
+
+A backend declares the devices and dtypes it serves and whether it is usable on this
+machine. Each op module registers, per backend, a loader for its primitives
+(`register_impl`). `select(op, *tensors)` returns the primitives of the forced backend
+(`use_backend(...)` or env EFFNET_KERNELS_BACKEND) or, in auto mode, of the first usable
+backend in priority order for the tensors' device. A forced backend that cannot serve
+raises with every reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ._ext import ext_error, ext_module
+
+_HALF = (torch.float16, torch.bfloat16)
+_ALL_FLOATS = frozenset((torch.float32, torch.float64, *_HALF))
+
+
+def _cpu_ext_missing() -> str | None:
+    return None if ext_module() is not None else ext_error()
+
+
+def _cuda_missing() -> str | None:
+    mod = ext_module()
+    if mod is None:
+        return ext_error()
+    if not mod.cuda_compiled:
+        return "effnet_kernels._C was built without CUDA (rebuild with FORCE_CUDA=1)"
+    return None
+
+
+def _triton_missing() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    return None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    devices: frozenset[str]
+    dtypes: frozenset[torch.dtype]
+    missing: Callable[[], str | None]
+
+    def not_supported_reasons(self, device: torch.device, dtype: torch.dtype) -> list[str]:
+        reasons = []
+        devices = set(self.devices)
+        if self.name == "triton" and triton_interpreted():
+            devices.add("cpu")
+        if device.type not in devices:
+            hint = " (on CPU it runs only with TRITON_INTERPRET=1)" if self.name == "triton" else ""
+            reasons.append(f"device {device.type} is not supported{hint}")
+        dtypes = self.dtypes
+        if self.name == "triton" and device.type == "cpu":
+            dtypes = frozenset((torch.float32, torch.float64))
+        if dtype not in dtypes:
+            reasons.append(f"dtype {dtype} is not supported")
+        why = self.missing()
+        if why:
+            reasons.append(why)
+        return reasons
+
+
+BACKENDS: dict[str, Backend] = {
+    "cuda": Backend("cuda", frozenset({"cuda"}), frozenset((torch.float32, *_HALF)), _cuda_missing),
+    "triton": Backend(
+        "triton", frozenset({"cuda"}), frozenset((torch.float32, *_HALF)), _triton_missing
+    ),
+    "cpu": Backend("cpu", frozenset({"cpu"}), _ALL_FLOATS, _cpu_ext_missing),
+    "reference": Backend(
+        "reference", frozenset({"cpu", "cuda"}), _ALL_FLOATS, lambda: None
+    ),
+}
+# Auto mode tries these in order; triton on CPU (interpreter) is never picked automatically.
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+_IMPLS: dict[str, dict[str, Callable[[], object]]] = {}
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("effnet_backend", default=None)
+
+
+def register_impl(op: str, backend: str, loader: Callable[[], object]) -> None:
+    """Declare that `backend` implements `op`; loader() returns its primitives namespace."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known: {sorted(BACKENDS)}")
+    _IMPLS.setdefault(op, {})[backend] = loader
+
+
+def _check_name(name: str) -> str:
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {name!r}")
+    return name
+
+
+def forced_backend() -> str:
+    """The backend forced by use_backend() or EFFNET_KERNELS_BACKEND, or 'auto'."""
+    name = _forced.get()
+    if name is None:
+        name = os.environ.get("EFFNET_KERNELS_BACKEND", "auto") or "auto"
+    return _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend ('cuda', 'triton', 'cpu', 'reference' or 'auto') in this context."""
+    token = _forced.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def not_supported_reasons(op: str, backend: str, device: torch.device, dtype: torch.dtype):
+    reasons = BACKENDS[backend].not_supported_reasons(device, dtype)
+    if backend not in _IMPLS.get(op, {}):
+        reasons.append(f"{backend} has no implementation of {op}")
+    return reasons
+
+
+def select_name(op: str, device: torch.device, dtype: torch.dtype) -> str:
+    forced = forced_backend()
+    if forced != "auto":
+        reasons = not_supported_reasons(op, forced, device, dtype)
+        if reasons:
+            raise RuntimeError(
+                f"effnet_kernels: backend {forced!r} cannot run {op} on {device.type} "
+                f"{dtype}: " + "; ".join(reasons)
+            )
+        return forced
+    for name in AUTO_ORDER.get(device.type, ("reference",)):
+        if not not_supported_reasons(op, name, device, dtype):
+            return name
+    raise RuntimeError(f"effnet_kernels: no backend can run {op} on {device.type} {dtype}")
+
+
+def select(op: str, x: torch.Tensor):
+    """The primitives namespace that serves `op` for tensors like x."""
+    return _IMPLS[op][select_name(op, x.device, x.dtype)]()
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """Backends usable on this machine (for `device`'s type, if given), in auto order."""
+    devices = [torch.device(device)] if device is not None else [torch.device("cpu")]
+    if device is None and torch.cuda.is_available():
+        devices.insert(0, torch.device("cuda"))
+    names = []
+    for dev in devices:
+        for name, backend in BACKENDS.items():
+            usable = not backend.not_supported_reasons(dev, torch.float32)
+            if usable and name not in names:
+                names.append(name)
+    return names

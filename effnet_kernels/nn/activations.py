@@ -1,0 +1,31 @@
+"""Mapping between activation modules and the fused ops' act names."""
+
+from __future__ import annotations
+
+from torch import nn
+
+_ACT_MODULES = {nn.SiLU: "silu", nn.ReLU: "relu", nn.Identity: "identity"}
+
+
+def act_name(module: nn.Module | None) -> str | None:
+    """'silu', 'relu' or 'identity' for a module the kernels can fuse; None otherwise."""
+    if module is None:
+        return "identity"
+    return _ACT_MODULES.get(type(module))
+
+
+def fusable_act(act: str | nn.Module) -> str:
+    """The act name for a name or a module; raises for activations the kernels lack."""
+    if isinstance(act, str):
+        return act
+    name = act_name(act)
+    if name is None:
+        raise ValueError(f"act {type(act).__name__} cannot be fused; use SiLU/ReLU/Identity")
+    return name
+
+
+def act_module(name: str) -> nn.Module:
+    for cls, act in _ACT_MODULES.items():
+        if act == name:
+            return cls()
+    raise ValueError(f"act must be one of {sorted(_ACT_MODULES.values())}, got {name!r}")

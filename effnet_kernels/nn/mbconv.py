@@ -1,0 +1,320 @@
+"""MBConv (timm's InvertedResidual) and DepthwiseSeparable blocks on the fused ops.
+
+Submodule names are timm's, so state_dict keys match it exactly:
+  MBConv:             conv_pw, bn1, conv_dw, bn2, se.{conv_reduce, conv_expand}, conv_pwl, bn3
+  DepthwiseSeparable: conv_dw, bn1, se.{conv_reduce, conv_expand}, conv_pw, bn2
+
+Forward, per block:
+  1x1 expand conv + BN + act   PyTorch conv; in eval BN is folded into the conv weights on
+                               the fly, in training conv -> F.batch_norm -> act.
+  depthwise conv + BN + act    fused `depthwise_conv_bn_act`
+  squeeze-excite               fused `squeeze_excite`
+  1x1 project conv + BN        as the expand conv, no act
+  residual                     fused `drop_connect_add` (stride 1 and in == out channels)
+
+`from_timm(block)` builds a fused block around an existing timm block's own child modules
+(the same Parameter and buffer objects, every child under its original name), reading
+eps, momentum, padding, activations and the drop-path rate from those modules.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.depthwise import depthwise_conv_bn_act
+from ..ops.drop_connect import drop_connect_add
+from ..ops.squeeze_excite import squeeze_excite
+from .activations import act_name
+from .batchnorm import bn_call_args, is_plain_batchnorm, sync_group
+from .pointwise import conv_bn_act_train
+from .squeeze_excite import SqueezeExcite
+
+_RECOMPUTE_DTYPES = (torch.float32, torch.float64)
+_ACTS = {"silu": F.silu, "relu": F.relu, "identity": lambda t: t}
+# timm's dynamic TF-SAME convs (class names, so timm stays an optional dependency).
+_TIMM_SAME_CONVS = ("Conv2dSame", "Conv2dSameExport")
+
+
+def same_pad(x: Tensor, kernel: int, stride: int) -> Tensor:
+    """TensorFlow SAME padding: total pad max((ceil(i/s)-1)*s + k - i, 0), extra on bottom/right."""
+    h, w = x.shape[-2:]
+    pad_h = max((-(-h // stride) - 1) * stride + kernel - h, 0)
+    pad_w = max((-(-w // stride) - 1) * stride + kernel - w, 0)
+    if pad_h or pad_w:
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    return x
+
+
+class SameConv2d(nn.Conv2d):
+    """nn.Conv2d with TensorFlow SAME padding computed from the input size (timm's
+    Conv2dSame semantics; the state_dict is a plain Conv2d's)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["padding"] = 0
+        super().__init__(*args, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(same_pad(x, self.kernel_size[0], self.stride[0]))
+
+
+def is_same_conv(conv: nn.Module) -> bool:
+    return isinstance(conv, SameConv2d) or type(conv).__name__ in _TIMM_SAME_CONVS
+
+
+def _values_per_channel(x: Tensor, conv: nn.Conv2d, padding: int) -> int:
+    k, s = conv.kernel_size[0], conv.stride[0]
+    return x.shape[0] * ((x.shape[2] + 2 * padding - k) // s + 1) * ((x.shape[3] + 2 * padding - k) // s + 1)
+
+
+def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str) -> Tensor:
+    """act(bn(conv(x))) with BatchNorm2d's exact bookkeeping; BN folded into the conv in eval."""
+    if bn.training and sync_group(bn) is not None:
+        return _ACTS[act](bn(conv(x)))  # SyncBatchNorm: torch's module syncs the statistics
+    args = bn_call_args(bn)
+    weight, bias = conv.weight, conv.bias
+    if not args["training"]:
+        scale = torch.rsqrt(args["running_var"] + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -args["running_mean"] * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        if bias is not None:
+            shift = shift + bias * scale
+        weight, bias = weight * scale.view(-1, 1, 1, 1).to(weight.dtype), shift.to(weight.dtype)
+    if is_same_conv(conv):
+        x, padding = same_pad(x, conv.kernel_size[0], conv.stride[0]), (0, 0)
+    else:
+        padding = conv.padding
+    if args["training"] and bias is None and x.dtype in _RECOMPUTE_DTYPES \
+            and conv.dilation == (1, 1) and len(set(conv.stride)) == len(set(padding)) == 1 \
+            and _values_per_channel(x, conv, padding[0]) > 1:
+        # Saves only x for backward (nn/pointwise.py); recomputes the conv there.
+        return conv_bn_act_train(x, weight, bn.weight, bn.bias, args["running_mean"],
+                                 args["running_var"], stride=conv.stride[0], padding=padding[0],
+                                 groups=conv.groups, momentum=args["momentum"],
+                                 eps=args["eps"], act=act)
+    y = F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
+    if args["training"]:
+        y = F.batch_norm(y, args["running_mean"], args["running_var"], bn.weight, bn.bias,
+                         True, args["momentum"], args["eps"])
+    return _ACTS[act](y)
+
+
+def dw_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str) -> Tensor:
+    padding = "same" if is_same_conv(conv) else conv.padding[0]
+    return depthwise_conv_bn_act(x, conv.weight, bn.weight, bn.bias, stride=conv.stride[0],
+                                 padding=padding, act=act, **bn_call_args(bn))
+
+
+def se_gate(x: Tensor, conv_reduce: nn.Conv2d, conv_expand: nn.Conv2d, act: str) -> Tensor:
+    return squeeze_excite(x, conv_reduce.weight, conv_reduce.bias, conv_expand.weight,
+                          conv_expand.bias, act=act)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading timm / torchvision modules: every fusion precondition, with the reason it fails.
+
+def read_bn(bn: nn.Module, what: str) -> str:
+    """The fused act of a BatchNorm2d (timm BatchNormAct2d: its `.act`); raises if unfusable."""
+    if not is_plain_batchnorm(bn):
+        raise ValueError(f"{what}: {type(bn).__name__} is not a fusable BatchNorm2d")
+    if type(bn) is not nn.BatchNorm2d and type(bn).__name__ != "BatchNormAct2d":
+        raise ValueError(f"{what}: unknown BatchNorm2d subclass {type(bn).__name__}")
+    drop = getattr(bn, "drop", None)
+    if drop is not None and not isinstance(drop, nn.Identity):
+        raise ValueError(f"{what}: BatchNormAct2d with drop {type(drop).__name__}")
+    act = getattr(bn, "act", None)
+    name = act_name(act)
+    if name is None:
+        raise ValueError(f"{what}: activation {type(act).__name__} cannot be fused")
+    return name
+
+
+def check_conv(conv: nn.Module, what: str, *, depthwise: bool) -> None:
+    if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros":
+        raise ValueError(f"{what}: {type(conv).__name__} is not a zero-padded Conv2d")
+    if conv.dilation != (1, 1) or conv.kernel_size[0] != conv.kernel_size[1] \
+            or conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]:
+        raise ValueError(f"{what}: needs square kernel/stride/padding and no dilation: {conv}")
+    if type(conv) is not nn.Conv2d and not is_same_conv(conv):
+        raise ValueError(f"{what}: unknown Conv2d subclass {type(conv).__name__}")
+    if depthwise:
+        k = conv.kernel_size[0]
+        if conv.groups != conv.in_channels or conv.out_channels != conv.in_channels \
+                or conv.bias is not None or k not in (1, 3, 5, 7) or conv.stride[0] not in (1, 2) \
+                or conv.padding[0] > k // 2:
+            raise ValueError(f"{what}: not a fusable depthwise conv: {conv}")
+
+
+def read_se(se: nn.Module, reduce: str, expand: str, act: str, gate: str, what: str):
+    """(conv_reduce, conv_expand, act name) of an SE module, or None for nn.Identity."""
+    if isinstance(se, nn.Identity):
+        return None
+    conv_r, conv_e = getattr(se, reduce, None), getattr(se, expand, None)
+    if not isinstance(conv_r, nn.Conv2d) or not isinstance(conv_e, nn.Conv2d):
+        raise ValueError(f"{what}: {type(se).__name__} is not a conv squeeze-excite")
+    SqueezeExcite.from_modules(conv_r, conv_e, "identity")  # validates the 1x1 convs
+    if not isinstance(getattr(se, gate, None), nn.Sigmoid):
+        raise ValueError(f"{what}: gate {type(getattr(se, gate, None)).__name__} is not Sigmoid")
+    name = act_name(getattr(se, act, None))
+    if name is None:
+        raise ValueError(f"{what}: SE activation {type(getattr(se, act, None)).__name__}")
+    return conv_r, conv_e, name
+
+
+def read_drop_path(module: nn.Module, what: str) -> None:
+    if isinstance(module, nn.Identity):
+        return
+    if type(module).__name__ == "DropPath" and getattr(module, "scale_by_keep", True):
+        return
+    raise ValueError(f"{what}: drop path {type(module).__name__} cannot be fused")
+
+
+def _adopt(block: nn.Module, timm_block: nn.Module) -> None:
+    """Make `block` hold every child of `timm_block` under the same name, remember it for
+    revert (outside the module tree, so state_dict and parameters() are unchanged)."""
+    nn.Module.__init__(block)
+    for name, child in timm_block._modules.items():
+        block.add_module(name, child)
+    object.__setattr__(block, "unfused", timm_block)
+    block.train(timm_block.training)
+
+
+def _drop_prob(block: nn.Module) -> float:
+    """The drop-path rate, read live from timm's drop_path module when the block has one."""
+    drop_path = block._modules.get("drop_path")
+    if drop_path is not None:
+        return float(getattr(drop_path, "drop_prob", 0.0) or 0.0)
+    return block.drop_path_rate
+
+
+def check_children(block: nn.Module, allowed: set[str]) -> None:
+    """Refuse blocks with children the fused forward would ignore (s2d, anti-aliasing...)."""
+    what = type(block).__name__
+    extra = {n for n, m in block.named_children() if m is not None} - allowed
+    if extra:
+        raise ValueError(f"{what}: children {sorted(extra)} are not supported")
+    if getattr(block, "conv_s2d", None) is not None:
+        raise ValueError(f"{what}: space-to-depth is not supported")
+    if not isinstance(block._modules.get("aa", nn.Identity()), nn.Identity):
+        raise ValueError(f"{what}: anti-aliasing is not supported")
+
+
+def _make_bn(channels: int, eps: float, momentum: float | None) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
+
+
+def _make_dw(channels: int, kernel: int, stride: int, pad_same: bool) -> nn.Conv2d:
+    if pad_same and stride > 1:
+        return SameConv2d(channels, channels, kernel, stride, groups=channels, bias=False)
+    return nn.Conv2d(channels, channels, kernel, stride, kernel // 2, groups=channels, bias=False)
+
+
+class MBConv(nn.Module):
+    """Inverted residual: 1x1 expand, depthwise, SE, 1x1 project, residual (timm names)."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel: int = 3, stride: int = 1,
+                 exp_ratio: float = 6.0, se_channels: int | None = None, act: str = "silu",
+                 drop_path_rate: float = 0.0, bn_eps: float = 1e-5,
+                 bn_momentum: float | None = 0.1, pad_same: bool = False):
+        super().__init__()
+        mid = int(in_chs * exp_ratio)
+        se_channels = max(1, int(in_chs * 0.25)) if se_channels is None else se_channels
+        self.conv_pw = nn.Conv2d(in_chs, mid, 1, bias=False)
+        self.bn1 = _make_bn(mid, bn_eps, bn_momentum)
+        self.conv_dw = _make_dw(mid, kernel, stride, pad_same)
+        self.bn2 = _make_bn(mid, bn_eps, bn_momentum)
+        self.se = SqueezeExcite(mid, se_channels, act) if se_channels else nn.Identity()
+        self.conv_pwl = nn.Conv2d(mid, out_chs, 1, bias=False)
+        self.bn3 = _make_bn(out_chs, bn_eps, bn_momentum)
+        self.acts = (act, act, self.se.act if se_channels else None)
+        self.has_skip = stride == 1 and in_chs == out_chs
+        self.drop_path_rate = drop_path_rate
+
+    @classmethod
+    def from_timm(cls, block: nn.Module) -> MBConv:
+        """Fused block around a timm InvertedResidual's own modules; raises ValueError
+        (with the reason) when some part cannot be fused."""
+        what = type(block).__name__
+        check_children(block, {"conv_pw", "bn1", "conv_dw", "bn2", "aa", "se", "conv_pwl", "bn3",
+                               "drop_path"})
+        check_conv(block.conv_pw, f"{what}.conv_pw", depthwise=False)
+        check_conv(block.conv_dw, f"{what}.conv_dw", depthwise=True)
+        check_conv(block.conv_pwl, f"{what}.conv_pwl", depthwise=False)
+        acts = (read_bn(block.bn1, f"{what}.bn1"), read_bn(block.bn2, f"{what}.bn2"))
+        if read_bn(block.bn3, f"{what}.bn3") != "identity":
+            raise ValueError(f"{what}.bn3: an activation after the projection is not supported")
+        se = read_se(block.se, "conv_reduce", "conv_expand", "act1", "gate", f"{what}.se")
+        read_drop_path(block.drop_path, f"{what}.drop_path")
+        self = cls.__new__(cls)
+        _adopt(self, block)
+        self.acts = acts + (se[2] if se else None,)
+        self.has_skip = bool(block.has_skip)
+        self.drop_path_rate = _drop_prob(self)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x
+        x = conv_bn_act(x, self.conv_pw, self.bn1, self.acts[0])
+        x = dw_bn_act(x, self.conv_dw, self.bn2, self.acts[1])
+        if self.acts[2] is not None:
+            x = se_gate(x, self.se.conv_reduce, self.se.conv_expand, self.acts[2])
+        x = conv_bn_act(x, self.conv_pwl, self.bn3, "identity")
+        if self.has_skip:
+            x = drop_connect_add(x, shortcut, _drop_prob(self), training=self.training)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"acts={self.acts}, has_skip={self.has_skip}, drop_path_rate={_drop_prob(self)}"
+
+
+class DepthwiseSeparable(nn.Module):
+    """Expansion-1 block: depthwise, SE, 1x1 projection, residual (timm names)."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel: int = 3, stride: int = 1,
+                 se_channels: int | None = None, act: str = "silu", pw_act: str = "identity",
+                 drop_path_rate: float = 0.0, bn_eps: float = 1e-5,
+                 bn_momentum: float | None = 0.1, pad_same: bool = False):
+        super().__init__()
+        se_channels = max(1, int(in_chs * 0.25)) if se_channels is None else se_channels
+        self.conv_dw = _make_dw(in_chs, kernel, stride, pad_same)
+        self.bn1 = _make_bn(in_chs, bn_eps, bn_momentum)
+        self.se = SqueezeExcite(in_chs, se_channels, act) if se_channels else nn.Identity()
+        self.conv_pw = nn.Conv2d(in_chs, out_chs, 1, bias=False)
+        self.bn2 = _make_bn(out_chs, bn_eps, bn_momentum)
+        self.acts = (act, pw_act, self.se.act if se_channels else None)
+        self.has_skip = stride == 1 and in_chs == out_chs
+        self.drop_path_rate = drop_path_rate
+
+    @classmethod
+    def from_timm(cls, block: nn.Module) -> DepthwiseSeparable:
+        """Fused block around a timm DepthwiseSeparableConv's own modules."""
+        what = type(block).__name__
+        check_children(block, {"conv_dw", "bn1", "aa", "se", "conv_pw", "bn2", "drop_path"})
+        check_conv(block.conv_dw, f"{what}.conv_dw", depthwise=True)
+        check_conv(block.conv_pw, f"{what}.conv_pw", depthwise=False)
+        acts = (read_bn(block.bn1, f"{what}.bn1"), read_bn(block.bn2, f"{what}.bn2"))
+        se = read_se(block.se, "conv_reduce", "conv_expand", "act1", "gate", f"{what}.se")
+        read_drop_path(block.drop_path, f"{what}.drop_path")
+        self = cls.__new__(cls)
+        _adopt(self, block)
+        self.acts = acts + (se[2] if se else None,)
+        self.has_skip = bool(block.has_skip)
+        self.drop_path_rate = _drop_prob(self)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x
+        x = dw_bn_act(x, self.conv_dw, self.bn1, self.acts[0])
+        if self.acts[2] is not None:
+            x = se_gate(x, self.se.conv_reduce, self.se.conv_expand, self.acts[2])
+        x = conv_bn_act(x, self.conv_pw, self.bn2, self.acts[1])
+        if self.has_skip:
+            x = drop_connect_add(x, shortcut, _drop_prob(self), training=self.training)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"acts={self.acts}, has_skip={self.has_skip}, drop_path_rate={_drop_prob(self)}"

@@ -1,0 +1,243 @@
+"""Fused depthwise conv + BatchNorm + activation as torch.library custom ops.
+
+Forward (training), design.md §5: one pass for the batch statistics of the conv output
+y, then one pass computing act(y * scale + shift) with the conv recomputed.
+Backward: one pass for the per-channel sums of g = dy * act'(z) and g * (y - mean), then
+one pass for dx and dweight. The op saves x, mean and var only (design.md §4).
+
+Two opaque ops, `dw_bn_act_fwd` and `dw_bn_act_bwd`, so torch.compile and torch.export
+see one node each; the autograd formula connecting them is registered once here. The
+running statistics are updated by the caller (effnet_kernels.functional), because an
+autograd-registered custom op must be functional.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from .._ext import ext_module
+from ..backends import register_impl, select
+from . import reference
+from .activations import act_code
+from .checks import check_device, check_int_arg, check_same_dtype, check_tensor, check_vector
+from .geometry import acc_dtype, conv_geometry, dense, memory_format_of
+
+OP = "depthwise_conv_bn_act"
+KERNEL_SIZES = (1, 3, 5, 7)
+
+register_impl(OP, "reference", lambda: reference)
+register_impl(OP, "cpu", lambda: ext_module().cpu)
+register_impl(OP, "cuda", lambda: ext_module().cuda)
+register_impl(OP, "triton", lambda: importlib.import_module("effnet_kernels.triton.depthwise_bn_act"))
+
+
+def bn_affine(mean, var, bn_weight, bn_bias, eps):
+    """(invstd, scale, shift) with z = y * scale + shift == batch_norm(y)."""
+    invstd = torch.rsqrt(var + eps)
+    scale = bn_weight.to(mean.dtype) * invstd
+    shift = bn_bias.to(mean.dtype) - mean * scale
+    return invstd, scale, shift
+
+
+@torch.library.custom_op("effnet_kernels::dw_bn_act_fwd", mutates_args=())
+def dw_bn_act_fwd(
+    x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor,
+    running_mean: Tensor | None, running_var: Tensor | None,
+    stride: int, pad_top: int, pad_left: int, out_h: int, out_w: int,
+    training: bool, eps: float, act: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (out, mean, var): the batch mean/biased var in training, the running
+    statistics (as a copy) in eval."""
+    x = dense(x)
+    acc = acc_dtype(x.dtype)
+    n, c = x.shape[:2]
+    fmt = memory_format_of(x)
+    if n == 0 or c == 0:  # nothing to compute: no kernel launches
+        out = torch.empty((n, c, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=fmt)
+        return out, x.new_zeros(c, dtype=acc), x.new_ones(c, dtype=acc)
+    prims = select(OP, x)
+    if training:
+        mean, var = prims.dw_stats(x, weight, stride, pad_top, pad_left, out_h, out_w)
+    else:
+        mean = running_mean.to(acc, copy=True)
+        var = running_var.to(acc, copy=True)
+    _, scale, shift = bn_affine(mean, var, bn_weight, bn_bias, eps)
+    out = prims.dw_forward(x, weight, scale, shift, stride, pad_top, pad_left, out_h, out_w, act)
+    return out.contiguous(memory_format=fmt), mean, var
+
+
+@dw_bn_act_fwd.register_fake
+def _(x, weight, bn_weight, bn_bias, running_mean, running_var,
+      stride, pad_top, pad_left, out_h, out_w, training, eps, act):
+    n, c = x.shape[:2]
+    out = torch.empty(
+        (n, c, out_h, out_w), dtype=x.dtype, device=x.device,
+        memory_format=memory_format_of(x),
+    )
+    acc = acc_dtype(x.dtype)
+    return out, x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+
+
+@torch.library.custom_op("effnet_kernels::dw_bn_act_bwd", mutates_args=())
+def dw_bn_act_bwd(
+    dy: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor,
+    mean: Tensor, var: Tensor, stride: int, pad_top: int, pad_left: int,
+    training: bool, eps: float, act: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx, dweight, dbn_weight, dbn_bias)."""
+    x = dense(x)
+    fmt = memory_format_of(x)
+    if dy.numel() == 0:  # empty batch: zero gradients, no kernel launches
+        return (torch.zeros_like(x, memory_format=fmt), torch.zeros_like(weight),
+                torch.zeros_like(bn_weight), torch.zeros_like(bn_bias))
+    dy = dy.contiguous(memory_format=fmt)
+    prims = select(OP, x)
+    invstd, scale, shift = bn_affine(mean, var, bn_weight, bn_bias, eps)
+    sum_g, sum_g_yc = prims.dw_backward_reduce(
+        dy, x, weight, scale, shift, mean, stride, pad_top, pad_left, act
+    )
+    count = dy.shape[0] * dy.shape[2] * dy.shape[3]
+    if training:
+        coef_b = -scale * sum_g / count
+        coef_c = -scale * invstd * invstd * sum_g_yc / count
+    else:
+        coef_b = torch.zeros_like(scale)
+        coef_c = torch.zeros_like(scale)
+    dx, dweight = prims.dw_backward(
+        dy, x, weight, scale, shift, mean, coef_b, coef_c, stride, pad_top, pad_left, act
+    )
+    dgamma = (sum_g_yc * invstd).to(bn_weight.dtype)
+    return dx.contiguous(memory_format=fmt), dweight, dgamma, sum_g.to(bn_bias.dtype)
+
+
+@dw_bn_act_bwd.register_fake
+def _(dy, x, weight, bn_weight, bn_bias, mean, var, stride, pad_top, pad_left,
+      training, eps, act):
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+    return dx, torch.empty_like(weight), torch.empty_like(bn_weight), torch.empty_like(bn_bias)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bn_weight, bn_bias, _, _, stride, pad_top, pad_left, _, _, training, eps, act = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, var)
+    ctx.args = (stride, pad_top, pad_left, training, eps, act)
+
+
+def _backward(ctx, dy, _dmean, _dvar):
+    x, weight, bn_weight, bn_bias, mean, var = ctx.saved_tensors
+    dx, dweight, dgamma, dbeta = dw_bn_act_bwd(
+        dy, x, weight, bn_weight, bn_bias, mean, var, *ctx.args
+    )
+    return (dx, dweight, dgamma, dbeta) + (None,) * 10
+
+
+dw_bn_act_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_padding(padding, kernel: int):
+    if padding is None or padding == "same":
+        return padding
+    if isinstance(padding, (tuple, list)) and len(padding) == 2 and padding[0] == padding[1]:
+        padding = padding[0]
+    if isinstance(padding, bool) or not isinstance(padding, int) or not 0 <= padding <= kernel // 2:
+        raise ValueError(
+            f"padding must be None, 'same' or an int in [0, {kernel // 2}] for kernel size "
+            f"{kernel}, got {padding!r}"
+        )
+    return padding
+
+
+def _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, training):
+    check_tensor("x", x, ndim=4)
+    check_tensor("weight", weight, ndim=4)
+    check_same_dtype("weight", weight, "x", x)
+    check_device("weight", weight, x)
+    c = x.shape[1]
+    k = weight.shape[-1]
+    if tuple(weight.shape) != (c, 1, k, k):
+        raise ValueError(
+            f"weight must have shape (C, 1, k, k) = ({c}, 1, k, k) for a depthwise conv of x "
+            f"with C={c}, got {tuple(weight.shape)}"
+        )
+    if k not in KERNEL_SIZES:
+        raise ValueError(f"kernel size must be one of {KERNEL_SIZES}, got {k}")
+    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias),
+                    ("running_mean", running_mean), ("running_var", running_var)):
+        check_vector(name, t, c, x)
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("running_mean and running_var are required when training=False")
+
+
+def depthwise_conv_bn_act(
+    x: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
+    running_mean: Tensor | None, running_var: Tensor | None, *,
+    stride: int = 1, padding: int | str | None = None, training: bool = False,
+    momentum: float = 0.1, eps: float = 1e-5, act: str = "silu", process_group=None,
+) -> Tensor:
+    """act(batch_norm(conv2d(x, weight, groups=C))) in one fused op.
+
+    Same semantics as `effnet_kernels.ops.reference.depthwise_conv_bn_act`: in training the
+    batch statistics normalize and the running statistics are updated in place (unbiased
+    variance, PyTorch's momentum convention; the nn module turns momentum=None into the
+    cumulative-average factor, as BatchNorm2d does). padding: None (= k // 2), an int,
+    or "same" (TensorFlow's asymmetric SAME). act: "silu", "relu" or "identity".
+    process_group: in training, normalize with statistics synchronized over this
+    torch.distributed group (SyncBatchNorm semantics).
+    """
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        # As eager autocast does for conv2d: input and weight in the autocast dtype.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, training)
+    stride = check_int_arg("stride", stride, (1, 2))
+    kernel = weight.shape[-1]
+    padding = _check_padding(padding, kernel)
+    code = act_code(act)
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    geo = conv_geometry(x.shape[2], x.shape[3], kernel, stride, padding)
+    if geo.out_h < 1 or geo.out_w < 1:
+        raise ValueError(
+            f"x spatial size {tuple(x.shape[2:])} is too small for kernel size {kernel} "
+            f"with padding {padding!r}"
+        )
+    n, c = x.shape[:2]
+    if training and n > 0 and n * geo.out_h * geo.out_w == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input size "
+            f"{torch.Size((n, c, geo.out_h, geo.out_w))}"
+        )
+    acc = acc_dtype(x.dtype)
+    if bn_weight is None:
+        bn_weight = x.new_ones(c, dtype=acc)
+    if bn_bias is None:
+        bn_bias = x.new_zeros(c, dtype=acc)
+    count = n * geo.out_h * geo.out_w
+    if training and process_group is not None:
+        from .depthwise_sync import SyncDepthwiseConvBNAct
+
+        out, mean, var, count = SyncDepthwiseConvBNAct.apply(
+            x, weight, bn_weight, bn_bias, geo, eps, code, process_group
+        )
+    else:
+        out, mean, var = dw_bn_act_fwd(
+            x, weight, bn_weight, bn_bias, running_mean, running_var, *geo, training, eps, code
+        )
+    if training and count > 0 and running_mean is not None and running_var is not None:
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    return out
+
+
+def update_running_stats(running_mean, running_var, mean, var, count: int, momentum) -> None:
+    """PyTorch's rule: running = (1 - m) * running + m * batch, with the unbiased variance."""
+    with torch.no_grad():
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        unbiased = var * (count / max(count - 1, 1))
+        running_var.lerp_(unbiased.to(running_var.dtype), momentum)

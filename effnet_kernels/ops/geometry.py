@@ -1,0 +1,63 @@
+"""Convolution geometry shared by every backend: padding modes and output sizes.
+
+A depthwise convolution here is described by (stride, pad_top, pad_left, out_h, out_w).
+Input pixels outside [0, H) x [0, W) read as zero, so the bottom/right padding is
+implied by the output size. That covers symmetric integer padding and TensorFlow's
+asymmetric SAME padding (extra pixel at the bottom/right) with one code path.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class ConvGeometry(NamedTuple):
+    stride: int
+    pad_top: int
+    pad_left: int
+    out_h: int
+    out_w: int
+
+
+def _same_pad(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, out
+
+
+def conv_geometry(
+    h: int, w: int, kernel: int, stride: int, padding: int | str | None
+) -> ConvGeometry:
+    """Output size and top/left padding for a k x k convolution of an h x w image."""
+    if padding == "same":
+        pad_top, out_h = _same_pad(h, kernel, stride)
+        pad_left, out_w = _same_pad(w, kernel, stride)
+        return ConvGeometry(stride, pad_top, pad_left, out_h, out_w)
+    pad = kernel // 2 if padding is None else int(padding)
+    out_h = (h + 2 * pad - kernel) // stride + 1
+    out_w = (w + 2 * pad - kernel) // stride + 1
+    return ConvGeometry(stride, pad, pad, out_h, out_w)
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when x is laid out NHWC (and not also NCHW-contiguous)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last
+    ):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def dense(x: torch.Tensor) -> torch.Tensor:
+    """x made dense in its own memory format (NCHW or channels_last)."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    fmt = torch.channels_last if x.dim() == 4 and x.stride(1) == 1 else torch.contiguous_format
+    return x.contiguous(memory_format=fmt)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64, float32 for every other float type."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

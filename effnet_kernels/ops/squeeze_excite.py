@@ -1,0 +1,203 @@
+"""Squeeze-and-excitation as torch.library custom ops (design.md §2, §4).
+
+    s = mean_hw(x)                 (N, C)   pooled mean (or pooled / HW when given)
+    h = s @ Wr^T + br              (N, Cr)  conv_reduce, a 1x1 conv on a 1x1 image
+    a = act(h)
+    z = a @ We^T + be              (N, C)   conv_expand
+    gate = sigmoid(z)
+    out = x * gate[n, c]
+
+Forward: one read of x for the sums (skipped when the caller passes `pooled`), the MLP on
+(N, C) in plain torch (it is tiny), one fused scale pass. Backward: one pass reducing
+dgate = sum_hw(dy * x), the MLP backward in torch, one pass dx = dy * gate + ds / HW.
+Saved for backward: x and the small vectors (pooled mean, reduce-conv output h, gate).
+
+Backend primitives (reference, cpu, cuda, triton), acc = float32 (float64 for float64 x):
+    se_pool(x)                        -> (N, C) acc: sum over H x W of x
+    se_scale(x, gate)                 -> x * gate[n, c], x's dtype and memory format
+    se_pool_dy_x(dy, x)               -> (N, C) acc: sum over H x W of dy * x
+    se_backward_dx(dy, gate, dmean)   -> dy * gate[n, c] + dmean[n, c], dy's dtype/format
+gate and dmean are (N, C) acc-dtype contiguous; x and dy are dense NCHW or channels_last
+with the same format.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from .._ext import ext_module
+from ..backends import register_impl, select
+from . import reference
+from .activations import act_code, apply_act
+from .checks import check_device, check_tensor
+from .geometry import acc_dtype, dense, memory_format_of
+
+OP = "squeeze_excite"
+
+
+
+def _compiled(device: str):
+    """The compiled primitives; a clear error when _C predates this op's kernels."""
+    prims = getattr(ext_module(), device, None)
+    if not hasattr(prims, "se_pool"):
+        raise RuntimeError(
+            f"effnet_kernels._C has no {device} squeeze_excite kernels (built before they were "
+            "added?): rebuild with `pip install --no-build-isolation -e .`"
+        )
+    return prims
+
+
+register_impl(OP, "reference", lambda: reference)
+register_impl(OP, "cpu", lambda: _compiled("cpu"))
+register_impl(OP, "cuda", lambda: _compiled("cuda"))
+register_impl(OP, "triton", lambda: importlib.import_module("effnet_kernels.triton.squeeze_excite"))
+
+
+def _mlp(mean, rw, rb, ew, eb, act):
+    """(h, gate) of the excitation MLP, in mean's (accumulation) dtype."""
+    acc = mean.dtype
+    h = torch.addmm(rb.to(acc), mean, rw.to(acc).flatten(1).t())
+    gate = torch.sigmoid(torch.addmm(eb.to(acc), apply_act(h, act), ew.to(acc).flatten(1).t()))
+    return h, gate
+
+
+def _act_backward(da, h, act):
+    """da * act'(h), one ATen op (each small op costs ~5-10 us of dispatch)."""
+    if act == 2:
+        return torch.ops.aten.silu_backward(da, h)
+    if act == 1:
+        return torch.ops.aten.threshold_backward(da, h, 0)
+    return da
+
+
+@torch.library.custom_op("effnet_kernels::se_fwd", mutates_args=())
+def se_fwd(
+    x: Tensor, reduce_weight: Tensor, reduce_bias: Tensor, expand_weight: Tensor,
+    expand_bias: Tensor, pooled: Tensor | None, act: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out, mean, h, gate); the (N, C) / (N, Cr) acc-dtype vectors are saved for
+    backward (pooled mean, pre-activation of the reduce conv, sigmoid gate)."""
+    x = dense(x)
+    prims = select(OP, x)
+    acc = acc_dtype(x.dtype)
+    sums = prims.se_pool(x) if pooled is None else pooled.to(acc)
+    mean = sums / (x.shape[2] * x.shape[3])
+    h, gate = _mlp(mean, reduce_weight, reduce_bias, expand_weight, expand_bias, act)
+    out = prims.se_scale(x, gate)
+    return out.contiguous(memory_format=memory_format_of(x)), mean, h, gate
+
+
+@se_fwd.register_fake
+def _(x, reduce_weight, reduce_bias, expand_weight, expand_bias, pooled, act):
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+    acc = acc_dtype(x.dtype)
+    n, c = x.shape[:2]
+    cr = reduce_weight.shape[0]
+    return (out, x.new_empty((n, c), dtype=acc), x.new_empty((n, cr), dtype=acc),
+            x.new_empty((n, c), dtype=acc))
+
+
+@torch.library.custom_op("effnet_kernels::se_bwd", mutates_args=())
+def se_bwd(
+    dy: Tensor, x: Tensor, mean: Tensor, h: Tensor, gate: Tensor, reduce_weight: Tensor,
+    reduce_bias: Tensor, expand_weight: Tensor, expand_bias: Tensor, act: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx, dreduce_weight, dreduce_bias, dexpand_weight, dexpand_bias)."""
+    x = dense(x)
+    dy = dy.contiguous(memory_format=memory_format_of(x))
+    prims = select(OP, x)
+    acc = mean.dtype
+    rw, ew = reduce_weight.to(acc).flatten(1), expand_weight.to(acc).flatten(1)
+    dgate = prims.se_pool_dy_x(dy, x)                           # (N, C) sum_hw dy * x
+    dz = torch.ops.aten.sigmoid_backward(dgate, gate)           # dgate * gate * (1 - gate)
+    dh = _act_backward(dz @ ew, h, act)                         # (N, Cr)
+    dmean = (dh @ rw).div_(x.shape[2] * x.shape[3])             # d mean / d x = 1 / HW
+    dx = prims.se_backward_dx(dy, gate, dmean)
+    return (
+        dx.contiguous(memory_format=memory_format_of(x)),
+        (dh.t() @ mean).view_as(reduce_weight).to(reduce_weight.dtype),
+        dh.sum(0).to(reduce_bias.dtype),
+        (dz.t() @ apply_act(h, act)).view_as(expand_weight).to(expand_weight.dtype),
+        dz.sum(0).to(expand_bias.dtype),
+    )
+
+
+@se_bwd.register_fake
+def _(dy, x, mean, h, gate, reduce_weight, reduce_bias, expand_weight, expand_bias, act):
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+    return (dx, torch.empty_like(reduce_weight), torch.empty_like(reduce_bias),
+            torch.empty_like(expand_weight), torch.empty_like(expand_bias))
+
+
+def _setup_context(ctx, inputs, output):
+    x, rw, rb, ew, eb, _, act = inputs
+    _, mean, h, gate = output
+    ctx.mark_non_differentiable(mean, h, gate)
+    ctx.save_for_backward(x, mean, h, gate, rw, rb, ew, eb)
+    ctx.act = act
+
+
+def _backward(ctx, dy, _dmean, _dh, _dgate):
+    grads = se_bwd(dy, *ctx.saved_tensors, ctx.act)
+    # pooled is only a precomputed sum of x: its gradient already flows through dx.
+    return grads + (None, None)
+
+
+se_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_param(name, t, shape, x):
+    check_tensor(name, t)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{name} must have x's dtype ({x.dtype}) or float32, got {t.dtype}")
+    check_device(name, t, x)
+
+
+def _check_inputs(x, reduce_weight, reduce_bias, expand_weight, expand_bias, pooled):
+    check_tensor("x", x, ndim=4)
+    check_tensor("reduce_weight", reduce_weight, ndim=4)
+    n, c, h, w = x.shape
+    cr = reduce_weight.shape[0]
+    if h * w == 0:
+        raise ValueError(f"x must have a non-empty spatial size, got shape {tuple(x.shape)}")
+    if cr < 1:
+        raise ValueError(
+            f"reduce_weight must have at least one output channel, got {tuple(reduce_weight.shape)}"
+        )
+    _check_param("reduce_weight", reduce_weight, (cr, c, 1, 1), x)
+    _check_param("expand_weight", expand_weight, (c, cr, 1, 1), x)
+    _check_param("reduce_bias", reduce_bias, (cr,), x)
+    _check_param("expand_bias", expand_bias, (c,), x)
+    if pooled is not None:
+        check_tensor("pooled", pooled, dtypes=(torch.float32, torch.float64))
+        if tuple(pooled.shape) != (n, c):
+            raise ValueError(f"pooled must have shape (N, C) = {(n, c)}, got {tuple(pooled.shape)}")
+        check_device("pooled", pooled, x)
+
+
+def squeeze_excite(
+    x: Tensor, reduce_weight: Tensor, reduce_bias: Tensor | None, expand_weight: Tensor,
+    expand_bias: Tensor | None, *, act: str = "silu", pooled: Tensor | None = None,
+) -> Tensor:
+    """x * sigmoid(conv_expand(act(conv_reduce(mean_hw(x))))) in two fused passes.
+
+    Weights are shaped like timm's `se.conv_reduce` (Cr, C, 1, 1) / (Cr,) and
+    `se.conv_expand` (C, Cr, 1, 1) / (C,), in x's dtype or float32 (the MLP runs in float32,
+    float64 for float64 x). A None bias means zeros. `pooled`, when given, must be the
+    (N, C) float32 sums of x over H x W (e.g. emitted by the producing kernel); it replaces
+    the pooling read and receives no gradient (its gradient flows through x).
+    act: "silu", "relu" or "identity". Same semantics as `reference.squeeze_excite`.
+    """
+    if reduce_bias is None and isinstance(reduce_weight, Tensor):
+        reduce_bias = reduce_weight.new_zeros(reduce_weight.shape[:1])
+    if expand_bias is None and isinstance(expand_weight, Tensor):
+        expand_bias = expand_weight.new_zeros(expand_weight.shape[:1])
+    _check_inputs(x, reduce_weight, reduce_bias, expand_weight, expand_bias, pooled)
+    code = act_code(act)
+    out, _, _, _ = se_fwd(x, reduce_weight, reduce_bias, expand_weight, expand_bias, pooled, code)
+    return out

@@ -1,0 +1,154 @@
+"""The `effnet-kernels bench` / `info` command: a smoke run end to end, its JSON schema and
+plots, and clear errors for bad arguments (each in a subprocess, as a user runs it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from effnet_kernels.bench import cli, report
+from effnet_kernels.bench.runner import spread
+from effnet_kernels.bench.timing import quantile
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# The smoke run takes ~30 s on an idle 2-core CPU; the limit leaves room for a busy machine.
+SMOKE_TIMEOUT_S = 600
+
+
+def run_cli(*args, timeout=120):
+    # as a user runs it: tests/conftest.py turns the Triton CPU interpreter on for the suite
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONUNBUFFERED"] = "1"
+    return subprocess.run([sys.executable, "-m", "effnet_kernels", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = run_cli("bench", "--smoke", "--device", "cpu", "--out", str(out), timeout=SMOKE_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "results.json") as f:
+        return out, proc, json.load(f)
+
+
+def test_smoke_json_header(smoke):
+    _, _, result = smoke
+    for key, typ in {"schema_version": int, "complete": bool, "environment": dict,
+                     "settings": dict, "threads": int, "copy_bandwidth_gbps": float,
+                     "selfcheck": list, "rows": list, "e2e": list, "skipped": list,
+                     "plots": list, "duration_s": float}.items():
+        assert isinstance(result[key], typ), key
+    assert result["complete"] is True
+    env = result["environment"]
+    for key in ("timestamp", "git_sha", "machine", "versions", "build_info"):
+        assert key in env
+    assert env["versions"]["torch"] == torch.__version__
+    assert result["settings"]["level"] == "smoke"
+    assert result["threads"] >= 1 and result["copy_bandwidth_gbps"] > 0
+
+
+def test_smoke_rows(smoke):
+    _, _, result = smoke
+    rows = result["rows"]
+    assert rows, "no op was measured"
+    for r in rows:
+        assert isinstance(r["provider"], str) and isinstance(r["op"], str)
+        assert isinstance(r["shape"], str) and isinstance(r["dims"], dict)
+        assert r["mode"] in ("train", "eval") and r["memory_format"] in ("nchw", "channels_last")
+        assert isinstance(r["median_ms"], float) and r["median_ms"] > 0
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert isinstance(r["bytes"], int) and r["bytes"] > 0
+        assert r["gbps"] > 0
+    # eager always runs, and its speedup against itself is exactly 1
+    eager = [r for r in rows if r["provider"] == "eager"]
+    assert eager and all(r["speedup_vs_eager"] == pytest.approx(1.0) for r in eager)
+    assert {r["op"] for r in rows} <= {"depthwise", "squeeze_excite", "drop_connect"}
+    assert any(r["provider"].startswith("fused:") for r in rows)
+
+
+def test_smoke_selfcheck_e2e_skipped(smoke):
+    _, _, result = smoke
+    checks = [c for c in result["selfcheck"] if not c.get("skipped")]
+    assert checks and all(c["ok"] for c in checks)
+    assert any(c["backend"] == "reference" for c in checks)
+    for r in result["e2e"]:
+        assert r["mode"] in ("train", "infer") and r["img_per_s"] > 0
+        assert isinstance(r["provider"], str) and r["median_ms"] > 0
+    assert any(r["provider"] == "eager" for r in result["e2e"])
+    for s in result["skipped"]:  # every skipped part says why
+        assert s["section"] and s["what"] and s["reason"] and s["count"] >= 1
+
+
+def test_smoke_outputs(smoke):
+    out, proc, result = smoke
+    assert result["plots"]
+    for path in result["plots"]:
+        with open(path, "rb") as f:
+            assert f.read(8) == PNG_MAGIC, path
+    assert (out / "report.md").read_text().startswith("# effnet-kernels bench")
+    assert "vs eager" in proc.stdout and "Parity self-check" in proc.stdout
+
+
+def test_info():
+    proc = run_cli("info")
+    assert proc.returncode == 0, proc.stderr
+    assert "cpu_ext" in proc.stdout and "backends on cpu" in proc.stdout
+    assert "reference" in proc.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dtype", "float8"], "invalid choice"),
+    (["--device", "tpu"], "invalid choice"),
+    (["--ops", "depthwise,nope"], "--ops must be"),
+    (["--model", "resnet50"], "--model must name an EfficientNet"),
+    (["--batch", "0"], "--batch must be a positive integer"),
+    (["--compile-budget", "-1"], "--compile-budget must be >= 0"),
+    (["--quick", "--smoke"], "not allowed with"),
+])
+def test_bad_arguments(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--out", str(tmp_path), *args])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_bad_arguments_subprocess(tmp_path):
+    proc = run_cli("bench", "--out", str(tmp_path), "--dtype", "float8")
+    assert proc.returncode == 2
+    assert "invalid choice: 'float8'" in proc.stderr and "usage: effnet-kernels bench" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_gpu_is_a_clear_error(tmp_path):
+    proc = run_cli("bench", "--device", "cuda", "--out", str(tmp_path))
+    assert proc.returncode == 2
+    assert "no CUDA GPU is visible" in proc.stderr
+
+
+def test_spread_and_quantile():
+    assert spread(list(range(10)), 3) == [0, 4, 9] or spread(list(range(10)), 3) == [0, 5, 9]
+    assert spread([1, 2], None) == [1, 2] and spread([1, 2, 3], 1) == [2]
+    assert quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
+    assert quantile([1.0, 2.0], 0.2) == pytest.approx(1.2)
+
+
+def test_speedups_and_bandwidth():
+    dims = {"n": 1, "c": 1, "h": 1, "w": 1}
+    base = {"op": "depthwise", "shape": "s", "dims": dims, "mode": "eval",
+            "memory_format": "nchw", "dtype": "float32", "device": "cpu", "bytes": 2_000_000}
+    rows = [dict(base, provider=p, median_ms=t, p20_ms=t, p80_ms=t)
+            for p, t in (("eager", 2.0), ("compile", 1.0), ("fused:cpu", 0.5))]
+    report.add_derived(rows, copy_gbps=8.0)
+    fused = rows[2]
+    assert fused["speedup_vs_eager"] == pytest.approx(4.0)
+    assert fused["speedup_vs_compile"] == pytest.approx(2.0)
+    assert fused["gbps"] == pytest.approx(4.0) and fused["pct_copy_bw"] == pytest.approx(50.0)
+    text = report.format_table(*report.op_table(rows))
+    assert "x4.00" in text and "x2.00" in text

@@ -53,17 +53,21 @@ def nvidia_wheel_dirs():
     return includes, libs
 
 
-def extensions():
-    with_cuda_env = os.environ.get("FORCE_CUDA") != "0"
-    if with_cuda_env and "CUDA_HOME" not in os.environ:
+def set_cuda_home():
+    """Point CUDA_HOME at nvcc's real toolkit before torch.utils.cpp_extension reads it."""
+    if os.environ.get("FORCE_CUDA") != "0" and "CUDA_HOME" not in os.environ:
         root = nvcc_toolkit_root()
         if root:
             os.environ["CUDA_HOME"] = root
+
+
+def extensions():
     import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-std=c++20"]
+    # -Wno-maybe-uninitialized: GCC 12 false positives inside its own avx512fintrin.h.
+    cxx = ["-O3", "-fopenmp", "-std=c++20", "-Wno-maybe-uninitialized"]
     define_macros = []
     if not want_cuda(torch):
         return [
@@ -90,6 +94,7 @@ def extensions():
 
 
 def main():
+    set_cuda_home()
     from torch.utils.cpp_extension import BuildExtension
 
     setup(

@@ -62,7 +62,7 @@ def test_train_step_parity(source, name):
     kw = {"drop_rate": 0.0, "drop_path_rate": 0.0} if source == "timm" else \
         {"dropout": 0.0, "stochastic_depth_prob": 0.0}
     fused, original = converted_pair(source, name, **kw)
-    assert_train_parity(fused, original, *batch(4, 32))
+    assert_train_parity(fused, original, *batch(4, 64))
 
 
 @pytest.mark.parametrize("source,name", [("timm", "tf_efficientnet_b0"),

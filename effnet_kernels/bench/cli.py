@@ -29,7 +29,7 @@ LEVELS = {
     "smoke": dict(threads=1, shapes=1, batch=(2, 8), resolution=64, formats=("nchw",), warmup=1,
                   rounds=3, min_sample_ms=0.2, compile_budget=(0, 0), e2e_batch=(2, 8),
                   e2e_resolution=32, e2e_rounds=2, e2e_providers=("eager", "converted")),
-    "quick": dict(shapes=3, batch=(4, 32), resolution=None, formats=("nchw",), warmup=2,
+    "quick": dict(shapes=3, batch=(4, 32), resolution=None, formats=("channels_last",), warmup=2,
                   rounds=7, min_sample_ms=1.0, compile_budget=(45, 90), e2e_batch=(4, 32),
                   e2e_resolution=(160, None), e2e_rounds=5,
                   e2e_providers=("eager", "converted", "onnxruntime")),

@@ -3,8 +3,14 @@
 Plain autograd would save the conv output y (for BN) and the BN output z (for the
 activation): two tensors of the conv's output size. For MBConv's 1x1 expand conv those
 are the widest tensors of the block, while its input is 1/6 of that width. Following
-design.md §4 this function saves x, the weight and the per-channel mean / inverse std,
+design.md §4 this function saves x, the weight and the per-channel mean / biased var,
 and recomputes y = conv(x) in backward (one extra conv, no extra memory).
+
+The conv itself is PyTorch's (a GEMM for 1x1). The BatchNorm + activation around it runs
+on the depthwise op's backend primitives with a 1x1 unit kernel (depthwise_conv(y, 1) is
+y): one statistics pass and one act(y * scale + shift) pass forward; one reduction pass
+and one pass writing dL/dy backward, each fused over the whole channel vector, instead
+of the half-dozen elementwise passes of eager BatchNorm + SiLU.
 
 BN math (per channel, M = N*H*W, xhat = (y - mean) * invstd, z = gamma * xhat + beta):
   g      = dout * act'(z)
@@ -19,18 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.depthwise import update_running_stats
-
-_ACTS = {"silu": F.silu, "relu": F.relu, "identity": lambda t: t}
-
-
-def _act_grad(z: Tensor, act: str) -> Tensor | None:
-    if act == "silu":
-        s = torch.sigmoid(z)
-        return s * (1 + z * (1 - s))
-    if act == "relu":
-        return (z > 0).to(z.dtype)
-    return None
+from ..backends import select
+from ..ops.activations import act_code
+from ..ops.depthwise import OP as DEPTHWISE_OP
+from ..ops.depthwise import bn_affine, update_running_stats
 
 
 def _conv(x, weight, geo):
@@ -38,42 +36,57 @@ def _conv(x, weight, geo):
     return F.conv2d(x, weight, None, stride, padding, 1, groups)
 
 
+def _unit_kernel(y: Tensor) -> Tensor:
+    return torch.ones((y.shape[1], 1, 1, 1), dtype=y.dtype, device=y.device)
+
+
+def _affine_params(gamma, beta, y):
+    c = y.shape[1]
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    gamma = y.new_ones(c, dtype=acc) if gamma is None else gamma
+    beta = y.new_zeros(c, dtype=acc) if beta is None else beta
+    return gamma, beta
+
+
 class ConvBNActTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, gamma, beta, geo, eps, act):
         y = _conv(x, weight, geo)
-        var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
-        invstd = torch.rsqrt(var + eps)
-        scale = invstd if gamma is None else gamma * invstd
-        shift = -mean * scale if beta is None else beta - mean * scale
-        out = _ACTS[act](y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
-        ctx.save_for_backward(x, weight, gamma, beta, mean, invstd)
-        ctx.geo, ctx.act = geo, act
+        prims, unit, code = select(DEPTHWISE_OP, y), _unit_kernel(y), act_code(act)
+        h, w = y.shape[2:]
+        mean, var = prims.dw_stats(y, unit, 1, 0, 0, h, w)
+        g, b = _affine_params(gamma, beta, y)
+        _, scale, shift = bn_affine(mean, var, g, b, eps)
+        out = prims.dw_forward(y, unit, scale, shift, 1, 0, 0, h, w, code)
+        ctx.save_for_backward(x, weight, gamma, beta, mean, var)
+        ctx.geo, ctx.act, ctx.eps = geo, code, eps
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 
     @staticmethod
     def backward(ctx, dout, _dmean, _dvar):
-        x, weight, gamma, beta, mean, invstd = ctx.saved_tensors
+        x, weight, gamma, beta, mean, var = ctx.saved_tensors
         y = _conv(x, weight, ctx.geo)
-        xhat = (y - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
-        g = dout
-        if ctx.act != "identity":
-            z = xhat if gamma is None else xhat * gamma.view(1, -1, 1, 1)
-            z = z if beta is None else z + beta.view(1, -1, 1, 1)
-            g = dout * _act_grad(z, ctx.act)
+        dout = dout.contiguous(memory_format=torch.channels_last
+                               if y.is_contiguous(memory_format=torch.channels_last)
+                               and not y.is_contiguous() else torch.contiguous_format)
+        prims, unit = select(DEPTHWISE_OP, y), _unit_kernel(y)
+        g, b = _affine_params(gamma, beta, y)
+        invstd, scale, shift = bn_affine(mean, var, g, b, ctx.eps)
+        sum_g, sum_g_yc = prims.dw_backward_reduce(dout, y, unit, scale, shift, mean, 1, 0, 0,
+                                                   ctx.act)
         m = y.numel() // y.shape[1]
-        sum_g = g.sum((0, 2, 3))
-        sum_gx = (g * xhat).sum((0, 2, 3))
-        scale = invstd if gamma is None else gamma * invstd
-        dy = (g - (sum_g / m).view(1, -1, 1, 1) - xhat * (sum_gx / m).view(1, -1, 1, 1))
-        dy = dy * scale.view(1, -1, 1, 1)
+        coef_b = -scale * sum_g / m
+        coef_c = -scale * invstd * invstd * sum_g_yc / m
+        dy, _ = prims.dw_backward(dout, y, unit, scale, shift, mean, coef_b, coef_c, 1, 0, 0,
+                                  ctx.act)
         stride, padding, groups = ctx.geo
         dx, dw, _ = torch.ops.aten.convolution_backward(
             dy, x, weight, None, stride, padding, [1, 1], False, [0, 0], groups,
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
-        dgamma = sum_gx if gamma is not None and ctx.needs_input_grad[2] else None
-        dbeta = sum_g if beta is not None and ctx.needs_input_grad[3] else None
+        dgamma = (sum_g_yc * invstd).to(gamma.dtype) \
+            if gamma is not None and ctx.needs_input_grad[2] else None
+        dbeta = sum_g.to(beta.dtype) if beta is not None and ctx.needs_input_grad[3] else None
         return dx, dw, dgamma, dbeta, None, None, None
 
 

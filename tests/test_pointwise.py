@@ -1,0 +1,91 @@
+"""Parity of the training-mode 1x1 conv + BN + act (nn/pointwise.py) on every backend.
+
+The BN + activation around PyTorch's conv runs on the depthwise op's primitives with a
+unit 1x1 kernel; output, every gradient and both running statistics are compared with
+a float64 eager conv -> batch_norm -> act, within a few times PyTorch's float32 error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from backend_params import backend_device_pairs, require_backend
+
+from effnet_kernels import use_backend
+from effnet_kernels.nn.pointwise import ConvBNActTrain, conv_bn_act_train
+from effnet_kernels.testing import parity
+
+OP = "depthwise_conv_bn_act"
+ACTS = {"silu": F.silu, "relu": F.relu, "identity": lambda t: t}
+CASES = [  # (N, Cin, Cout, H, W, kernel, stride, padding)
+    (2, 5, 12, 7, 9, 1, 1, 0),
+    (3, 8, 3, 6, 5, 1, 1, 0),
+    (1, 4, 6, 9, 8, 3, 2, 1),
+]
+
+
+def _eager(x, w, g, b, rm, rv, case, act):
+    _, _, _, _, _, _, stride, padding = case
+    y = F.batch_norm(F.conv2d(x, w, None, stride, padding), rm, rv, g, b, True, 0.1, 1e-3)
+    return ACTS[act](y)
+
+
+def _run(fn, inputs, dy, dtype, fmt):
+    x, w, g, b, rm, rv = (t.clone().to(dtype) for t in inputs)
+    x = x.contiguous(memory_format=fmt).requires_grad_()
+    w, g, b = (t.requires_grad_() for t in (w, g, b))
+    out = fn(x, w, g, b, rm, rv)
+    out.backward(dy.to(dtype).contiguous(memory_format=fmt))
+    return {"out": out, "dx": x.grad, "dweight": w.grad, "dgamma": g.grad, "dbeta": b.grad,
+            "running_mean": rm, "running_var": rv}
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("act", sorted(ACTS))
+@pytest.mark.parametrize("fmt_name", ["nchw", "nhwc"])
+def test_conv_bn_act_train_parity(backend, device, case, act, fmt_name):
+    require_backend(OP, backend, device, torch.float32)
+    fmt = torch.channels_last if fmt_name == "nhwc" else torch.contiguous_format
+    n, cin, cout, h, w_, k, stride, padding = case
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(n, cin, h, w_, generator=gen) + 0.5,
+              torch.randn(cout, cin, k, k, generator=gen) * 0.5,
+              torch.rand(cout, generator=gen) + 0.5, torch.randn(cout, generator=gen),
+              torch.randn(cout, generator=gen), torch.rand(cout, generator=gen) + 0.5]
+    inputs = [t.to(device) for t in inputs]
+    oh, ow = (h + 2 * padding - k) // stride + 1, (w_ + 2 * padding - k) // stride + 1
+    dy = torch.randn(n, cout, oh, ow, generator=gen).to(device)
+
+    def eager(*a):
+        return _eager(*a, case, act)
+
+    def fused(x, w, g, b, rm, rv):
+        return conv_bn_act_train(x, w, g, b, rm, rv, stride=stride, padding=padding, groups=1,
+                                 momentum=0.1, eps=1e-3, act=act)
+
+    truth = _run(eager, inputs, dy, torch.float64, fmt)
+    same = _run(eager, inputs, dy, torch.float32, fmt)
+    with use_backend(backend):
+        got = _run(fused, inputs, dy, torch.float32, fmt)
+    failures = [str(p) for key in truth
+                if not (p := parity(key, got[key], same[key], truth[key], torch.float32)).ok]
+    assert not failures, "; ".join(failures)
+    assert got["out"].is_contiguous(memory_format=fmt)
+
+
+def test_conv_bn_act_train_without_affine_and_grad_flags():
+    """gamma/beta None (affine=False) and an input that needs no gradient."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=gen)
+    w = torch.randn(4, 3, 1, 1, dtype=torch.float64, generator=gen).requires_grad_()
+    out = conv_bn_act_train(x, w, None, None, None, None, stride=1, padding=0, groups=1,
+                            momentum=0.1, eps=1e-5, act="silu")
+    ref = F.silu(F.batch_norm(F.conv2d(x, w), None, None, None, None, True, 0.1, 1e-5))
+    torch.testing.assert_close(out, ref)
+    (dw,) = torch.autograd.grad(out.square().sum(), w)
+    (dw_ref,) = torch.autograd.grad(ref.square().sum(), w)
+    torch.testing.assert_close(dw, dw_ref)
+    geo = ([1, 1], [0, 0], 1)
+    assert torch.autograd.gradcheck(
+        lambda w_: ConvBNActTrain.apply(x, w_, None, None, geo, 1e-5, "relu")[0], (w,))

@@ -115,6 +115,19 @@ def test_channels_last():
     assert all(p.grad is not None for p in fused.parameters())
 
 
+def test_eval_with_autograd_matches_original():
+    """Eval mode with grad enabled (saliency, adversarial inputs) takes the differentiable
+    path instead of the fused oneDNN conv + act, and input gradients match."""
+    fused, original = converted_pair("timm", "efficientnet_b0")
+    fused.eval(), original.eval()
+    x = batch(2, 32, fmt=torch.channels_last)[0].requires_grad_()
+    (dx,) = torch.autograd.grad(fused(x).square().sum(), x)
+    (dx_ref,) = torch.autograd.grad(original(x).square().sum(), x)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), original(x), rtol=1e-4, atol=1e-5)
+
+
 def test_unfusable_blocks_left_and_reported():
     model = make("timm", "efficientnet_b0")
     model.blocks[2][1].bn2.act = nn.GELU()

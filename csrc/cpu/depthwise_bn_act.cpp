@@ -32,9 +32,6 @@
 #include <utility>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -42,6 +39,7 @@
 #include "common/binding_registry.h"
 #include "common/checks.h"
 #include "common/math.h"
+#include "output_cache.h"
 
 namespace effnet::cpu_dw {
 
@@ -207,27 +205,9 @@ std::vector<AccOf<X>> transpose_weight(const at::Tensor& weight) {
   return wt;
 }
 
-// Outputs are written once right after allocation, and first-touch page faults on fresh
-// 4 KiB pages cost about as much as the kernel itself at B0 sizes. On Linux, large
-// outputs ask for transparent huge pages (2 MiB faults); only the 2 MiB-aligned interior
-// of our own allocation is advised, and the call is a hint that may be ignored.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t hi = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (t.nbytes() >= 4 * kHuge && hi > lo) {
-    madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-  }
-#endif
-}
-
 at::Tensor empty_cl(const at::Tensor& x, int64_t h, int64_t w) {
-  auto t = at::empty({x.size(0), x.size(1), h, w},
-                     x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  advise_huge_pages(t);
-  return t;
+  return cpu::empty_output({x.size(0), x.size(1), h, w}, x.options(),
+                           at::MemoryFormat::ChannelsLast);
 }
 
 at::Tensor to_format(const at::Tensor& t, at::MemoryFormat fmt) { return t.contiguous(fmt); }

@@ -127,16 +127,27 @@ inline void gather_rows(RowSource<X, A>& src, const Geo& g, int64_t n, int64_t o
   for (int kh = 0; kh < K; ++kh) rows[kh] = src.row(n, oh * g.S - g.pt + kh);
 }
 
-// One channel vector of one output row of the conv: calls f(ow, y) for ow < OW.
+// Output pixels [t0, t1) of one row are processed as tiles: every channel vector sweeps
+// the tile before the next tile starts, so the tile's K input rows, dy and output
+// (about K + 2 rows of C values per pixel) stay in L1 instead of being streamed from L2
+// once per channel vector (C / lanes times per row).
+template <typename A, class F>
+inline void for_pixel_tiles(int64_t n, int64_t C, int K, F&& f) {
+  const int64_t per_pixel = std::max<int64_t>(1, C * int64_t(sizeof(A)) * (K + 2));
+  const int64_t tile = std::max<int64_t>(8, (int64_t(24) << 10) / per_pixel);
+  for (int64_t t0 = 0; t0 < n; t0 += tile) f(t0, std::min(n, t0 + tile));
+}
+
+// One channel vector of output pixels [ow0, ow1) of a conv row: calls f(ow, y).
 // The K*K weight vectors stay in registers; interior pixels run fully unrolled and
 // the left/right border pixels only visit the taps kw in [lo, hi) inside the image.
 template <int K, class V, class F>
 inline void conv_block(const ElemOf<V>* const* rows, const ElemOf<V>* wt, const Geo& g,
-                       int64_t c, F&& f) {
+                       int64_t c, int64_t ow0, int64_t ow1, F&& f) {
   const int64_t C = g.C;
   V w[K * K];
   for (int t = 0; t < K * K; ++t) w[t] = vload<V>(wt + t * C + c);
-  for (int64_t ow = 0; ow < g.OW; ++ow) {
+  for (int64_t ow = ow0; ow < ow1; ++ow) {
     const int64_t iw0 = ow * g.S - g.pl;
     const int64_t lo = std::max<int64_t>(0, -iw0), hi = std::min<int64_t>(K, g.W - iw0);
     V acc{};
@@ -178,32 +189,45 @@ inline void chan_merge(double* acc, int64_t C, double nb, const A* mean_b, const
 // Per-channel mean and M2 (sum of squared deviations) of one row of y; y[OW][C] scratch.
 template <int K, typename A>
 void moments_row(const Geo& g, const A* const* rows, const A* wt, A* y, A* mean, A* m2) {
-  for_channel_vectors<A>(g.C, [&](int64_t c, auto proto) {
-    using V = decltype(proto);
-    V sum{};
-    conv_block<K, V>(rows, wt, g, c, [&](int64_t ow, V v) {
-      sum += v;
-      vstore(y + ow * g.C + c, v);
+  std::fill(mean, mean + g.C, A(0));
+  std::fill(m2, m2 + g.C, A(0));
+  for_pixel_tiles<A>(g.OW, g.C, K, [&](int64_t t0, int64_t t1) {
+    for_channel_vectors<A>(g.C, [&](int64_t c, auto proto) {
+      using V = decltype(proto);
+      V sum = vload<V>(mean + c);
+      conv_block<K, V>(rows, wt, g, c, t0, t1, [&](int64_t ow, V v) {
+        sum += v;
+        vstore(y + ow * g.C + c, v);
+      });
+      vstore(mean + c, sum);
     });
-    const V m = sum / ElemOf<V>(g.OW);
-    V q{};
-    for (int64_t ow = 0; ow < g.OW; ++ow) {
-      const V d = vload<V>(y + ow * g.C + c) - m;
-      q += d * d;
-    }
-    vstore(mean + c, m);
-    vstore(m2 + c, q);
+  });
+  const A inv = A(1) / A(g.OW);
+  for (int64_t c = 0; c < g.C; ++c) mean[c] *= inv;
+  for_pixel_tiles<A>(g.OW, g.C, 0, [&](int64_t t0, int64_t t1) {
+    for_channel_vectors<A>(g.C, [&](int64_t c, auto proto) {
+      using V = decltype(proto);
+      const V m = vload<V>(mean + c);
+      V q = vload<V>(m2 + c);
+      for (int64_t ow = t0; ow < t1; ++ow) {
+        const V d = vload<V>(y + ow * g.C + c) - m;
+        q += d * d;
+      }
+      vstore(m2 + c, q);
+    });
   });
 }
 
 // out = act(y * scale + shift) for one row.
 template <int K, typename A>
 void forward_row(const Geo& g, const A* const* rows, const Params<A>& p, A* out) {
-  for_channel_vectors<A>(g.C, [&](int64_t c, auto proto) {
-    using V = decltype(proto);
-    const V sc = vload<V>(p.scale + c), sh = vload<V>(p.shift + c);
-    conv_block<K, V>(rows, p.wt, g, c, [&](int64_t ow, V y) {
-      vstore(out + ow * g.C + c, act_forward(y * sc + sh, g.act));
+  for_pixel_tiles<A>(g.OW, g.C, K, [&](int64_t t0, int64_t t1) {
+    for_channel_vectors<A>(g.C, [&](int64_t c, auto proto) {
+      using V = decltype(proto);
+      const V sc = vload<V>(p.scale + c), sh = vload<V>(p.shift + c);
+      conv_block<K, V>(rows, p.wt, g, c, t0, t1, [&](int64_t ow, V y) {
+        vstore(out + ow * g.C + c, act_forward(y * sc + sh, g.act));
+      });
     });
   });
 }
@@ -212,69 +236,78 @@ void forward_row(const Geo& g, const A* const* rows, const Params<A>& p, A* out)
 template <int K, typename A>
 void reduce_row(const Geo& g, const A* const* rows, const A* dy, const Params<A>& p, A* sg,
                 A* sgy) {
-  for_channel_vectors<A>(g.C, [&](int64_t c, auto proto) {
-    using V = decltype(proto);
-    const V sc = vload<V>(p.scale + c), sh = vload<V>(p.shift + c), mu = vload<V>(p.mean + c);
-    V s1{}, s2{};
-    conv_block<K, V>(rows, p.wt, g, c, [&](int64_t ow, V y) {
-      const V gv = vload<V>(dy + ow * g.C + c) * act_backward(y * sc + sh, g.act);
-      s1 += gv;
-      s2 += gv * (y - mu);
+  std::fill(sg, sg + g.C, A(0));
+  std::fill(sgy, sgy + g.C, A(0));
+  for_pixel_tiles<A>(g.OW, g.C, K, [&](int64_t t0, int64_t t1) {
+    for_channel_vectors<A>(g.C, [&](int64_t c, auto proto) {
+      using V = decltype(proto);
+      const V sc = vload<V>(p.scale + c), sh = vload<V>(p.shift + c), mu = vload<V>(p.mean + c);
+      V s1 = vload<V>(sg + c), s2 = vload<V>(sgy + c);
+      conv_block<K, V>(rows, p.wt, g, c, t0, t1, [&](int64_t ow, V y) {
+        const V gv = vload<V>(dy + ow * g.C + c) * act_backward(y * sc + sh, g.act);
+        s1 += gv;
+        s2 += gv * (y - mu);
+      });
+      vstore(sg + c, s1);
+      vstore(sgy + c, s2);
     });
-    vstore(sg + c, s1);
-    vstore(sgy + c, s2);
   });
 }
 
 // dyc = scale * g + coef_b + coef_c * (y - mean), the gradient w.r.t. y, for one row.
 template <int K, typename A>
 void dyc_row(const Geo& g, const A* const* rows, const A* dy, const Params<A>& p, A* dyc) {
-  for_channel_vectors<A>(g.C, [&](int64_t c, auto proto) {
-    using V = decltype(proto);
-    const V sc = vload<V>(p.scale + c), sh = vload<V>(p.shift + c), mu = vload<V>(p.mean + c);
-    const V cb = vload<V>(p.coef_b + c), cc = vload<V>(p.coef_c + c);
-    conv_block<K, V>(rows, p.wt, g, c, [&](int64_t ow, V y) {
-      const V gv = vload<V>(dy + ow * g.C + c) * act_backward(y * sc + sh, g.act);
-      vstore(dyc + ow * g.C + c, sc * gv + cb + cc * (y - mu));
+  for_pixel_tiles<A>(g.OW, g.C, K, [&](int64_t t0, int64_t t1) {
+    for_channel_vectors<A>(g.C, [&](int64_t c, auto proto) {
+      using V = decltype(proto);
+      const V sc = vload<V>(p.scale + c), sh = vload<V>(p.shift + c), mu = vload<V>(p.mean + c);
+      const V cb = vload<V>(p.coef_b + c), cc = vload<V>(p.coef_c + c);
+      conv_block<K, V>(rows, p.wt, g, c, t0, t1, [&](int64_t ow, V y) {
+        const V gv = vload<V>(dy + ow * g.C + c) * act_backward(y * sc + sh, g.act);
+        vstore(dyc + ow * g.C + c, sc * gv + cb + cc * (y - mu));
+      });
     });
   });
 }
 
-// dw[kh][kw][c] += sum_ow x[kh][ow * S - pl + kw][c] * dyc[ow][c] for one output row.
-// Interior pixels accumulate in registers; border taps go through a small array.
+// dw[kh][kw][c] += sum_ow x[kh][ow * S - pl + kw][c] * dyc[ow][c] for one output row,
+// summed in A in the row scratch acc_row[K * K * C] first. Interior pixels accumulate in
+// registers; border taps go through a small array.
 template <int K, typename A>
-void dweight_row(const Geo& g, const A* const* rows, const A* dyc, double* dw) {
+void dweight_row(const Geo& g, const A* const* rows, const A* dyc, A* acc_row, double* dw) {
   const int64_t C = g.C;
-  for_channel_vectors<A>(C, [&](int64_t c, auto proto) {
-    using V = decltype(proto);
-    V acc[K * K] = {};
-    V edge[K * K] = {};
-    for (int64_t ow = 0; ow < g.OW; ++ow) {
-      const int64_t iw0 = ow * g.S - g.pl;
-      const int64_t lo = std::max<int64_t>(0, -iw0), hi = std::min<int64_t>(K, g.W - iw0);
-      const V d = vload<V>(dyc + ow * C + c);
-      if (lo == 0 && hi == K) {
+  std::fill(acc_row, acc_row + K * K * C, A(0));
+  for_pixel_tiles<A>(g.OW, C, K, [&](int64_t t0, int64_t t1) {
+    for_channel_vectors<A>(C, [&](int64_t c, auto proto) {
+      using V = decltype(proto);
+      V acc[K * K];
+      V edge[K * K] = {};
+      for (int t = 0; t < K * K; ++t) acc[t] = vload<V>(acc_row + t * C + c);
+      for (int64_t ow = t0; ow < t1; ++ow) {
+        const int64_t iw0 = ow * g.S - g.pl;
+        const int64_t lo = std::max<int64_t>(0, -iw0), hi = std::min<int64_t>(K, g.W - iw0);
+        const V d = vload<V>(dyc + ow * C + c);
+        if (lo == 0 && hi == K) {
 #pragma GCC unroll 7
-        for (int kh = 0; kh < K; ++kh) {
+          for (int kh = 0; kh < K; ++kh) {
 #pragma GCC unroll 7
-          for (int kw = 0; kw < K; ++kw) {
-            acc[kh * K + kw] += vload<V>(rows[kh] + (iw0 + kw) * C + c) * d;
+            for (int kw = 0; kw < K; ++kw) {
+              acc[kh * K + kw] += vload<V>(rows[kh] + (iw0 + kw) * C + c) * d;
+            }
           }
-        }
-      } else {
-        for (int kh = 0; kh < K; ++kh) {
-          for (int64_t kw = lo; kw < hi; ++kw) {
-            edge[kh * K + kw] += vload<V>(rows[kh] + (iw0 + kw) * C + c) * d;
+        } else {
+          for (int kh = 0; kh < K; ++kh) {
+            for (int64_t kw = lo; kw < hi; ++kw) {
+              edge[kh * K + kw] += vload<V>(rows[kh] + (iw0 + kw) * C + c) * d;
+            }
           }
         }
       }
-    }
 #pragma GCC unroll 7
-    for (int t = 0; t < K * K; ++t) {
-      const V sum = acc[t] + edge[t];
-      for (int j = 0; j < kCount<V>; ++j) dw[t * C + c + j] += double(sum[j]);
-    }
+      for (int t = 0; t < K * K; ++t) vstore(acc_row + t * C + c, acc[t] + edge[t]);
+    });
   });
+  for (int64_t i = 0; i < K * K * C; ++i) dw[i] += double(acc_row[i]);
 }
 
 // dx[iw][c] = sum of dyc[oh][ow][c] * wt[kh][kw][c] over oh * S = ih + pt - kh,
@@ -284,33 +317,103 @@ void dx_row(const Geo& g, const A* const* drows, const A* wt, A* dx) {
   const int64_t C = g.C, shift = g.S - 1;
   bool all_rows = g.S == 1;
   for (int kh = 0; kh < K; ++kh) all_rows = all_rows && drows[kh] != nullptr;
-  for_channel_vectors<A>(C, [&](int64_t c, auto proto) {
-    using V = decltype(proto);
-    V w[K * K];
-    for (int t = 0; t < K * K; ++t) w[t] = vload<V>(wt + t * C + c);
-    for (int64_t iw = 0; iw < g.W; ++iw) {
-      const int64_t base = iw + g.pl;  // ow * S = base - kw
-      V acc{};
-      if (all_rows && base >= K - 1 && base < g.OW) {
-#pragma GCC unroll 7
-        for (int kh = 0; kh < K; ++kh) {
-#pragma GCC unroll 7
-          for (int kw = 0; kw < K; ++kw) {
-            acc += vload<V>(drows[kh] + (base - kw) * C + c) * w[kh * K + kw];
+  for_pixel_tiles<A>(g.W, C, K, [&](int64_t t0, int64_t t1) {
+    for_channel_vectors<A>(C, [&](int64_t c, auto proto) {
+      using V = decltype(proto);
+      V w[K * K];
+      for (int t = 0; t < K * K; ++t) w[t] = vload<V>(wt + t * C + c);
+      for (int64_t iw = t0; iw < t1; ++iw) {
+        const int64_t base = iw + g.pl;  // ow * S = base - kw
+        V acc{};
+        if (all_rows && base >= K - 1 && base < g.OW) {
+  #pragma GCC unroll 7
+          for (int kh = 0; kh < K; ++kh) {
+  #pragma GCC unroll 7
+            for (int kw = 0; kw < K; ++kw) {
+              acc += vload<V>(drows[kh] + (base - kw) * C + c) * w[kh * K + kw];
+            }
+          }
+        } else {
+          for (int kh = 0; kh < K; ++kh) {
+            if (drows[kh] == nullptr) continue;
+            for (int kw = 0; kw < K; ++kw) {
+              const int64_t num = base - kw;
+              if (num < 0 || (num & shift) != 0 || (num >> shift) >= g.OW) continue;
+              acc += vload<V>(drows[kh] + (num >> shift) * C + c) * vload<V>(wt + (kh * K + kw) * C + c);
+            }
           }
         }
-      } else {
-        for (int kh = 0; kh < K; ++kh) {
-          if (drows[kh] == nullptr) continue;
-          for (int kw = 0; kw < K; ++kw) {
-            const int64_t num = base - kw;
-            if (num < 0 || (num & shift) != 0 || (num >> shift) >= g.OW) continue;
-            acc += vload<V>(drows[kh] + (num >> shift) * C + c) * vload<V>(wt + (kh * K + kw) * C + c);
-          }
-        }
+        vstore(dx + iw * C + c, acc);
       }
-      vstore(dx + iw * C + c, acc);
+    });
+  });
+}
+
+// Sum over the stride-2 taps of one input pixel: rows kh = PR, PR + 2, ... and columns
+// kw = PC, PC + 2, ... (the taps whose parity matches the pixel), all inside the image.
+template <int K, int PR, int PC, class V>
+inline V stride2_taps(const ElemOf<V>* const* drows, const V* w, int64_t base, int64_t C,
+                      int64_t c) {
+  V acc{};
+#pragma GCC unroll 4
+  for (int kh = PR; kh < K; kh += 2) {
+#pragma GCC unroll 4
+    for (int kw = PC; kw < K; kw += 2) {
+      acc += vload<V>(drows[kh] + ((base - kw) >> 1) * C + c) * w[kh * K + kw];
     }
+  }
+  return acc;
+}
+
+// dx_row for stride 2: input column iw + pl = base receives the taps kw of base's parity
+// (ow = (base - kw) / 2) from the dyc rows of the input row's parity, so each pixel
+// visits about a quarter of the K x K taps. Rows whose taps are all present and interior
+// columns run a fully unrolled gather per parity; border pixels test each tap.
+template <int K, typename A>
+void dx_row_stride2(const Geo& g, const A* const* drows, const A* wt, A* dx) {
+  const int64_t C = g.C;
+  int row_par = -1;
+  bool full_rows = true;
+  for (int kh = 0; kh < K; ++kh) {
+    if (drows[kh] != nullptr && row_par < 0) row_par = kh & 1;
+  }
+  for (int kh = 0; kh < K; ++kh) {
+    if ((kh & 1) == row_par && drows[kh] == nullptr) full_rows = false;
+  }
+  if (row_par < 0) full_rows = false;
+  for_pixel_tiles<A>(g.W, C, K, [&](int64_t t0, int64_t t1) {
+    for_channel_vectors<A>(C, [&](int64_t c, auto proto) {
+      using V = decltype(proto);
+      V w[K * K];
+      for (int t = 0; t < K * K; ++t) w[t] = vload<V>(wt + t * C + c);
+      auto row_loop = [&]<int PR>() {
+        for (int64_t iw = t0; iw < t1; ++iw) {
+          const int64_t base = iw + g.pl;
+          const int par = int(base & 1);
+          V acc{};
+          if (full_rows && base >= (par == 0 ? K - 1 : K - 2) && (base - par) / 2 < g.OW) {
+            acc = par == 0 ? stride2_taps<K, PR, 0, V>(drows, w, base, C, c)
+                           : stride2_taps<K, PR, 1, V>(drows, w, base, C, c);
+          } else {
+            for (int kh = 0; kh < K; ++kh) {
+              if (drows[kh] == nullptr) continue;
+              for (int kw = par; kw < K; kw += 2) {
+                const int64_t num = base - kw;
+                if (num >= 0 && (num >> 1) < g.OW) {
+                  acc += vload<V>(drows[kh] + (num >> 1) * C + c) * w[kh * K + kw];
+                }
+              }
+            }
+          }
+          vstore(dx + iw * C + c, acc);
+        }
+      };
+      if (row_par == 1) {
+        row_loop.template operator()<1>();
+      } else {
+        row_loop.template operator()<0>();
+      }
+    });
   });
 }
 
@@ -376,10 +479,11 @@ inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a +
 template <typename X, typename A>
 struct BackwardScratch {
   BackwardScratch(const X* x, const Geo& g)
-      : src(x, g), dy(g.OW * g.C), dx(g.W * g.C), ring(g.K * g.OW * g.C) {}
+      : src(x, g), dy(g.OW * g.C), dx(g.W * g.C), ring(g.K * g.OW * g.C),
+        dweight(g.K * g.K * g.C) {}
   RowSource<X, A> src;
   RowView<X, A> dy, dx;
-  std::vector<A> ring;
+  std::vector<A> ring, dweight;
 };
 
 // Pass 4 over input rows [i0, i1) of image n: dx rows, plus dweight from the dyc rows this
@@ -399,7 +503,7 @@ void backward_block(const Geo& g, BackwardScratch<X, A>& s, const X* dy, const P
       gather_rows<K>(s.src, g, n, next, rows);
       dyc_row<K>(g, rows, s.dy.read(dy + (n * g.OH + next) * OWC, OWC), p, drow);
       const int64_t owner = std::max<int64_t>(next * g.S - g.pt, 0);
-      if (owner >= i0 && owner < i1) dweight_row<K>(g, rows, drow, dw);
+      if (owner >= i0 && owner < i1) dweight_row<K>(g, rows, drow, s.dweight.data(), dw);
     }
     for (int kh = 0; kh < K; ++kh) {
       const int64_t num = ih + g.pt - kh;
@@ -407,7 +511,11 @@ void backward_block(const Geo& g, BackwardScratch<X, A>& s, const X* dy, const P
       drows[kh] = ok ? s.ring.data() + ((num / g.S) % K) * OWC : nullptr;
     }
     X* dxrow = dx + (n * g.H + ih) * WC;
-    dx_row<K>(g, drows, p.wt, s.dx.target(dxrow));
+    if (g.S == 1) {
+      dx_row<K>(g, drows, p.wt, s.dx.target(dxrow));
+    } else {
+      dx_row_stride2<K>(g, drows, p.wt, s.dx.target(dxrow));
+    }
     s.dx.commit(dxrow, WC);
   }
 }

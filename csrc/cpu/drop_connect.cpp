@@ -26,6 +26,7 @@
 
 #include "common/binding_registry.h"
 #include "common/checks.h"
+#include "output_cache.h"
 
 namespace effnet::cpu_dc {
 
@@ -163,7 +164,7 @@ at::Tensor dc_forward(const at::Tensor& x, const at::Tensor& shortcut, const at:
   check_scale(scale, x);
   const auto fmt = flat_format(x, "x");
   TORCH_CHECK(shortcut.is_contiguous(fmt), "shortcut must be dense in the memory format of x");
-  auto out = at::empty(x.sizes(), x.options().memory_format(fmt));
+  auto out = cpu::empty_output(x.sizes(), x.options(), fmt);
   const int64_t numel = x.numel();
   if (numel == 0) return out;
   const int64_t per_sample = numel / x.size(0);
@@ -189,7 +190,7 @@ at::Tensor dc_backward(const at::Tensor& dy, const at::Tensor& scale) {
   check_float(dy, "dy");
   check_scale(scale, dy);
   const auto fmt = flat_format(dy, "dy");
-  auto dx = at::empty(dy.sizes(), dy.options().memory_format(fmt));
+  auto dx = cpu::empty_output(dy.sizes(), dy.options(), fmt);
   const int64_t numel = dy.numel();
   if (numel == 0) return dx;
   const int64_t per_sample = numel / dy.size(0);

@@ -29,6 +29,7 @@
 
 #include "common/binding_registry.h"
 #include "common/checks.h"
+#include "output_cache.h"
 
 namespace effnet::cpu_se {
 
@@ -294,7 +295,7 @@ at::Tensor affine(const at::Tensor& in, const char* in_name, const at::Tensor& g
   const auto fmt = activation_format(in, in_name);
   check_vec(g, "gate", in);
   if (bias) check_vec(*bias, "dmean", in);
-  auto out = at::empty(in.sizes(), in.options().memory_format(fmt));
+  auto out = cpu::empty_output(in.sizes(), in.options(), fmt);
   if (in.numel() == 0) return out;
   const int64_t N = in.size(0), C = in.size(1), HW = in.size(2) * in.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "se_affine", [&] {

@@ -80,16 +80,38 @@ inline void store_as(X* p, V v) {
   }
 }
 
-// exp(x). float: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, degree-7 Taylor
-// polynomial (truncation < 6e-9 relative), 2^n built in the exponent bits; about
-// 1-2 ulp. The input is clamped to [-87, 88] so 2^n stays a normal finite float; NaN
-// passes through. double: libm per lane (the float64 path is for gradcheck, not speed).
+// exp(x). float: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a Taylor
+// polynomial in r and a scale by 2^n. The input is clamped to [-87, 88] (NaN passes
+// through). With AVX-512, n comes from vrndscaleps and 2^n from vscalefps, and a
+// degree-6 polynomial (truncation < 1.3e-7 relative) keeps the sigmoid chain short;
+// elsewhere a degree-7 polynomial and 2^n built in the exponent bits; 1-3 ulp either
+// way. double: libm per lane (the float64 path is for gradcheck, not speed).
 template <class V>
 inline V vexp(V x) {
   if constexpr (std::is_same_v<ElemOf<V>, double>) {
     for (int i = 0; i < kCount<V>; ++i) x[i] = std::exp(x[i]);
     return x;
-  } else {
+  }
+#if defined(__x86_64__) || defined(__i386__)
+  else if constexpr (kVecBytes == 64 && kCount<V> == 16) {
+    // max/min return their second operand when either is NaN: NaN passes through.
+    const V hi = (V)_mm512_min_ps((__m512)vsplat<V>(88.0f), (__m512)x);
+    const V xv = (V)_mm512_max_ps((__m512)vsplat<V>(-87.0f), (__m512)hi);
+    const V n = (V)_mm512_roundscale_ps((__m512)(xv * 1.44269504088896341f),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = xv - n * 0.693145751953125f;
+    r = r - n * 1.42860682030941723e-6f;
+    V p = vsplat<V>(1.0f / 720.0f);
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    return (V)_mm512_scalef_ps((__m512)p, (__m512)n);
+  }
+#endif
+  else {
     using I = Vec<int32_t, kCount<V>>;
     x = x < -87.0f ? vsplat<V>(-87.0f) : x;
     x = x > 88.0f ? vsplat<V>(88.0f) : x;

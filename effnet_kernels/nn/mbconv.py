@@ -6,7 +6,8 @@ Submodule names are timm's, so state_dict keys match it exactly:
 
 Forward, per block:
   1x1 expand conv + BN + act   PyTorch conv; in eval BN is folded into the conv weights on
-                               the fly, in training conv -> F.batch_norm -> act.
+                               the fly (and on CPU the act runs as a oneDNN post-op of the
+                               conv); in training nn/pointwise.py (fused BN + act passes).
   depthwise conv + BN + act    fused `depthwise_conv_bn_act`
   squeeze-excite               fused `squeeze_excite`
   1x1 project conv + BN        as the expand conv, no act
@@ -32,6 +33,12 @@ from .pointwise import conv_bn_act_train
 from .squeeze_excite import SqueezeExcite
 
 _RECOMPUTE_DTYPES = (torch.float32, torch.float64)
+# Eval 1x1 conv + act on CPU: oneDNN applies the activation as a post-op of the conv
+# (what onnxruntime and inductor do), saving a full pass over the widest activation.
+_ONEDNN_ACTS = {"silu": "swish", "relu": "relu", "identity": "none"}
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+_ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                                      "_convolution_pointwise")
 _ACTS = {"silu": F.silu, "relu": F.relu, "identity": lambda t: t}
 # timm's dynamic TF-SAME convs (class names, so timm stays an optional dependency).
 _TIMM_SAME_CONVS = ("Conv2dSame", "Conv2dSameExport")
@@ -96,11 +103,24 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str) -> Ten
                                  args["running_var"], stride=conv.stride[0], padding=padding[0],
                                  groups=conv.groups, momentum=args["momentum"],
                                  eps=args["eps"], act=act)
+    if not args["training"] and _onednn_fusable(x, weight, act):
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, weight, bias, list(padding), list(conv.stride), list(conv.dilation), conv.groups,
+            _ONEDNN_ACTS[act], [], "")
     y = F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
     if args["training"]:
         y = F.batch_norm(y, args["running_mean"], args["running_var"], bn.weight, bn.bias,
                          True, args["momentum"], args["eps"])
     return _ACTS[act](y)
+
+
+def _onednn_fusable(x: Tensor, weight: Tensor, act: str) -> bool:
+    """Whether the eval conv (BN folded) + act can run as one oneDNN conv with the
+    activation as a post-op: CPU, a oneDNN dtype, and no autograd graph to record (the
+    fused op has no derivative)."""
+    return (x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and _ONEDNN_AVAILABLE
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not torch.compiler.is_compiling() and type(x) is Tensor)
 
 
 def dw_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str) -> Tensor:

@@ -4,7 +4,9 @@ Plain autograd would save the conv output y (for BN) and the BN output z (for th
 activation): two tensors of the conv's output size. For MBConv's 1x1 expand conv those
 are the widest tensors of the block, while its input is 1/6 of that width. Following
 design.md §4 this function saves x, the weight and the per-channel mean / biased var,
-and recomputes y = conv(x) in backward (one extra conv, no extra memory).
+and recomputes y = conv(x) in backward (one extra conv, no extra memory). A conv whose
+output is smaller than its input (MBConv's projection) saves y as well instead: that
+costs less memory than x, which the weight gradient needs anyway, and skips the conv.
 
 The conv itself is PyTorch's (a GEMM for 1x1). The BatchNorm + activation around it runs
 on the depthwise op's backend primitives with a 1x1 unit kernel (depthwise_conv(y, 1) is
@@ -58,15 +60,17 @@ class ConvBNActTrain(torch.autograd.Function):
         g, b = _affine_params(gamma, beta, y)
         _, scale, shift = bn_affine(mean, var, g, b, eps)
         out = prims.dw_forward(y, unit, scale, shift, 1, 0, 0, h, w, code)
-        ctx.save_for_backward(x, weight, gamma, beta, mean, var)
+        ctx.keep_y = y.numel() < x.numel()
+        ctx.save_for_backward(x, weight, gamma, beta, mean, var, y if ctx.keep_y else None)
         ctx.geo, ctx.act, ctx.eps = geo, code, eps
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 
     @staticmethod
     def backward(ctx, dout, _dmean, _dvar):
-        x, weight, gamma, beta, mean, var = ctx.saved_tensors
-        y = _conv(x, weight, ctx.geo)
+        x, weight, gamma, beta, mean, var, y = ctx.saved_tensors
+        if not ctx.keep_y:
+            y = _conv(x, weight, ctx.geo)
         dout = dout.contiguous(memory_format=torch.channels_last
                                if y.is_contiguous(memory_format=torch.channels_last)
                                and not y.is_contiguous() else torch.contiguous_format)

@@ -97,6 +97,7 @@ def register_impl(op: str, backend: str, loader: Callable[[], object]) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {sorted(BACKENDS)}")
     _IMPLS.setdefault(op, {})[backend] = loader
+    _SELECTED.clear()
 
 
 def _check_name(name: str) -> str:
@@ -146,9 +147,19 @@ def select_name(op: str, device: torch.device, dtype: torch.dtype) -> str:
     raise RuntimeError(f"effnet_kernels: no backend can run {op} on {device.type} {dtype}")
 
 
+# (op, forced backend, device type, dtype, interpreter on) -> primitives. What can serve a
+# call is fixed once the process runs, so the choice is made once per key: ops run per
+# layer, and the checks above cost microseconds that small layers feel.
+_SELECTED: dict[tuple, object] = {}
+
+
 def select(op: str, x: torch.Tensor):
     """The primitives namespace that serves `op` for tensors like x."""
-    return _IMPLS[op][select_name(op, x.device, x.dtype)]()
+    key = (op, forced_backend(), x.device.type, x.dtype, triton_interpreted())
+    prims = _SELECTED.get(key)
+    if prims is None:
+        prims = _SELECTED[key] = _IMPLS[op][select_name(op, x.device, x.dtype)]()
+    return prims
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:

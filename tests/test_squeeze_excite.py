@@ -99,6 +99,15 @@ def test_parity_many_pixels(backend, fmt):
     check(backend, DEVICES[-1], (1, 3, 20, 20, 2), torch.float32, fmt)
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_path", "custom_op"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parity_both_routes(backend, fast, monkeypatch):
+    """Plain eager calls take an autograd.Function, traced ones the custom ops: same math."""
+    monkeypatch.setattr(se_ops, "EAGER_FAST_PATH", fast)
+    check(backend, DEVICES[-1], ODD[3], torch.float32, "nhwc")
+    check(backend, DEVICES[-1], ODD[1], torch.float64, "nchw", act="relu")
+
+
 @pytest.mark.parametrize("act", ["silu", "relu", "identity"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_parity_activations(backend, act):

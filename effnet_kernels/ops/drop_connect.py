@@ -26,13 +26,12 @@ import math
 
 import torch
 from torch import Tensor
-from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wrapped
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .._ext import ext_module
-from ..backends import forced_backend, register_impl, select
+from ..backends import register_impl, select
 from . import reference
 from .checks import check_same_dtype, check_tensor
+from .eager import plain_eager
 from .geometry import acc_dtype, dense, memory_format_of
 
 OP = "drop_connect_add"
@@ -109,30 +108,14 @@ dc_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
 # The custom-op route costs tens of microseconds of Python dispatch per call (custom_op's
 # autograd wrapper + redispatch), more than the kernels themselves on EfficientNet's small
 # residual tensors. Plain eager calls therefore take an autograd.Function that calls the
-# same primitives directly; anything being traced (torch.compile, export, fake or proxy
-# modes, functorch transforms, tensor subclasses) takes the custom ops, which are what
-# compile sees. Both routes share the math and are tested against the reference.
+# same primitives directly; anything being traced takes the custom ops, which are what
+# compile sees (ops/eager.py). Both routes share the math and are tested against the
+# reference.
 EAGER_FAST_PATH = True
 
 
-def _plain_eager(*tensors) -> bool:
-    if not EAGER_FAST_PATH or torch.compiler.is_compiling():
-        return False
-    if _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled():
-        return False
-    return all(type(t) is Tensor and not _is_functorch_wrapped(t) for t in tensors)
-
-
-_prims_cache: dict = {}
-
-
 def _prims(t: Tensor):
-    """select(OP, t), memoized per (forced backend, device type, dtype)."""
-    key = (forced_backend(), t.device.type, t.dtype)
-    prims = _prims_cache.get(key)
-    if prims is None:
-        prims = _prims_cache[key] = select(OP, t)
-    return prims
+    return select(OP, t)
 
 
 class _DropConnectAddFn(torch.autograd.Function):
@@ -209,6 +192,6 @@ def drop_connect_add(
     if not training or p == 0.0:
         return torch.add(x, _same_format(shortcut, fmt)).contiguous(memory_format=fmt)
     scale = drop_scale(x.shape[0], p, x.device, x.dtype, generator)
-    if _plain_eager(x, shortcut):
+    if EAGER_FAST_PATH and plain_eager(x, shortcut):
         return _DropConnectAddFn.apply(x, shortcut, scale)
     return dc_fwd(x, shortcut, scale)

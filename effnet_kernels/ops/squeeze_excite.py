@@ -33,10 +33,10 @@ from ..backends import register_impl, select
 from . import reference
 from .activations import act_code, apply_act
 from .checks import check_device, check_tensor
+from .eager import plain_eager
 from .geometry import acc_dtype, dense, memory_format_of
 
 OP = "squeeze_excite"
-
 
 
 def _compiled(device: str):
@@ -80,6 +80,10 @@ def se_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, mean, h, gate); the (N, C) / (N, Cr) acc-dtype vectors are saved for
     backward (pooled mean, pre-activation of the reduce conv, sigmoid gate)."""
+    return _forward(x, reduce_weight, reduce_bias, expand_weight, expand_bias, pooled, act)
+
+
+def _forward(x, reduce_weight, reduce_bias, expand_weight, expand_bias, pooled, act):
     x = dense(x)
     prims = select(OP, x)
     acc = acc_dtype(x.dtype)
@@ -106,6 +110,12 @@ def se_bwd(
     reduce_bias: Tensor, expand_weight: Tensor, expand_bias: Tensor, act: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, dreduce_weight, dreduce_bias, dexpand_weight, dexpand_bias)."""
+    return _backward_math(dy, x, mean, h, gate, reduce_weight, reduce_bias, expand_weight,
+                          expand_bias, act)
+
+
+def _backward_math(dy, x, mean, h, gate, reduce_weight, reduce_bias, expand_weight,
+                   expand_bias, act):
     x = dense(x)
     dy = dy.contiguous(memory_format=memory_format_of(x))
     prims = select(OP, x)
@@ -147,6 +157,25 @@ def _backward(ctx, dy, _dmean, _dh, _dgate):
 
 
 se_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Eager fast path (ops/eager.py): the same math without the custom-op dispatch.
+EAGER_FAST_PATH = True
+
+
+class _SqueezeExciteFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, rw, rb, ew, eb, pooled, act):
+        out, mean, h, gate = _forward(x, rw, rb, ew, eb, pooled, act)
+        ctx.save_for_backward(x, mean, h, gate, rw, rb, ew, eb)
+        ctx.act = act
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        # create_graph=True (grad mode on here): take the differentiable custom op.
+        bwd = se_bwd if torch.is_grad_enabled() else _backward_math
+        return (*bwd(dy, *ctx.saved_tensors, ctx.act), None, None)
 
 
 def _check_param(name, t, shape, x):
@@ -199,5 +228,9 @@ def squeeze_excite(
         expand_bias = expand_weight.new_zeros(expand_weight.shape[:1])
     _check_inputs(x, reduce_weight, reduce_bias, expand_weight, expand_bias, pooled)
     code = act_code(act)
+    if EAGER_FAST_PATH and plain_eager(x, reduce_weight, reduce_bias, expand_weight,
+                                       expand_bias, pooled):
+        return _SqueezeExciteFn.apply(x, reduce_weight, reduce_bias, expand_weight, expand_bias,
+                                      pooled, code)
     out, _, _, _ = se_fwd(x, reduce_weight, reduce_bias, expand_weight, expand_bias, pooled, code)
     return out

@@ -1,0 +1,26 @@
+"""When an op may skip its custom-op wrapper and run as a plain autograd.Function.
+
+A torch.library custom op with registered autograd costs tens of microseconds of Python
+dispatch per call, more than the kernels on EfficientNet's small late-stage tensors. Ops
+therefore offer an eager fast path (an autograd.Function calling the same primitives)
+for plain eager calls, and keep the custom ops for everything that traces or transforms:
+torch.compile, export, fake and proxy modes, torch-function modes, functorch transforms
+and tensor subclasses all see the opaque custom op.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch._C._functorch import is_functorch_wrapped_tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+
+def plain_eager(*tensors) -> bool:
+    """True for an eager call on plain tensors with no tracing or dispatch mode active."""
+    if torch.compiler.is_compiling():
+        return False
+    if _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled():
+        return False
+    return all(type(t) is Tensor and not is_functorch_wrapped_tensor(t)
+               for t in tensors if t is not None)

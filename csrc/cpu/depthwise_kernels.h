@@ -138,16 +138,54 @@ inline void for_pixel_tiles(int64_t n, int64_t C, int K, F&& f) {
   for (int64_t t0 = 0; t0 < n; t0 += tile) f(t0, std::min(n, t0 + tile));
 }
 
+// Four consecutive interior output pixels at stride S, input column iw0 for the first:
+// each input vector of the K rows is loaded once and feeds every output it reaches
+// (3 * S + K loads per row instead of 4 * K). Per output the taps are summed in the
+// same (kh, kw) order as the one-pixel path, so results are bitwise the same.
+template <int K, int S, class V>
+inline void conv4(const ElemOf<V>* const* rows, const V* w, int64_t iw0, int64_t C, int64_t c,
+                  V* acc) {
+  acc[0] = acc[1] = acc[2] = acc[3] = V{};
+#pragma GCC unroll 7
+  for (int kh = 0; kh < K; ++kh) {
+    const ElemOf<V>* r = rows[kh] + iw0 * C + c;
+#pragma GCC unroll 16
+    for (int j = 0; j < 3 * S + K; ++j) {
+      const V v = vload<V>(r + j * C);
+#pragma GCC unroll 4
+      for (int o = 0; o < 4; ++o) {
+        const int kw = j - o * S;
+        if (kw >= 0 && kw < K) acc[o] += v * w[kh * K + kw];
+      }
+    }
+  }
+}
+
 // One channel vector of output pixels [ow0, ow1) of a conv row: calls f(ow, y).
-// The K*K weight vectors stay in registers; interior pixels run fully unrolled and
-// the left/right border pixels only visit the taps kw in [lo, hi) inside the image.
+// The K*K weight vectors stay in registers; interior pixels run fully unrolled, four at a
+// time where they can, and the left/right border pixels only visit the taps kw in
+// [lo, hi) inside the image.
 template <int K, class V, class F>
 inline void conv_block(const ElemOf<V>* const* rows, const ElemOf<V>* wt, const Geo& g,
                        int64_t c, int64_t ow0, int64_t ow1, F&& f) {
   const int64_t C = g.C;
   V w[K * K];
   for (int t = 0; t < K * K; ++t) w[t] = vload<V>(wt + t * C + c);
-  for (int64_t ow = ow0; ow < ow1; ++ow) {
+  // Interior pixels: ow * S - pl >= 0 and ow * S - pl + K <= W.
+  const int64_t first = (g.pl + g.S - 1) / g.S;
+  const int64_t last = g.W - K + g.pl >= 0 ? (g.W - K + g.pl) / g.S : -1;
+  for (int64_t ow = ow0; ow < ow1;) {
+    if (ow >= first && ow + 3 <= last && ow + 4 <= ow1) {
+      V acc[4];
+      if (g.S == 1) {
+        conv4<K, 1, V>(rows, w, ow - g.pl, C, c, acc);
+      } else {
+        conv4<K, 2, V>(rows, w, ow * 2 - g.pl, C, c, acc);
+      }
+      for (int o = 0; o < 4; ++o) f(ow + o, acc[o]);
+      ow += 4;
+      continue;
+    }
     const int64_t iw0 = ow * g.S - g.pl;
     const int64_t lo = std::max<int64_t>(0, -iw0), hi = std::min<int64_t>(K, g.W - iw0);
     V acc{};
@@ -166,6 +204,7 @@ inline void conv_block(const ElemOf<V>* const* rows, const ElemOf<V>* wt, const 
       }
     }
     f(ow, acc);
+    ++ow;
   }
 }
 
@@ -270,12 +309,37 @@ void dyc_row(const Geo& g, const A* const* rows, const A* dy, const Params<A>& p
   });
 }
 
+// dweight taps of four consecutive interior output pixels ow.. at stride S (input column
+// iw0 for the first): each x vector is loaded once per row and multiplied by the dyc of
+// every output it reaches; every tap still adds its outputs in ascending ow order.
+template <int K, int S, class V>
+inline void dweight4(const ElemOf<V>* const* rows, const ElemOf<V>* dyc, int64_t ow, int64_t iw0,
+                     int64_t C, int64_t c, V* acc) {
+  V d[4];
+  for (int o = 0; o < 4; ++o) d[o] = vload<V>(dyc + (ow + o) * C + c);
+#pragma GCC unroll 7
+  for (int kh = 0; kh < K; ++kh) {
+    const ElemOf<V>* r = rows[kh] + iw0 * C + c;
+#pragma GCC unroll 16
+    for (int j = 0; j < 3 * S + K; ++j) {
+      const V v = vload<V>(r + j * C);
+#pragma GCC unroll 4
+      for (int o = 0; o < 4; ++o) {
+        const int kw = j - o * S;
+        if (kw >= 0 && kw < K) acc[kh * K + kw] += v * d[o];
+      }
+    }
+  }
+}
+
 // dw[kh][kw][c] += sum_ow x[kh][ow * S - pl + kw][c] * dyc[ow][c] for one output row,
 // summed in A in the row scratch acc_row[K * K * C] first. Interior pixels accumulate in
 // registers; border taps go through a small array.
 template <int K, typename A>
 void dweight_row(const Geo& g, const A* const* rows, const A* dyc, A* acc_row, double* dw) {
   const int64_t C = g.C;
+  const int64_t first = (g.pl + g.S - 1) / g.S;  // interior output pixels, as in conv_block
+  const int64_t last = g.W - K + g.pl >= 0 ? (g.W - K + g.pl) / g.S : -1;
   std::fill(acc_row, acc_row + K * K * C, A(0));
   for_pixel_tiles<A>(g.OW, C, K, [&](int64_t t0, int64_t t1) {
     for_channel_vectors<A>(C, [&](int64_t c, auto proto) {
@@ -284,6 +348,15 @@ void dweight_row(const Geo& g, const A* const* rows, const A* dyc, A* acc_row, d
       V edge[K * K] = {};
       for (int t = 0; t < K * K; ++t) acc[t] = vload<V>(acc_row + t * C + c);
       for (int64_t ow = t0; ow < t1; ++ow) {
+        if (ow >= first && ow + 3 <= last && ow + 4 <= t1) {
+          if (g.S == 1) {
+            dweight4<K, 1, V>(rows, dyc, ow, ow - g.pl, C, c, acc);
+          } else {
+            dweight4<K, 2, V>(rows, dyc, ow, ow * 2 - g.pl, C, c, acc);
+          }
+          ow += 3;
+          continue;
+        }
         const int64_t iw0 = ow * g.S - g.pl;
         const int64_t lo = std::max<int64_t>(0, -iw0), hi = std::min<int64_t>(K, g.W - iw0);
         const V d = vload<V>(dyc + ow * C + c);
@@ -310,6 +383,29 @@ void dweight_row(const Geo& g, const A* const* rows, const A* dyc, A* acc_row, d
   for (int64_t i = 0; i < K * K * C; ++i) dw[i] += double(acc_row[i]);
 }
 
+// Four consecutive interior input pixels of the stride-1 dx gather, base = iw + pl for
+// the first: dyc columns base - K + 1 ... base + 3 are loaded once per row and feed every
+// output they reach, visited so that each output sums its taps in ascending kw order (the
+// order of the one-pixel path).
+template <int K, class V>
+inline void dx4(const ElemOf<V>* const* drows, const V* w, int64_t base, int64_t C, int64_t c,
+                V* acc) {
+  acc[0] = acc[1] = acc[2] = acc[3] = V{};
+#pragma GCC unroll 7
+  for (int kh = 0; kh < K; ++kh) {
+    const ElemOf<V>* r = drows[kh] + (base - (K - 1)) * C + c;
+#pragma GCC unroll 16
+    for (int m = K + 2; m >= 0; --m) {
+      const V v = vload<V>(r + m * C);
+#pragma GCC unroll 4
+      for (int o = 0; o < 4; ++o) {
+        const int kw = K - 1 + o - m;
+        if (kw >= 0 && kw < K) acc[o] += v * w[kh * K + kw];
+      }
+    }
+  }
+}
+
 // dx[iw][c] = sum of dyc[oh][ow][c] * wt[kh][kw][c] over oh * S = ih + pt - kh,
 // ow * S = iw + pl - kw (transposed conv as a gather). drows[kh]: dyc row or nullptr.
 template <int K, typename A>
@@ -324,11 +420,18 @@ void dx_row(const Geo& g, const A* const* drows, const A* wt, A* dx) {
       for (int t = 0; t < K * K; ++t) w[t] = vload<V>(wt + t * C + c);
       for (int64_t iw = t0; iw < t1; ++iw) {
         const int64_t base = iw + g.pl;  // ow * S = base - kw
+        if (all_rows && base >= K - 1 && base + 3 < g.OW && iw + 4 <= t1) {
+          V acc4[4];
+          dx4<K, V>(drows, w, base, C, c, acc4);
+          for (int o = 0; o < 4; ++o) vstore(dx + (iw + o) * C + c, acc4[o]);
+          iw += 3;
+          continue;
+        }
         V acc{};
         if (all_rows && base >= K - 1 && base < g.OW) {
-  #pragma GCC unroll 7
+#pragma GCC unroll 7
           for (int kh = 0; kh < K; ++kh) {
-  #pragma GCC unroll 7
+#pragma GCC unroll 7
             for (int kw = 0; kw < K; ++kw) {
               acc += vload<V>(drows[kh] + (base - kw) * C + c) * w[kh * K + kw];
             }

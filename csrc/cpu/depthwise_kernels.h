@@ -332,15 +332,14 @@ inline void dweight4(const ElemOf<V>* const* rows, const ElemOf<V>* dyc, int64_t
   }
 }
 
-// dw[kh][kw][c] += sum_ow x[kh][ow * S - pl + kw][c] * dyc[ow][c] for one output row,
-// summed in A in the row scratch acc_row[K * K * C] first. Interior pixels accumulate in
-// registers; border taps go through a small array.
+// acc[kh][kw][c] += sum_ow x[kh][ow * S - pl + kw][c] * dyc[ow][c] for one output row, in
+// A (the caller flushes acc into its double partials every few rows). Interior pixels
+// accumulate in registers; border taps go through a small array.
 template <int K, typename A>
-void dweight_row(const Geo& g, const A* const* rows, const A* dyc, A* acc_row, double* dw) {
+void dweight_row(const Geo& g, const A* const* rows, const A* dyc, A* acc_row) {
   const int64_t C = g.C;
   const int64_t first = (g.pl + g.S - 1) / g.S;  // interior output pixels, as in conv_block
   const int64_t last = g.W - K + g.pl >= 0 ? (g.W - K + g.pl) / g.S : -1;
-  std::fill(acc_row, acc_row + K * K * C, A(0));
   for_pixel_tiles<A>(g.OW, C, K, [&](int64_t t0, int64_t t1) {
     for_channel_vectors<A>(C, [&](int64_t c, auto proto) {
       using V = decltype(proto);
@@ -380,7 +379,6 @@ void dweight_row(const Geo& g, const A* const* rows, const A* dyc, A* acc_row, d
       for (int t = 0; t < K * K; ++t) vstore(acc_row + t * C + c, acc[t] + edge[t]);
     });
   });
-  for (int64_t i = 0; i < K * K * C; ++i) dw[i] += double(acc_row[i]);
 }
 
 // Four consecutive interior input pixels of the stride-1 dx gather, base = iw + pl for
@@ -406,44 +404,32 @@ inline void dx4(const ElemOf<V>* const* drows, const V* w, int64_t base, int64_t
   }
 }
 
-// dx[iw][c] = sum of dyc[oh][ow][c] * wt[kh][kw][c] over oh * S = ih + pt - kh,
-// ow * S = iw + pl - kw (transposed conv as a gather). drows[kh]: dyc row or nullptr.
+// dx[iw][c] = sum of dyc[oh][ow][c] * wt[kh][kw][c] over oh = ih + pt - kh,
+// ow = iw + pl - kw (stride 1; the transposed conv as a gather). drows[kh] are dyc rows
+// with K - 1 zero columns on both sides, and a zero row stands in for rows outside the
+// output, so every tap is in bounds: no border cases.
 template <int K, typename A>
 void dx_row(const Geo& g, const A* const* drows, const A* wt, A* dx) {
-  const int64_t C = g.C, shift = g.S - 1;
-  bool all_rows = g.S == 1;
-  for (int kh = 0; kh < K; ++kh) all_rows = all_rows && drows[kh] != nullptr;
+  const int64_t C = g.C;
   for_pixel_tiles<A>(g.W, C, K, [&](int64_t t0, int64_t t1) {
     for_channel_vectors<A>(C, [&](int64_t c, auto proto) {
       using V = decltype(proto);
       V w[K * K];
       for (int t = 0; t < K * K; ++t) w[t] = vload<V>(wt + t * C + c);
-      for (int64_t iw = t0; iw < t1; ++iw) {
-        const int64_t base = iw + g.pl;  // ow * S = base - kw
-        if (all_rows && base >= K - 1 && base + 3 < g.OW && iw + 4 <= t1) {
-          V acc4[4];
-          dx4<K, V>(drows, w, base, C, c, acc4);
-          for (int o = 0; o < 4; ++o) vstore(dx + (iw + o) * C + c, acc4[o]);
-          iw += 3;
-          continue;
-        }
+      int64_t iw = t0;
+      for (; iw + 4 <= t1; iw += 4) {
+        V acc4[4];
+        dx4<K, V>(drows, w, iw + g.pl, C, c, acc4);
+        for (int o = 0; o < 4; ++o) vstore(dx + (iw + o) * C + c, acc4[o]);
+      }
+      for (; iw < t1; ++iw) {
+        const int64_t base = iw + g.pl;  // ow = base - kw
         V acc{};
-        if (all_rows && base >= K - 1 && base < g.OW) {
 #pragma GCC unroll 7
-          for (int kh = 0; kh < K; ++kh) {
+        for (int kh = 0; kh < K; ++kh) {
 #pragma GCC unroll 7
-            for (int kw = 0; kw < K; ++kw) {
-              acc += vload<V>(drows[kh] + (base - kw) * C + c) * w[kh * K + kw];
-            }
-          }
-        } else {
-          for (int kh = 0; kh < K; ++kh) {
-            if (drows[kh] == nullptr) continue;
-            for (int kw = 0; kw < K; ++kw) {
-              const int64_t num = base - kw;
-              if (num < 0 || (num & shift) != 0 || (num >> shift) >= g.OW) continue;
-              acc += vload<V>(drows[kh] + (num >> shift) * C + c) * vload<V>(wt + (kh * K + kw) * C + c);
-            }
+          for (int kw = 0; kw < K; ++kw) {
+            acc += vload<V>(drows[kh] + (base - kw) * C + c) * w[kh * K + kw];
           }
         }
         vstore(dx + iw * C + c, acc);
@@ -578,40 +564,58 @@ void reduce_rows(const Geo& g, const X* x, const X* dy, const Params<AccOf<X>>& 
 
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
-// Scratch of one thread for pass 4.
+// Scratch of one thread for pass 4. Ring rows hold OW dyc pixels between K - 1 zero
+// pixels on each side (the zero columns are never written), zero_row stands in for dyc
+// rows outside the output, dweight sums taps in A between flushes.
 template <typename X, typename A>
 struct BackwardScratch {
   BackwardScratch(const X* x, const Geo& g)
-      : src(x, g), dy(g.OW * g.C), dx(g.W * g.C), ring(g.K * g.OW * g.C),
+      : src(x, g), dy(g.OW * g.C), dx(g.W * g.C), k(g.K), pad((g.K - 1) * g.C),
+        stride((g.OW + 2 * (g.K - 1)) * g.C), ring(g.K * stride), zero_row(stride),
         dweight(g.K * g.K * g.C) {}
+  A* ring_row(int64_t oh) { return ring.data() + (oh % k) * stride + pad; }
+  const A* zero() const { return zero_row.data() + pad; }
   RowSource<X, A> src;
   RowView<X, A> dy, dx;
-  std::vector<A> ring, dweight;
+  int64_t k, pad, stride;
+  std::vector<A> ring, zero_row, dweight;
 };
+
+// Adds the A sums in s.dweight into the double partials dw and clears them.
+template <typename X, typename A>
+void flush_dweight(BackwardScratch<X, A>& s, double* dw) {
+  for (size_t i = 0; i < s.dweight.size(); ++i) dw[i] += double(s.dweight[i]), s.dweight[i] = A(0);
+}
 
 // Pass 4 over input rows [i0, i1) of image n: dx rows, plus dweight from the dyc rows this
 // block owns (row oh belongs to the block holding input row max(oh * S - pt, 0)).
-// dyc rows live in a ring of K rows; oh uses slot oh % K.
+// dyc rows live in a ring of K rows; oh uses slot oh % K. dweight is flushed to double
+// every kFlushRows rows, which bounds the float sums.
 template <int K, typename X, typename A>
 void backward_block(const Geo& g, BackwardScratch<X, A>& s, const X* dy, const Params<A>& p,
                     X* dx, int64_t n, int64_t i0, int64_t i1, double* dw) {
+  constexpr int kFlushRows = 8;
   const int64_t OWC = g.OW * g.C, WC = g.W * g.C;
   int64_t next = std::max<int64_t>(0, -floor_div(-(i0 + g.pt - (K - 1)), g.S));
+  int unflushed = 0;
   const A* rows[K];
   const A* drows[K];
   for (int64_t ih = i0; ih < i1; ++ih) {
     const int64_t need = std::min(g.OH, floor_div(ih + g.pt, g.S) + 1);
     for (; next < need; ++next) {
-      A* drow = s.ring.data() + (next % K) * OWC;
+      A* drow = s.ring_row(next);
       gather_rows<K>(s.src, g, n, next, rows);
       dyc_row<K>(g, rows, s.dy.read(dy + (n * g.OH + next) * OWC, OWC), p, drow);
       const int64_t owner = std::max<int64_t>(next * g.S - g.pt, 0);
-      if (owner >= i0 && owner < i1) dweight_row<K>(g, rows, drow, s.dweight.data(), dw);
+      if (owner >= i0 && owner < i1) {
+        dweight_row<K>(g, rows, drow, s.dweight.data());
+        if (++unflushed == kFlushRows) flush_dweight(s, dw), unflushed = 0;
+      }
     }
     for (int kh = 0; kh < K; ++kh) {
       const int64_t num = ih + g.pt - kh;
       const bool ok = num >= 0 && num % g.S == 0 && num / g.S < g.OH;
-      drows[kh] = ok ? s.ring.data() + ((num / g.S) % K) * OWC : nullptr;
+      drows[kh] = ok ? s.ring_row(num / g.S) : (g.S == 1 ? s.zero() : nullptr);
     }
     X* dxrow = dx + (n * g.H + ih) * WC;
     if (g.S == 1) {
@@ -621,6 +625,7 @@ void backward_block(const Geo& g, BackwardScratch<X, A>& s, const X* dy, const P
     }
     s.dx.commit(dxrow, WC);
   }
+  if (unflushed > 0) flush_dweight(s, dw);
 }
 
 // Pass 4 over units [u0, u1); unit u is block u % blocks of image u / blocks.

@@ -138,14 +138,14 @@ inline void for_pixel_tiles(int64_t n, int64_t C, int K, F&& f) {
   for (int64_t t0 = 0; t0 < n; t0 += tile) f(t0, std::min(n, t0 + tile));
 }
 
-// Four consecutive interior output pixels at stride S, input column iw0 for the first:
-// each input vector of the K rows is loaded once and feeds every output it reaches
-// (3 * S + K loads per row instead of 4 * K). Per output the taps are summed in the
-// same (kh, kw) order as the one-pixel path, so results are bitwise the same.
-template <int K, int S, class V>
-inline void conv4(const ElemOf<V>* const* rows, const V* w, int64_t iw0, int64_t C, int64_t c,
-                  V* acc) {
-  acc[0] = acc[1] = acc[2] = acc[3] = V{};
+// Calls f(kh, kw, o, x) for the taps (kh, kw) of four consecutive interior output pixels
+// o = 0..3 at stride S, where x is the input vector at row kh, column iw0 + o * S + kw:
+// each input vector of the K rows is loaded once and handed to every output it feeds
+// (3 * S + K loads per row instead of 4 * K). For a fixed output the taps arrive in
+// (kh, kw) order, and for a fixed tap in output order, as in the one-pixel loops, so
+// blocked and one-pixel results are bitwise the same.
+template <int K, int S, class V, class F>
+inline void for_taps4(const ElemOf<V>* const* rows, int64_t iw0, int64_t C, int64_t c, F&& f) {
 #pragma GCC unroll 7
   for (int kh = 0; kh < K; ++kh) {
     const ElemOf<V>* r = rows[kh] + iw0 * C + c;
@@ -155,10 +155,19 @@ inline void conv4(const ElemOf<V>* const* rows, const V* w, int64_t iw0, int64_t
 #pragma GCC unroll 4
       for (int o = 0; o < 4; ++o) {
         const int kw = j - o * S;
-        if (kw >= 0 && kw < K) acc[o] += v * w[kh * K + kw];
+        if (kw >= 0 && kw < K) f(kh, kw, o, v);
       }
     }
   }
+}
+
+// The conv at four consecutive interior output pixels (input column iw0 for the first).
+template <int K, int S, class V>
+inline void conv4(const ElemOf<V>* const* rows, const V* w, int64_t iw0, int64_t C, int64_t c,
+                  V* acc) {
+  acc[0] = acc[1] = acc[2] = acc[3] = V{};
+  for_taps4<K, S, V>(rows, iw0, C, c,
+                     [&](int kh, int kw, int o, V x) { acc[o] += x * w[kh * K + kw]; });
 }
 
 // One channel vector of output pixels [ow0, ow1) of a conv row: calls f(ow, y).
@@ -309,27 +318,15 @@ void dyc_row(const Geo& g, const A* const* rows, const A* dy, const Params<A>& p
   });
 }
 
-// dweight taps of four consecutive interior output pixels ow.. at stride S (input column
-// iw0 for the first): each x vector is loaded once per row and multiplied by the dyc of
-// every output it reaches; every tap still adds its outputs in ascending ow order.
+// dweight taps of four consecutive interior output pixels ow.. (input column iw0 for the
+// first): acc[kh][kw] += x * dyc[ow + o] for every tap.
 template <int K, int S, class V>
 inline void dweight4(const ElemOf<V>* const* rows, const ElemOf<V>* dyc, int64_t ow, int64_t iw0,
                      int64_t C, int64_t c, V* acc) {
   V d[4];
   for (int o = 0; o < 4; ++o) d[o] = vload<V>(dyc + (ow + o) * C + c);
-#pragma GCC unroll 7
-  for (int kh = 0; kh < K; ++kh) {
-    const ElemOf<V>* r = rows[kh] + iw0 * C + c;
-#pragma GCC unroll 16
-    for (int j = 0; j < 3 * S + K; ++j) {
-      const V v = vload<V>(r + j * C);
-#pragma GCC unroll 4
-      for (int o = 0; o < 4; ++o) {
-        const int kw = j - o * S;
-        if (kw >= 0 && kw < K) acc[kh * K + kw] += v * d[o];
-      }
-    }
-  }
+  for_taps4<K, S, V>(rows, iw0, C, c,
+                     [&](int kh, int kw, int o, V x) { acc[kh * K + kw] += x * d[o]; });
 }
 
 // acc[kh][kw][c] += sum_ow x[kh][ow * S - pl + kw][c] * dyc[ow][c] for one output row, in

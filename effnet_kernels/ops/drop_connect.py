@@ -188,6 +188,9 @@ def drop_connect_add(
     `effnet_kernels.ops.reference.drop_connect_add`.
     """
     p = _check_inputs(x, shortcut, p, training, generator)
+    if (not training or p == 0.0) and x.stride() == shortcut.stride() and (
+            x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return torch.add(x, shortcut)  # the common eval case: one add, nothing to convert
     fmt = _format(x)
     if not training or p == 0.0:
         return torch.add(x, _same_format(shortcut, fmt)).contiguous(memory_format=fmt)

@@ -30,7 +30,8 @@ from torch import Tensor
 from ..backends import select
 from ..ops.activations import act_code
 from ..ops.depthwise import OP as DEPTHWISE_OP
-from ..ops.depthwise import bn_affine, update_running_stats
+from ..ops.depthwise import affine_or_identity, bn_affine, bn_backward_coefs, update_running_stats
+from ..ops.geometry import memory_format_of
 
 
 def _conv(x, weight, geo):
@@ -42,14 +43,6 @@ def _unit_kernel(y: Tensor) -> Tensor:
     return torch.ones((y.shape[1], 1, 1, 1), dtype=y.dtype, device=y.device)
 
 
-def _affine_params(gamma, beta, y):
-    c = y.shape[1]
-    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-    gamma = y.new_ones(c, dtype=acc) if gamma is None else gamma
-    beta = y.new_zeros(c, dtype=acc) if beta is None else beta
-    return gamma, beta
-
-
 class ConvBNActTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, gamma, beta, geo, eps, act):
@@ -57,7 +50,7 @@ class ConvBNActTrain(torch.autograd.Function):
         prims, unit, code = select(DEPTHWISE_OP, y), _unit_kernel(y), act_code(act)
         h, w = y.shape[2:]
         mean, var = prims.dw_stats(y, unit, 1, 0, 0, h, w)
-        g, b = _affine_params(gamma, beta, y)
+        g, b = affine_or_identity(gamma, beta, y)
         _, scale, shift = bn_affine(mean, var, g, b, eps)
         out = prims.dw_forward(y, unit, scale, shift, 1, 0, 0, h, w, code)
         ctx.keep_y = y.numel() < x.numel()
@@ -71,17 +64,14 @@ class ConvBNActTrain(torch.autograd.Function):
         x, weight, gamma, beta, mean, var, y = ctx.saved_tensors
         if not ctx.keep_y:
             y = _conv(x, weight, ctx.geo)
-        dout = dout.contiguous(memory_format=torch.channels_last
-                               if y.is_contiguous(memory_format=torch.channels_last)
-                               and not y.is_contiguous() else torch.contiguous_format)
+        dout = dout.contiguous(memory_format=memory_format_of(y))
         prims, unit = select(DEPTHWISE_OP, y), _unit_kernel(y)
-        g, b = _affine_params(gamma, beta, y)
+        g, b = affine_or_identity(gamma, beta, y)
         invstd, scale, shift = bn_affine(mean, var, g, b, ctx.eps)
         sum_g, sum_g_yc = prims.dw_backward_reduce(dout, y, unit, scale, shift, mean, 1, 0, 0,
                                                    ctx.act)
-        m = y.numel() // y.shape[1]
-        coef_b = -scale * sum_g / m
-        coef_c = -scale * invstd * invstd * sum_g_yc / m
+        coef_b, coef_c = bn_backward_coefs(scale, invstd, sum_g, sum_g_yc,
+                                           y.numel() // y.shape[1])
         dy, _ = prims.dw_backward(dout, y, unit, scale, shift, mean, coef_b, coef_c, 1, 0, 0,
                                   ctx.act)
         stride, padding, groups = ctx.geo

@@ -42,6 +42,20 @@ def bn_affine(mean, var, bn_weight, bn_bias, eps):
     return invstd, scale, shift
 
 
+def affine_or_identity(bn_weight, bn_bias, x):
+    """BN weight and bias for x's channels, ones / zeros (accumulation dtype) when None."""
+    c, acc = x.shape[1], acc_dtype(x.dtype)
+    bn_weight = x.new_ones(c, dtype=acc) if bn_weight is None else bn_weight
+    bn_bias = x.new_zeros(c, dtype=acc) if bn_bias is None else bn_bias
+    return bn_weight, bn_bias
+
+
+def bn_backward_coefs(scale, invstd, sum_g, sum_g_yc, count: int):
+    """(coef_b, coef_c) of dyc = scale * g + coef_b + coef_c * (y - mean), the gradient of
+    training-mode BN w.r.t. its input, from the two per-channel sums over `count` values."""
+    return -scale * sum_g / count, -scale * invstd * invstd * sum_g_yc / count
+
+
 @torch.library.custom_op("effnet_kernels::dw_bn_act_fwd", mutates_args=())
 def dw_bn_act_fwd(
     x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor,
@@ -101,8 +115,7 @@ def dw_bn_act_bwd(
     )
     count = dy.shape[0] * dy.shape[2] * dy.shape[3]
     if training:
-        coef_b = -scale * sum_g / count
-        coef_c = -scale * invstd * invstd * sum_g_yc / count
+        coef_b, coef_c = bn_backward_coefs(scale, invstd, sum_g, sum_g_yc, count)
     else:
         coef_b = torch.zeros_like(scale)
         coef_c = torch.zeros_like(scale)
@@ -214,11 +227,7 @@ def depthwise_conv_bn_act(
             "Expected more than 1 value per channel when training, got input size "
             f"{torch.Size((n, c, geo.out_h, geo.out_w))}"
         )
-    acc = acc_dtype(x.dtype)
-    if bn_weight is None:
-        bn_weight = x.new_ones(c, dtype=acc)
-    if bn_bias is None:
-        bn_bias = x.new_zeros(c, dtype=acc)
+    bn_weight, bn_bias = affine_or_identity(bn_weight, bn_bias, x)
     count = n * geo.out_h * geo.out_w
     if training and process_group is not None:
         from .depthwise_sync import SyncDepthwiseConvBNAct

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..backends import select
-from .depthwise import OP, bn_affine
+from .depthwise import OP, bn_affine, bn_backward_coefs
 from .geometry import ConvGeometry, acc_dtype, dense, memory_format_of
 
 
@@ -68,8 +68,7 @@ class SyncDepthwiseConvBNAct(torch.autograd.Function):
         )
         global_sums = torch.stack([sum_g, sum_g_yc])
         dist.all_reduce(global_sums, group=group)
-        coef_b = -scale * global_sums[0] / total
-        coef_c = -scale * invstd * invstd * global_sums[1] / total
+        coef_b, coef_c = bn_backward_coefs(scale, invstd, global_sums[0], global_sums[1], total)
         dx, dweight = prims.dw_backward(
             dy, x, weight, scale, shift, mean, coef_b, coef_c,
             geo.stride, geo.pad_top, geo.pad_left, act,

@@ -114,15 +114,11 @@ dc_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
 EAGER_FAST_PATH = True
 
 
-def _prims(t: Tensor):
-    return select(OP, t)
-
-
 class _DropConnectAddFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shortcut, scale):
         fmt = _format(x)
-        prims = _prims(x)
+        prims = select(OP, x)
         ctx.save_for_backward(scale)
         ctx.fmt, ctx.prims = fmt, prims
         return prims.dc_forward(_same_format(x, fmt), _same_format(shortcut, fmt), scale)

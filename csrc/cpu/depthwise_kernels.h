@@ -170,6 +170,17 @@ inline void conv4(const ElemOf<V>* const* rows, const V* w, int64_t iw0, int64_t
                      [&](int kh, int kw, int o, V x) { acc[o] += x * w[kh * K + kw]; });
 }
 
+// Output pixels [first, last] whose K taps all lie inside the row: ow * S - pl >= 0 and
+// ow * S - pl + K <= W (last = -1 when there are none).
+struct InteriorSpan {
+  int64_t first, last;
+};
+
+template <int K>
+inline InteriorSpan interior_span(const Geo& g) {
+  return {(g.pl + g.S - 1) / g.S, g.W - K + g.pl >= 0 ? (g.W - K + g.pl) / g.S : -1};
+}
+
 // One channel vector of output pixels [ow0, ow1) of a conv row: calls f(ow, y).
 // The K*K weight vectors stay in registers; interior pixels run fully unrolled, four at a
 // time where they can, and the left/right border pixels only visit the taps kw in
@@ -180,11 +191,9 @@ inline void conv_block(const ElemOf<V>* const* rows, const ElemOf<V>* wt, const 
   const int64_t C = g.C;
   V w[K * K];
   for (int t = 0; t < K * K; ++t) w[t] = vload<V>(wt + t * C + c);
-  // Interior pixels: ow * S - pl >= 0 and ow * S - pl + K <= W.
-  const int64_t first = (g.pl + g.S - 1) / g.S;
-  const int64_t last = g.W - K + g.pl >= 0 ? (g.W - K + g.pl) / g.S : -1;
+  const InteriorSpan in = interior_span<K>(g);
   for (int64_t ow = ow0; ow < ow1;) {
-    if (ow >= first && ow + 3 <= last && ow + 4 <= ow1) {
+    if (ow >= in.first && ow + 3 <= in.last && ow + 4 <= ow1) {
       V acc[4];
       if (g.S == 1) {
         conv4<K, 1, V>(rows, w, ow - g.pl, C, c, acc);
@@ -335,8 +344,7 @@ inline void dweight4(const ElemOf<V>* const* rows, const ElemOf<V>* dyc, int64_t
 template <int K, typename A>
 void dweight_row(const Geo& g, const A* const* rows, const A* dyc, A* acc_row) {
   const int64_t C = g.C;
-  const int64_t first = (g.pl + g.S - 1) / g.S;  // interior output pixels, as in conv_block
-  const int64_t last = g.W - K + g.pl >= 0 ? (g.W - K + g.pl) / g.S : -1;
+  const InteriorSpan in = interior_span<K>(g);
   for_pixel_tiles<A>(g.OW, C, K, [&](int64_t t0, int64_t t1) {
     for_channel_vectors<A>(C, [&](int64_t c, auto proto) {
       using V = decltype(proto);
@@ -344,7 +352,7 @@ void dweight_row(const Geo& g, const A* const* rows, const A* dyc, A* acc_row) {
       V edge[K * K] = {};
       for (int t = 0; t < K * K; ++t) acc[t] = vload<V>(acc_row + t * C + c);
       for (int64_t ow = t0; ow < t1; ++ow) {
-        if (ow >= first && ow + 3 <= last && ow + 4 <= t1) {
+        if (ow >= in.first && ow + 3 <= in.last && ow + 4 <= t1) {
           if (g.S == 1) {
             dweight4<K, 1, V>(rows, dyc, ow, ow - g.pl, C, c, acc);
           } else {

@@ -80,6 +80,32 @@ inline void store_as(X* p, V v) {
   }
 }
 
+// 1 / k! for k = 0..D, computed at compile time (each k! is exact in float).
+template <int D>
+struct InvFactorials {
+  float v[D + 1] = {};
+  constexpr InvFactorials() {
+    float factorial = 1.0f;
+    for (int k = 0; k <= D; ++k) {
+      if (k > 0) factorial *= float(k);
+      v[k] = 1.0f / factorial;
+    }
+  }
+};
+
+// Cody-Waite reduction r = x - n ln2 (ln2 split in a high part exact in float and a low
+// part), then sum_{k <= D} r^k / k! by Horner; |r| <= ln2 / 2.
+template <int D, class V>
+inline V exp_reduced_taylor(V x, V n) {
+  static constexpr InvFactorials<D> c{};
+  V r = x - n * 0.693145751953125f;
+  r = r - n * 1.42860682030941723e-6f;
+  V p = vsplat<V>(c.v[D]);
+#pragma GCC unroll 8
+  for (int k = D - 1; k >= 0; --k) p = p * r + c.v[k];
+  return p;
+}
+
 // exp(x). float: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a Taylor
 // polynomial in r and a scale by 2^n. The input is clamped to [-87, 88] (NaN passes
 // through). With AVX-512, n comes from vrndscaleps and 2^n from vscalefps, and a
@@ -99,15 +125,7 @@ inline V vexp(V x) {
     const V xv = (V)_mm512_max_ps((__m512)vsplat<V>(-87.0f), (__m512)hi);
     const V n = (V)_mm512_roundscale_ps((__m512)(xv * 1.44269504088896341f),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    V r = xv - n * 0.693145751953125f;
-    r = r - n * 1.42860682030941723e-6f;
-    V p = vsplat<V>(1.0f / 720.0f);
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    const V p = exp_reduced_taylor<6>(xv, n);
     return (V)_mm512_scalef_ps((__m512)p, (__m512)n);
   }
 #endif
@@ -118,16 +136,7 @@ inline V vexp(V x) {
     constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to integer
     const V t = x * 1.44269504088896341f + kMagic;
     const V n = t - kMagic;
-    V r = x - n * 0.693145751953125f;
-    r = r - n * 1.42860682030941723e-6f;
-    V p = vsplat<V>(1.0f / 5040.0f);
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    const V p = exp_reduced_taylor<7>(x, n);
     const I e = ((I)t - 0x4B400000 + 127) << 23;
     return p * (V)e;
   }

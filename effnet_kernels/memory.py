@@ -1,6 +1,6 @@
 """The CPU output cache of the compiled kernels (csrc/cpu/output_cache.cpp).
 
-Large outputs of the CPU kernels (1 MiB and up) reuse freed blocks instead of fresh pages
+Large outputs of the CPU kernels (64 KiB and up) reuse freed blocks instead of fresh pages
 from the OS, which would be page-faulted and zeroed on first write. Freed blocks stay
 reserved, like the CUDA caching allocator's, up to a cap: EFFNET_CPU_CACHE_MB (default
 1024, read once at start; 0 turns the cache off).

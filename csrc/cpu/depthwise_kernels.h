@@ -386,6 +386,32 @@ void dweight_row(const Geo& g, const A* const* rows, const A* dyc, A* acc_row) {
   });
 }
 
+// Unit kernel (K = 1, stride 1, no padding: the pointwise BN + act of nn/pointwise.py)
+// in one sweep of a row, no dyc ring: y = x * w, dyc as in dyc_row, dx = w * dyc, and
+// acc_dw[c] += x * dyc (the same sums, in the same order, as dyc_row + dweight_row +
+// dx_row would form).
+template <typename A>
+void unit_backward_row(const Geo& g, const A* x, const A* dy, const Params<A>& p, A* dx,
+                       A* acc_dw) {
+  for_pixel_tiles<A>(g.OW, g.C, 1, [&](int64_t t0, int64_t t1) {
+    for_channel_vectors<A>(g.C, [&](int64_t c, auto proto) {
+      using V = decltype(proto);
+      const V w = vload<V>(p.wt + c), sc = vload<V>(p.scale + c), sh = vload<V>(p.shift + c);
+      const V mu = vload<V>(p.mean + c), cb = vload<V>(p.coef_b + c), cc = vload<V>(p.coef_c + c);
+      V acc = vload<V>(acc_dw + c);
+      for (int64_t ow = t0; ow < t1; ++ow) {
+        const V xv = vload<V>(x + ow * g.C + c);
+        const V y = xv * w;
+        const V gv = vload<V>(dy + ow * g.C + c) * act_backward(y * sc + sh, g.act);
+        const V d = sc * gv + cb + cc * (y - mu);
+        vstore(dx + ow * g.C + c, d * w);
+        acc += xv * d;
+      }
+      vstore(acc_dw + c, acc);
+    });
+  });
+}
+
 // Four consecutive interior input pixels of the stride-1 dx gather, base = iw + pl for
 // the first: dyc columns base - K + 1 ... base + 3 are loaded once per row and feed every
 // output they reach, visited so that each output sums its taps in ascending kw order (the
@@ -592,8 +618,9 @@ void flush_dweight(BackwardScratch<X, A>& s, double* dw) {
   for (size_t i = 0; i < s.dweight.size(); ++i) dw[i] += double(s.dweight[i]), s.dweight[i] = A(0);
 }
 
-// Pass 4 over input rows [i0, i1) of image n: dx rows, plus dweight from the dyc rows this
-// block owns (row oh belongs to the block holding input row max(oh * S - pt, 0)).
+// Pass 4 over input rows [i0, i1) of image n (a unit kernel takes unit_backward_row):
+// dx rows, plus dweight from the dyc rows this block owns (row oh belongs to the block
+// holding input row max(oh * S - pt, 0)).
 // dyc rows live in a ring of K rows; oh uses slot oh % K. dweight is flushed to double
 // every kFlushRows rows, which bounds the float sums.
 template <int K, typename X, typename A>
@@ -601,8 +628,22 @@ void backward_block(const Geo& g, BackwardScratch<X, A>& s, const X* dy, const P
                     X* dx, int64_t n, int64_t i0, int64_t i1, double* dw) {
   constexpr int kFlushRows = 8;
   const int64_t OWC = g.OW * g.C, WC = g.W * g.C;
-  int64_t next = std::max<int64_t>(0, -floor_div(-(i0 + g.pt - (K - 1)), g.S));
   int unflushed = 0;
+  if constexpr (K == 1) {
+    if (g.S == 1 && g.pt == 0 && g.pl == 0) {
+      for (int64_t ih = i0; ih < i1; ++ih) {
+        const int64_t r = n * g.H + ih;
+        X* dxrow = dx + r * WC;
+        unit_backward_row(g, s.src.row(n, ih), s.dy.read(dy + r * OWC, OWC), p,
+                          s.dx.target(dxrow), s.dweight.data());
+        s.dx.commit(dxrow, WC);
+        if (++unflushed == kFlushRows) flush_dweight(s, dw), unflushed = 0;
+      }
+      if (unflushed > 0) flush_dweight(s, dw);
+      return;
+    }
+  }
+  int64_t next = std::max<int64_t>(0, -floor_div(-(i0 + g.pt - (K - 1)), g.S));
   const A* rows[K];
   const A* drows[K];
   for (int64_t ih = i0; ih < i1; ++ih) {

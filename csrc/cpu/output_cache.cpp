@@ -3,9 +3,11 @@
 // glibc serves allocations above its mmap threshold (32 MiB at most) with fresh pages
 // and unmaps them on free, so every large activation is page-faulted and zeroed by the
 // kernel on first write. For a B0 stage-2 activation (38 MB) that costs more than the
-// fused kernel's own pass over it. Outputs of at least kMinBytes therefore come from
-// this cache: blocks rounded up to 2 MiB, 2 MiB aligned and advised for transparent huge
-// pages; a freed block is kept (while the cached total stays under the cap) and handed
+// fused kernel's own pass over it; below 32 MiB whether a block is fresh depends on the
+// allocation history (glibc's dynamic threshold and heap trimming). Outputs of at least
+// kMinBytes (64 KiB) therefore come from this cache: blocks rounded up to 64 KiB below
+// 2 MiB, to 2 MiB (2 MiB aligned, advised for transparent huge pages) above; a freed
+// block is kept (while the cached total stays under the cap) and handed
 // to the next request of the same rounded size. Like PyTorch's CUDA caching allocator,
 // cached blocks stay reserved until empty_cache(). EFFNET_CPU_CACHE_MB sets the cap
 // (default 1024; 0 turns the cache off). Thread-safe; the cache object is never
@@ -23,6 +25,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include <pybind11/stl.h>
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -33,7 +37,15 @@ namespace effnet::cpu {
 namespace {
 
 constexpr size_t kBlock = size_t(2) << 20;
-constexpr size_t kMinBytes = size_t(1) << 20;
+constexpr size_t kSmallBlock = size_t(64) << 10;
+constexpr size_t kMinBytes = size_t(64) << 10;
+
+// Requests round up to 64 KiB below 2 MiB and to 2 MiB above, so a freed block serves
+// every later request of its size class.
+size_t rounded_size(size_t n) {
+  const size_t unit = n >= kBlock ? kBlock : kSmallBlock;
+  return (std::max(n, size_t(1)) + unit - 1) / unit * unit;
+}
 
 size_t cap_from_env() {
   const char* env = std::getenv("EFFNET_CPU_CACHE_MB");
@@ -50,7 +62,7 @@ class OutputCache final : public c10::Allocator {
   OutputCache() : cap_(cap_from_env()) {}
 
   c10::DataPtr allocate(size_t n) override {
-    const size_t size = (std::max(n, size_t(1)) + kBlock - 1) / kBlock * kBlock;
+    const size_t size = rounded_size(n);
     void* p = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -65,10 +77,10 @@ class OutputCache final : public c10::Allocator {
       }
     }
     if (p == nullptr) {
-      p = std::aligned_alloc(kBlock, size);
+      p = std::aligned_alloc(size >= kBlock ? kBlock : kSmallBlock, size);
       TORCH_CHECK(p != nullptr, "effnet_kernels: out of host memory allocating ", size, " bytes");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-      madvise(p, size, MADV_HUGEPAGE);  // a hint; ignored where THP is off
+      if (size >= kBlock) madvise(p, size, MADV_HUGEPAGE);  // a hint; ignored where THP is off
 #endif
     }
     {
@@ -163,4 +175,17 @@ EFFNET_BINDINGS(bind_output_cache) {
           "bytes cached / in use / cap and hit-miss counts of the CPU output cache");
   cpu.def("empty_output_cache", &effnet::cpu::empty_output_cache,
           "free every cached block of the CPU output cache");
+  cpu.def(
+      "empty_cached",
+      [](std::vector<int64_t> sizes, const at::Tensor& like, bool channels_last) {
+        TORCH_CHECK(like.device().is_cpu(), "empty_cached: like must be a CPU tensor, got ",
+                    like.device());
+        TORCH_CHECK(!channels_last || sizes.size() == 4,
+                    "empty_cached: channels_last needs 4 sizes, got ", sizes.size());
+        return effnet::cpu::empty_output(
+            sizes, like.options(),
+            channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+      },
+      "an uninitialized CPU tensor with like's dtype, from the output cache when large",
+      pybind11::arg("sizes"), pybind11::arg("like"), pybind11::arg("channels_last"));
 }

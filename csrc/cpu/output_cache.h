@@ -7,7 +7,7 @@
 
 namespace effnet::cpu {
 
-// An uninitialized CPU tensor of `sizes` in `fmt`; outputs of at least 1 MiB come from
+// An uninitialized CPU tensor of `sizes` in `fmt`; outputs of at least 64 KiB come from
 // the cache, smaller ones from at::empty.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
                         at::MemoryFormat fmt = at::MemoryFormat::Contiguous);

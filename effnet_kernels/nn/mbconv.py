@@ -29,6 +29,7 @@ from ..ops.drop_connect import drop_connect_add
 from ..ops.squeeze_excite import squeeze_excite
 from .activations import act_name
 from .batchnorm import bn_call_args, is_plain_batchnorm, sync_group
+from .gemm_conv import gemm_conv1x1, gemm_conv_eligible
 from .pointwise import conv_bn_act_train
 from .squeeze_excite import SqueezeExcite
 
@@ -40,6 +41,12 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 _ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
                                                                       "_convolution_pointwise")
 _ACTS = {"silu": F.silu, "relu": F.relu, "identity": lambda t: t}
+_ACTS_INPLACE = {"silu": lambda t: F.silu(t, inplace=True), "relu": torch.relu_,
+                 "identity": lambda t: t}
+# Outputs above glibc's largest mmap threshold are fresh pages on every call (page faults
+# cost more than the conv); those eval 1x1 convs run as a GEMM into cached memory and an
+# in-place activation (nn/gemm_conv.py) instead of oneDNN's fused conv + act.
+_GLIBC_MMAP_MAX = 32 << 20
 # timm's dynamic TF-SAME convs (class names, so timm stays an optional dependency).
 _TIMM_SAME_CONVS = ("Conv2dSame", "Conv2dSameExport")
 
@@ -104,6 +111,9 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str) -> Ten
                                  groups=conv.groups, momentum=args["momentum"],
                                  eps=args["eps"], act=act)
     if not args["training"] and _onednn_fusable(x, weight, act):
+        if _conv_out_bytes(x, weight) > _GLIBC_MMAP_MAX and \
+                gemm_conv_eligible(x, weight, conv.stride, padding, conv.groups):
+            return _ACTS_INPLACE[act](gemm_conv1x1(x, weight, bias))
         return torch.ops.mkldnn._convolution_pointwise(
             x, weight, bias, list(padding), list(conv.stride), list(conv.dilation), conv.groups,
             _ONEDNN_ACTS[act], [], "")
@@ -112,6 +122,10 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str) -> Ten
         y = F.batch_norm(y, args["running_mean"], args["running_var"], bn.weight, bn.bias,
                          True, args["momentum"], args["eps"])
     return _ACTS[act](y)
+
+
+def _conv_out_bytes(x: Tensor, weight: Tensor) -> int:
+    return x.numel() // x.shape[1] * weight.shape[0] * x.element_size()
 
 
 def _onednn_fusable(x: Tensor, weight: Tensor, act: str) -> bool:

@@ -8,7 +8,8 @@ and recomputes y = conv(x) in backward (one extra conv, no extra memory). A conv
 output is smaller than its input (MBConv's projection) saves y as well instead: that
 costs less memory than x, which the weight gradient needs anyway, and skips the conv.
 
-The conv itself is PyTorch's (a GEMM for 1x1). The BatchNorm + activation around it runs
+The conv itself is PyTorch's; a 1x1 conv on channels_last CPU tensors runs as one GEMM
+into the output cache (nn/gemm_conv.py). The BatchNorm + activation around it runs
 on the depthwise op's backend primitives with a 1x1 unit kernel (depthwise_conv(y, 1) is
 y): one statistics pass and one act(y * scale + shift) pass forward; one reduction pass
 and one pass writing dL/dy backward, each fused over the whole channel vector, instead
@@ -32,11 +33,31 @@ from ..ops.activations import act_code
 from ..ops.depthwise import OP as DEPTHWISE_OP
 from ..ops.depthwise import affine_or_identity, bn_affine, bn_backward_coefs, update_running_stats
 from ..ops.geometry import memory_format_of
+from .gemm_conv import gemm_conv1x1, gemm_conv1x1_backward, gemm_conv_eligible
+
+# 1x1 convs on channels_last CPU tensors run as GEMMs into cached memory (gemm_conv.py).
+GEMM_CONV = True
+
+
+def _use_gemm(x, weight, geo) -> bool:
+    return GEMM_CONV and gemm_conv_eligible(x, weight, *geo)
 
 
 def _conv(x, weight, geo):
+    if _use_gemm(x, weight, geo):
+        return gemm_conv1x1(x, weight)
     stride, padding, groups = geo
     return F.conv2d(x, weight, None, stride, padding, 1, groups)
+
+
+def _conv_backward(dy, x, weight, geo, need_dx, need_dweight):
+    if _use_gemm(x, weight, geo):
+        return gemm_conv1x1_backward(dy, x, weight, need_dx, need_dweight)
+    stride, padding, groups = geo
+    dx, dweight, _ = torch.ops.aten.convolution_backward(
+        dy, x, weight, None, stride, padding, [1, 1], False, [0, 0], groups,
+        [need_dx, need_dweight, False])
+    return dx, dweight
 
 
 def _unit_kernel(y: Tensor) -> Tensor:
@@ -74,10 +95,8 @@ class ConvBNActTrain(torch.autograd.Function):
                                            y.numel() // y.shape[1])
         dy, _ = prims.dw_backward(dout, y, unit, scale, shift, mean, coef_b, coef_c, 1, 0, 0,
                                   ctx.act)
-        stride, padding, groups = ctx.geo
-        dx, dw, _ = torch.ops.aten.convolution_backward(
-            dy, x, weight, None, stride, padding, [1, 1], False, [0, 0], groups,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+        dx, dw = _conv_backward(dy, x, weight, ctx.geo, ctx.needs_input_grad[0],
+                                ctx.needs_input_grad[1])
         dgamma = (sum_g_yc * invstd).to(gamma.dtype) \
             if gamma is not None and ctx.needs_input_grad[2] else None
         dbeta = sum_g.to(beta.dtype) if beta is not None and ctx.needs_input_grad[3] else None

@@ -15,6 +15,10 @@ from torch import Tensor
 from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+# nn.Parameter is a Tensor subclass without a __torch_function__ of its own: module
+# weights are plain tensors for this purpose. Any other subclass takes the custom op.
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
 
 def plain_eager(*tensors) -> bool:
     """True for an eager call on plain tensors with no tracing or dispatch mode active."""
@@ -22,5 +26,5 @@ def plain_eager(*tensors) -> bool:
         return False
     if _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled():
         return False
-    return all(type(t) is Tensor and not is_functorch_wrapped_tensor(t)
+    return all(type(t) in _PLAIN_TYPES and not is_functorch_wrapped_tensor(t)
                for t in tensors if t is not None)

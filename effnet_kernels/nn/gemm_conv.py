@@ -1,0 +1,71 @@
+"""A 1x1 conv on channels_last CPU tensors as one GEMM whose output comes from the CPU
+output cache (csrc/cpu/output_cache.cpp).
+
+In NHWC memory a 1x1, stride-1, ungrouped conv is exactly a matrix product:
+  y[(n, h, w), co] = sum_ci x[(n, h, w), ci] * weight[co, ci]        (+ bias[co])
+so x viewed as (N*H*W, Cin) times weight^T (Cin, Cout) writes y's (N*H*W, Cout) rows in
+place, with no layout conversion. Backward is two more products:
+  dx = dy @ weight        (N*H*W, Cin)        dweight = dy^T @ x        (Cout, Cin)
+
+Why not F.conv2d: its output is a fresh ATen allocation. Above glibc's largest mmap
+threshold (32 MiB, e.g. B0's first expand output at batch 8: 8x96x112x112 fp32) every
+such allocation is new pages, page-faulted and zeroed by the kernel on first write:
+measured 24 ms for a conv whose GEMM takes 4 ms. torch.mm(out=) into a cached block
+avoids that. The GEMM itself is ATen's (MKL / oneDNN).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._ext import ext_module
+
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def gemm_conv_eligible(x: Tensor, weight: Tensor, stride, padding, groups: int) -> bool:
+    """Whether conv2d(x, weight) is a plain channels_last GEMM this module can run."""
+    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in _DTYPES
+            and weight.dtype == x.dtype and weight.shape[2:] == (1, 1) and groups == 1
+            and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and x.numel() > 0
+            and x.is_contiguous(memory_format=torch.channels_last) and type(x) is Tensor
+            and ext_module() is not None)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(N, C, H, W) channels_last -> its (N*H*W, C) row-major view."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _cached_like(x: Tensor, channels: int) -> Tensor:
+    n, _, h, w = x.shape
+    return ext_module().cpu.empty_cached([n, channels, h, w], x, True)
+
+
+def gemm_conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """conv2d(x, weight, bias) for a gemm_conv_eligible call; channels_last output.
+    No autograd: callers run it inside an autograd.Function or without a graph."""
+    cout = weight.shape[0]
+    y = _cached_like(x, cout)
+    w_t = weight.reshape(cout, -1).t()
+    if bias is None:
+        torch.mm(_rows(x), w_t, out=_rows(y))
+    else:
+        torch.addmm(bias, _rows(x), w_t, out=_rows(y))
+    return y
+
+
+def gemm_conv1x1_backward(dy: Tensor, x: Tensor, weight: Tensor, need_dx: bool,
+                          need_dweight: bool) -> tuple[Tensor | None, Tensor | None]:
+    """(dx, dweight) of gemm_conv1x1 for the gradient dy of its output."""
+    cout = weight.shape[0]
+    dy_rows = _rows(dy.contiguous(memory_format=torch.channels_last))
+    w2d = weight.reshape(cout, -1)
+    dx = dweight = None
+    if need_dx:
+        dx = _cached_like(x, x.shape[1])
+        torch.mm(dy_rows, w2d, out=_rows(dx))
+    if need_dweight:
+        dweight = torch.mm(dy_rows.t(), _rows(x)).view(weight.shape)
+    return dx, dweight

@@ -81,3 +81,17 @@ def test_real_layer_shapes(backend, device, variant):
         check_case(backend, device, case, torch.float32, "nhwc", training=True)
     for case in real_cases(variant)[:4]:
         check_case(backend, device, case, torch.float32, "nchw", training=False)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_path", "custom_op"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_parity_both_routes(backend, fast, monkeypatch):
+    """Plain eager calls take an autograd.Function, traced ones the custom ops: same math."""
+    from effnet_kernels.ops import depthwise as dw_ops
+
+    monkeypatch.setattr(dw_ops, "EAGER_FAST_PATH", fast)
+    for case, dtype, fmt_name, training in ((ODD_CASES[1], torch.float32, "nhwc", True),
+                                            (ODD_CASES[2], torch.float64, "nchw", True),
+                                            (ODD_CASES[3], torch.float32, "nhwc", False)):
+        check_case(backend, "cpu", case, dtype, fmt_name, training)
+

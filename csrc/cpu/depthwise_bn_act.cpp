@@ -212,14 +212,16 @@ at::Tensor empty_cl(const at::Tensor& x, int64_t h, int64_t w) {
 
 at::Tensor to_format(const at::Tensor& t, at::MemoryFormat fmt) { return t.contiguous(fmt); }
 
-// Runs body(group, unit_begin, unit_end) over min(units, max_groups) groups in parallel.
+// Work units are split into min(units, kMaxGroups) groups, each with its own partial
+// sums, merged in group order (deterministic for any thread count).
+int64_t group_count(int64_t units) { return std::min(units, kMaxGroups); }
+
+// Runs body(group, unit_begin, unit_end) over the groups of `units` in parallel.
 template <class F>
-int64_t run_groups(int64_t units, int64_t max_groups, F&& body) {
-  const int64_t groups = std::min(units, max_groups);
+void run_groups(int64_t units, int64_t groups, F&& body) {
   at::parallel_for(0, groups, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) body(i, units * i / groups, units * (i + 1) / groups);
   });
-  return groups;
 }
 
 // Input-row blocks per image for the backward pass: enough units to balance threads,
@@ -248,9 +250,10 @@ std::tuple<at::Tensor, at::Tensor> dw_stats(const at::Tensor& x, const at::Tenso
     const auto wt = transpose_weight<X>(weight);
     const Params<A> p{wt.data()};
     const int64_t width = 1 + 2 * g.C;
-    std::vector<double> part(kMaxGroups * width, 0.0);
+    const int64_t groups = group_count(g.N * g.OH);
+    std::vector<double> part(groups * width, 0.0);
     const auto kernel = EFFNET_DW_PICK(stats_rows<X>);
-    const int64_t groups = run_groups(g.N * g.OH, kMaxGroups, [&](int64_t i, int64_t r0, int64_t r1) {
+    run_groups(g.N * g.OH, groups, [&](int64_t i, int64_t r0, int64_t r1) {
       kernel(g, xc.const_data_ptr<X>(), p, r0, r1, part.data() + i * width);
     });
     std::vector<double> total(width, 0.0);
@@ -306,9 +309,10 @@ std::tuple<at::Tensor, at::Tensor> dw_backward_reduce(
     using A = AccOf<X>;
     const auto wt = transpose_weight<X>(weight);
     const Params<A> p{wt.data(), sc.const_data_ptr<A>(), sh.const_data_ptr<A>(), mu.const_data_ptr<A>()};
-    std::vector<double> part(kMaxGroups * 2 * g.C, 0.0);
+    const int64_t groups = group_count(g.N * g.OH);
+    std::vector<double> part(groups * 2 * g.C, 0.0);
     const auto kernel = EFFNET_DW_PICK(reduce_rows<X>);
-    const int64_t groups = run_groups(g.N * g.OH, kMaxGroups, [&](int64_t i, int64_t r0, int64_t r1) {
+    run_groups(g.N * g.OH, groups, [&](int64_t i, int64_t r0, int64_t r1) {
       kernel(g, xc.const_data_ptr<X>(), dyc.const_data_ptr<X>(), p, r0, r1, part.data() + i * 2 * g.C);
     });
     A* s1 = sum_g.data_ptr<A>();
@@ -343,9 +347,10 @@ std::tuple<at::Tensor, at::Tensor> dw_backward(
     const Params<A> p{wt.data(), sc.const_data_ptr<A>(), sh.const_data_ptr<A>(),
                       mu.const_data_ptr<A>(), cb.const_data_ptr<A>(), cc.const_data_ptr<A>()};
     const int64_t width = g.K * g.K * g.C, blocks = backward_blocks(g);
-    std::vector<double> part(kMaxGroups * width, 0.0);
+    const int64_t groups = group_count(g.N * blocks);
+    std::vector<double> part(groups * width, 0.0);
     const auto kernel = EFFNET_DW_PICK(backward_units<X>);
-    const int64_t groups = run_groups(g.N * blocks, kMaxGroups, [&](int64_t i, int64_t u0, int64_t u1) {
+    run_groups(g.N * blocks, groups, [&](int64_t i, int64_t u0, int64_t u1) {
       kernel(g, xc.const_data_ptr<X>(), dyc.const_data_ptr<X>(), p, dx.data_ptr<X>(), blocks, u0,
              u1, part.data() + i * width);
     });

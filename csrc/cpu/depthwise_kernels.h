@@ -597,38 +597,46 @@ inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a +
 
 // Scratch of one thread for pass 4. Ring rows hold OW dyc pixels between K - 1 zero
 // pixels on each side (the zero columns are never written), zero_row stands in for dyc
-// rows outside the output, dweight sums taps in A between flushes.
+// rows outside the output, dweight sums taps in A between flushes into the caller's
+// double partials, every kFlushRows summed rows (which bounds the float sums).
 template <typename X, typename A>
 struct BackwardScratch {
+  static constexpr int kFlushRows = 8;
+
   BackwardScratch(const X* x, const Geo& g)
       : src(x, g), dy(g.OW * g.C), dx(g.W * g.C), k(g.K), pad((g.K - 1) * g.C),
         stride((g.OW + 2 * (g.K - 1)) * g.C), ring(g.K * stride), zero_row(stride),
         dweight(g.K * g.K * g.C) {}
   A* ring_row(int64_t oh) { return ring.data() + (oh % k) * stride + pad; }
   const A* zero() const { return zero_row.data() + pad; }
+
+  // Call after summing one more row into dweight.
+  void row_summed(double* dw) {
+    if (++unflushed == kFlushRows) flush(dw);
+  }
+
+  // Adds the A sums in dweight into the double partials dw and clears them.
+  void flush(double* dw) {
+    if (unflushed == 0) return;
+    for (size_t i = 0; i < dweight.size(); ++i) dw[i] += double(dweight[i]), dweight[i] = A(0);
+    unflushed = 0;
+  }
+
   RowSource<X, A> src;
   RowView<X, A> dy, dx;
   int64_t k, pad, stride;
   std::vector<A> ring, zero_row, dweight;
+  int unflushed = 0;
 };
-
-// Adds the A sums in s.dweight into the double partials dw and clears them.
-template <typename X, typename A>
-void flush_dweight(BackwardScratch<X, A>& s, double* dw) {
-  for (size_t i = 0; i < s.dweight.size(); ++i) dw[i] += double(s.dweight[i]), s.dweight[i] = A(0);
-}
 
 // Pass 4 over input rows [i0, i1) of image n (a unit kernel takes unit_backward_row):
 // dx rows, plus dweight from the dyc rows this block owns (row oh belongs to the block
 // holding input row max(oh * S - pt, 0)).
-// dyc rows live in a ring of K rows; oh uses slot oh % K. dweight is flushed to double
-// every kFlushRows rows, which bounds the float sums.
+// dyc rows live in a ring of K rows; oh uses slot oh % K.
 template <int K, typename X, typename A>
 void backward_block(const Geo& g, BackwardScratch<X, A>& s, const X* dy, const Params<A>& p,
                     X* dx, int64_t n, int64_t i0, int64_t i1, double* dw) {
-  constexpr int kFlushRows = 8;
   const int64_t OWC = g.OW * g.C, WC = g.W * g.C;
-  int unflushed = 0;
   if constexpr (K == 1) {
     if (g.S == 1 && g.pt == 0 && g.pl == 0) {
       for (int64_t ih = i0; ih < i1; ++ih) {
@@ -637,9 +645,9 @@ void backward_block(const Geo& g, BackwardScratch<X, A>& s, const X* dy, const P
         unit_backward_row(g, s.src.row(n, ih), s.dy.read(dy + r * OWC, OWC), p,
                           s.dx.target(dxrow), s.dweight.data());
         s.dx.commit(dxrow, WC);
-        if (++unflushed == kFlushRows) flush_dweight(s, dw), unflushed = 0;
+        s.row_summed(dw);
       }
-      if (unflushed > 0) flush_dweight(s, dw);
+      s.flush(dw);
       return;
     }
   }
@@ -655,7 +663,7 @@ void backward_block(const Geo& g, BackwardScratch<X, A>& s, const X* dy, const P
       const int64_t owner = std::max<int64_t>(next * g.S - g.pt, 0);
       if (owner >= i0 && owner < i1) {
         dweight_row<K>(g, rows, drow, s.dweight.data());
-        if (++unflushed == kFlushRows) flush_dweight(s, dw), unflushed = 0;
+        s.row_summed(dw);
       }
     }
     for (int kh = 0; kh < K; ++kh) {
@@ -671,7 +679,7 @@ void backward_block(const Geo& g, BackwardScratch<X, A>& s, const X* dy, const P
     }
     s.dx.commit(dxrow, WC);
   }
-  if (unflushed > 0) flush_dweight(s, dw);
+  s.flush(dw);
 }
 
 // Pass 4 over units [u0, u1); unit u is block u % blocks of image u / blocks.

@@ -111,8 +111,8 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str) -> Ten
                                  groups=conv.groups, momentum=args["momentum"],
                                  eps=args["eps"], act=act)
     if not args["training"] and _onednn_fusable(x, weight, act):
-        if _conv_out_bytes(x, weight) > _GLIBC_MMAP_MAX and \
-                gemm_conv_eligible(x, weight, conv.stride, padding, conv.groups):
+        if gemm_conv_eligible(x, weight, conv.stride, padding, conv.groups) and \
+                _conv_out_bytes(x, weight) > _GLIBC_MMAP_MAX:
             return _ACTS_INPLACE[act](gemm_conv1x1(x, weight, bias))
         return torch.ops.mkldnn._convolution_pointwise(
             x, weight, bias, list(padding), list(conv.stride), list(conv.dilation), conv.groups,
@@ -125,6 +125,7 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str) -> Ten
 
 
 def _conv_out_bytes(x: Tensor, weight: Tensor) -> int:
+    """Output bytes of a stride-1 conv of x with weight."""
     return x.numel() // x.shape[1] * weight.shape[0] * x.element_size()
 
 

@@ -35,23 +35,16 @@ from ..ops.depthwise import affine_or_identity, bn_affine, bn_backward_coefs, up
 from ..ops.geometry import memory_format_of
 from .gemm_conv import gemm_conv1x1, gemm_conv1x1_backward, gemm_conv_eligible
 
-# 1x1 convs on channels_last CPU tensors run as GEMMs into cached memory (gemm_conv.py).
-GEMM_CONV = True
-
-
-def _use_gemm(x, weight, geo) -> bool:
-    return GEMM_CONV and gemm_conv_eligible(x, weight, *geo)
-
 
 def _conv(x, weight, geo):
-    if _use_gemm(x, weight, geo):
+    if gemm_conv_eligible(x, weight, *geo):  # 1x1 on channels_last CPU: gemm_conv.py
         return gemm_conv1x1(x, weight)
     stride, padding, groups = geo
     return F.conv2d(x, weight, None, stride, padding, 1, groups)
 
 
 def _conv_backward(dy, x, weight, geo, need_dx, need_dweight):
-    if _use_gemm(x, weight, geo):
+    if gemm_conv_eligible(x, weight, *geo):
         return gemm_conv1x1_backward(dy, x, weight, need_dx, need_dweight)
     stride, padding, groups = geo
     dx, dweight, _ = torch.ops.aten.convolution_backward(

@@ -175,12 +175,11 @@ class _DepthwiseFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, geo, training,
                 eps, act):
-        out, mean, var = _forward_math(x, weight, bn_weight, bn_bias, running_mean,
-                                       running_var, *geo, training, eps, act)
-        ctx.mark_non_differentiable(mean, var)
-        ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, var)
-        ctx.args = (geo[0], geo[1], geo[2], training, eps, act)
-        return out, mean, var
+        inputs = (x, weight, bn_weight, bn_bias, running_mean, running_var, *geo, training,
+                  eps, act)
+        output = _forward_math(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):

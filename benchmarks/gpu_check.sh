@@ -4,6 +4,8 @@
 #   2. GPU parity tests (cuda / triton)       5. JSON + markdown summary under the out folder
 #   3. compute-sanitizer memcheck on a small subset (the bench self-check, every GPU backend)
 # Usage: benchmarks/gpu_check.sh [OUT_DIR]   (default: $OUT, else ./gpu-check-out)
+# GPU_CHECK_PREBUILT=1 skips the build (an extension built by an earlier run is in place);
+# GPU_CHECK_STAGES (e.g. "gpu-tests bench-b4-bf16") runs only the stages named.
 # Every stage is time-boxed with `timeout`, and later stages shrink to fit an overall budget
 # (GPU_CHECK_BUDGET_S, default 480 s). On a machine without a GPU the GPU stages are skipped,
 # with the reason, and a CPU smoke bench rehearses the rest; the script then exits 0.
@@ -14,7 +16,7 @@ cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-./gpu-check-out}}
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
@@ -29,6 +31,9 @@ record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$STAGES_TSV"; }  # 
 # $OUT_DIR/NAME.log and the terminal, record ok / failed / timeout.
 stage() {
   local name=$1 limit=$2; shift 2
+  if [[ -n "${GPU_CHECK_STAGES:-}" && " $GPU_CHECK_STAGES " != *" $name "* ]]; then
+    record "$name" skipped 0 "not in GPU_CHECK_STAGES"; return 0
+  fi
   local left=$(( BUDGET_S - ($(date +%s) - START) ))
   if (( left < 15 )); then
     log "skip $name: overall budget of ${BUDGET_S}s spent"
@@ -56,23 +61,30 @@ else
   HAVE_GPU=0; log "no CUDA GPU visible: GPU stages will be skipped"
 fi
 
-# 1. build (sm_90 only: the H200); pip first, an in-place build as the fallback
-if (( HAVE_GPU )); then
+# 1. build (sm_90 only: the H200); in place first, pip as the fallback
+if (( HAVE_GPU )) && [[ -n "${GPU_CHECK_PREBUILT:-}" ]]; then
+  skip build "GPU_CHECK_PREBUILT is set: the extension in effnet_kernels/ was built earlier"
+elif (( HAVE_GPU )); then
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)}
   build() {
-    "$PY" -m pip install --no-build-isolation --no-deps -e . \
-      || "$PY" setup.py build_ext --inplace
+    "$PY" setup.py build_ext --inplace \
+      || "$PY" -m pip install --no-build-isolation --no-deps -e .
   }
   export -f build; export PY
-  stage build 300 bash -c build
+  stage build 240 bash -c build
 else
   skip build "no GPU: the CUDA build is checked by CI (FORCE_CUDA=1)"
 fi
 "$PY" -m effnet_kernels info > "$OUT_DIR/info.txt" 2>&1 || true
 
 # 2. GPU parity tests: the parity suites are parametrized over backends
+# (one Triton config per kernel: autotuning every shape key would compile and time them all;
+# pytest-xdist spreads the Triton and CUDA compiles over the cores when it is installed)
 if (( HAVE_GPU )); then
-  stage gpu-tests 90 "$PY" -m pytest tests -q -p no:cacheprovider -k "cuda or triton or gpu" \
+  PARALLEL=(); "$PY" -c "import xdist" 2>/dev/null && PARALLEL=(-n 8)
+  "$PY" -c "import pytest_timeout" 2>/dev/null && PARALLEL+=(--timeout 120)
+  stage gpu-tests 170 env EFFNET_KERNELS_TRITON_AUTOTUNE=0 "$PY" -m pytest tests -q \
+    -p no:cacheprovider -k "cuda or triton or gpu" -rf --tb=short "${PARALLEL[@]}" \
     --junitxml="$OUT_DIR/gpu-tests.xml"
 else
   skip gpu-tests "no GPU"
@@ -85,7 +97,8 @@ if (( ! HAVE_GPU )); then
 elif [[ -z "$SANITIZER" ]]; then
   skip memcheck "compute-sanitizer not found (PATH, /usr/local/cuda*/bin)"
 else
-  stage memcheck 75 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck \
+  stage memcheck 75 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 EFFNET_KERNELS_TRITON_AUTOTUNE=0 \
+    "$SANITIZER" --tool memcheck \
     --error-exitcode 1 --print-limit 20 "$PY" -c '
 import sys, torch
 from effnet_kernels.bench.selfcheck import run_selfcheck
@@ -96,15 +109,18 @@ for r in rows:
 sys.exit(1 if bad else 0)'
 fi
 
-# 4. benchmarks: bf16 B0 (ops + end to end), fp32 B0 ops, the B4 model end to end
+# 4. benchmarks, most wanted first (a stage that does not fit the budget is skipped):
+#    B0 bf16: the ops (autotuned Triton) + end to end vs eager and torch.compile;
+#    B4 bf16 end to end; B0 fp32 ops in both memory formats (Triton: first config only).
 if (( HAVE_GPU )); then
-  stage bench-b0-bf16 110 "$PY" -m effnet_kernels bench --quick --device cuda --dtype bfloat16 \
-    --compile-budget 30 --out "$OUT_DIR/bench-b0-bf16"
-  stage bench-b0-fp32 60 "$PY" -m effnet_kernels bench --quick --device cuda --dtype float32 \
-    --compile-budget 15 --skip-e2e --skip-selfcheck --out "$OUT_DIR/bench-b0-fp32"
-  stage bench-b4-bf16 70 "$PY" -m effnet_kernels bench --quick --device cuda --dtype bfloat16 \
+  stage bench-b0-bf16 200 "$PY" -m effnet_kernels bench --quick --device cuda --dtype bfloat16 \
+    --compile-budget 30 --e2e-providers eager,converted,compile --out "$OUT_DIR/bench-b0-bf16"
+  stage bench-b4-bf16 150 "$PY" -m effnet_kernels bench --quick --device cuda --dtype bfloat16 \
     --model efficientnet_b4 --ops depthwise --compile-budget 0 --skip-selfcheck \
-    --e2e-batch 16 --out "$OUT_DIR/bench-b4-bf16"
+    --e2e-batch 48 --e2e-providers eager,converted,compile --out "$OUT_DIR/bench-b4-bf16"
+  stage bench-b0-fp32 90 env EFFNET_KERNELS_TRITON_AUTOTUNE=0 "$PY" -m effnet_kernels bench \
+    --quick --device cuda --dtype float32 --formats channels_last,nchw --compile-budget 15 \
+    --skip-e2e --skip-selfcheck --out "$OUT_DIR/bench-b0-fp32"
 else
   skip bench-gpu "no GPU"
   stage bench-cpu-smoke 240 "$PY" -m effnet_kernels bench --smoke --device cpu \

@@ -47,36 +47,40 @@ def assert_eval_parity(model: nn.Module, reference: nn.Module, x: torch.Tensor) 
     assert p.ok, str(p)
 
 
-def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                autocast: torch.dtype | None = None):
     model.train()
     model.zero_grad(set_to_none=True)
-    logits = model(x)
-    F.cross_entropy(logits, y).backward()
+    with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+        logits = model(x)
+    F.cross_entropy(logits.float(), y).backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
     return logits.detach(), grads, dict(model.named_buffers())
 
 
 def assert_train_parity(model: nn.Module, reference: nn.Module, x: torch.Tensor,
-                        y: torch.Tensor) -> None:
+                        y: torch.Tensor, autocast: torch.dtype | None = None) -> None:
     """One training forward/backward: logits, every parameter gradient and every BN
-    buffer after the step. `model` and `reference` must start from the same state."""
+    buffer after the step. `model` and `reference` must start from the same state.
+    autocast: run both under torch.autocast in this dtype (the truth stays float64)."""
     truth_model = copy.deepcopy(reference).double()
-    got = _train_step(model, x, y)
-    same = _train_step(reference, x, y)
+    got = _train_step(model, x, y, autocast)
+    same = _train_step(reference, x, y, autocast)
     truth = _train_step(truth_model, x.double(), y)
+    dt = autocast or F32
     failures = []
-    p = parity("logits", got[0], same[0], truth[0], F32)
+    p = parity("logits", got[0], same[0], truth[0], dt)
     failures += [] if p.ok else [str(p)]
     # Gradients that vanish in exact arithmetic are judged against the model's scale.
     scale = max(g.abs().max().item() for g in truth[1].values())
     for name, g in truth[1].items():
-        p = parity(f"grad {name}", got[1][name], same[1][name], g, F32, scale=scale)
+        p = parity(f"grad {name}", got[1][name], same[1][name], g, dt, scale=scale)
         failures += [] if p.ok else [str(p)]
     for name, b in truth[2].items():
         if name.endswith("num_batches_tracked"):
             if not torch.equal(got[2][name], same[2][name]):
                 failures.append(f"{name}: {got[2][name]} != {same[2][name]}")
             continue
-        p = parity(f"buffer {name}", got[2][name], same[2][name], b, F32)
+        p = parity(f"buffer {name}", got[2][name], same[2][name], b, dt)
         failures += [] if p.ok else [str(p)]
     assert not failures, "\n".join(failures[:10]) + f"\n({len(failures)} failures)"

@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from backend_params import DEVICES
 from model_cases import assert_eval_parity, assert_train_parity, batch, randomize_bn
 from torch import nn
 
@@ -63,6 +64,17 @@ def test_train_step_parity(source, name):
         {"dropout": 0.0, "stochastic_depth_prob": 0.0}
     fused, original = converted_pair(source, name, **kw)
     assert_train_parity(fused, original, *batch(4, 64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_train_step_parity_autocast_bfloat16(device):
+    """Mixed precision as users train: bf16 activations, float32 master weights."""
+    fused, original = converted_pair("timm", "efficientnet_b0", drop_rate=0.0,
+                                     drop_path_rate=0.0)
+    for m in (fused, original):
+        m.to(device, memory_format=torch.channels_last)
+    x, y = batch(4, 64, fmt=torch.channels_last)
+    assert_train_parity(fused, original, x.to(device), y.to(device), autocast=torch.bfloat16)
 
 
 @pytest.mark.parametrize("source,name", [("timm", "tf_efficientnet_b0"),

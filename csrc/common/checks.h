@@ -2,7 +2,8 @@
 // Python validates user input before any kernel runs; these guard the C++ boundary.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #define EFFNET_CHECK_DEVICE(t, dev)                                             \
   TORCH_CHECK((t).device() == (dev), #t " must be on ", (dev), ", got ", (t).device())

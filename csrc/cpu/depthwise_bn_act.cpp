@@ -11,9 +11,10 @@
 // Every pass recomputes y from x (design.md §4). Kernels run on channels_last data
 // (NCHW inputs are converted on entry and outputs converted back) and accumulate in
 // float (double for float64). The row kernels live in depthwise_kernels.h, compiled
-// once per ISA (AVX-512, AVX2, baseline) and picked at runtime; EFFNET_CPU_ISA=avx2 or
-// =base forces a narrower one. Threads split fixed work units (at::parallel_for) and
-// write per-group partials that are merged in order, so results are deterministic.
+// once per ISA (AVX-512, AVX2, baseline) in depthwise_isa_*.cpp and picked at runtime;
+// EFFNET_CPU_ISA=avx2 or =base forces a narrower one. Threads split fixed work units
+// (at::parallel_for) and write per-group partials that are merged in order, so results
+// are deterministic.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -32,59 +33,13 @@
 #include <utility>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
-
 #include "common/binding_registry.h"
 #include "common/checks.h"
 #include "common/math.h"
+#include "depthwise_passes.h"
 #include "output_cache.h"
 
 namespace effnet::cpu_dw {
-
-// Geometry of one call; x is (N, C, H, W), y is (N, C, OH, OW), kernel K x K.
-struct Geo {
-  int64_t N, C, H, W, OH, OW, K, S, pt, pl, act;
-};
-
-// Per-channel inputs in the accumulation type; wt is the weight as [kh][kw][c].
-template <typename A>
-struct Params {
-  const A* wt = nullptr;
-  const A* scale = nullptr;
-  const A* shift = nullptr;
-  const A* mean = nullptr;
-  const A* coef_b = nullptr;
-  const A* coef_c = nullptr;
-};
-
-#if defined(__x86_64__) || defined(__i386__)
-#define EFFNET_DW_X86 1
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
-namespace avx512 {
-constexpr int kVecBytes = 64;
-#include "vec_math.h"
-#include "depthwise_kernels.h"
-}  // namespace avx512
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-namespace avx2 {
-constexpr int kVecBytes = 32;
-#include "vec_math.h"
-#include "depthwise_kernels.h"
-}  // namespace avx2
-#pragma GCC pop_options
-#endif
-
-namespace base {
-constexpr int kVecBytes = 16;
-#include "vec_math.h"
-#include "depthwise_kernels.h"
-}  // namespace base
 
 namespace {
 
@@ -134,9 +89,6 @@ F pick(F f_avx512, F f_avx2, F f_base) {
 #else
 #define EFFNET_DW_PICK(fn) pick(&base::fn, &base::fn, &base::fn)
 #endif
-
-template <typename X>
-using AccOf = base::AccOf<X>;
 
 constexpr int64_t kMaxGroups = 64;
 
@@ -259,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor> dw_stats(const at::Tensor& x, const at::Tenso
     std::vector<double> total(width, 0.0);
     for (int64_t i = 0; i < groups; ++i) {
       const double* pi = part.data() + i * width;
-      base::chan_merge(total.data(), g.C, pi[0], pi + 1, pi + 1 + g.C);
+      chan_merge(total.data(), g.C, pi[0], pi + 1, pi + 1 + g.C);
     }
     A* m = mean.data_ptr<A>();
     A* v = var.data_ptr<A>();

@@ -1,7 +1,8 @@
 // Row kernels of the fused depthwise conv + BN + activation, channels_last layout.
 //
-// No include guard on purpose: depthwise_bn_act.cpp includes this once per ISA, inside
-// a namespace and a `#pragma GCC target` region, after vec_math.h (see its header).
+// No include guard on purpose: each depthwise_isa_*.cpp includes this once, inside its
+// ISA's namespace and `#pragma GCC target`, after vec_math.h (see its header); Geo, Params,
+// AccOf and chan_merge come from depthwise_passes.h.
 //
 // Layout: x is NHWC, so one image row is W * C values with the channel fastest; every
 // inner loop runs over a vector of channels at one pixel. Weights arrive transposed to
@@ -12,9 +13,6 @@
 // style passes, (image, block of input rows) for the backward pass. Per-channel sums are
 // accumulated per row in A, then added into the caller's double partials, which the
 // driver merges in a fixed order: results do not depend on the thread count.
-
-template <typename X>
-using AccOf = std::conditional_t<std::is_same_v<X, double>, double, float>;
 
 // Runs f.template operator()<K>() for the runtime kernel size k in {1, 3, 5, 7}.
 template <class F>
@@ -224,21 +222,6 @@ inline void conv_block(const ElemOf<V>* const* rows, const ElemOf<V>* wt, const 
     f(ow, acc);
     ++ow;
   }
-}
-
-// Chan's parallel merge of (nb, mean_b, m2_b) into acc = [count, mean[C], m2[C]].
-template <typename A>
-inline void chan_merge(double* acc, int64_t C, double nb, const A* mean_b, const A* m2_b) {
-  if (nb == 0) return;
-  const double na = acc[0], n = na + nb;
-  double* mean = acc + 1;
-  double* m2 = acc + 1 + C;
-  for (int64_t c = 0; c < C; ++c) {
-    const double delta = double(mean_b[c]) - mean[c];
-    mean[c] += delta * (nb / n);
-    m2[c] += double(m2_b[c]) + delta * delta * (na * nb / n);
-  }
-  acc[0] = n;
 }
 
 // ---- per-row cores (depend on K and the accumulation type A only) --------------------

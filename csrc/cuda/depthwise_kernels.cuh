@@ -1,5 +1,5 @@
 // Kernels of the fused depthwise conv + BatchNorm + activation op (launchers in
-// depthwise_bn_act.cu). Per channel c, with y = depthwise_conv(x, weight) recomputed on the
+// depthwise_{stats,forward,backward_reduce,backward}.cu). Per channel c, with y = depthwise_conv(x, weight) recomputed on the
 // fly (never stored) and z = y * scale[c] + shift[c]:
 //   stats          (count, mean, M2) of y per chunk of pixels      -> merge_stats_kernel
 //   forward        out = act(z)

@@ -9,18 +9,21 @@
 // taken when every pointer is 16-byte aligned and S % VEC == 0, so no vector straddles two
 // samples; otherwise VEC = 1. Offsets are int64. Math in float (double for float64), one
 // rounding to the storage type. A dropped sample (scale 0) never reads x or dy.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAContextLight.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <cstdint>
 
-#include "common/binding_registry.h"
 #include "common/checks.h"
+#include "cuda/ops.h"
 
 namespace effnet::cuda_dc {
 
@@ -102,7 +105,7 @@ void launch(const T* x, const T* s, const A* scale, T* out, int64_t numel, int64
   // Enough blocks to fill the GPU several times over; the grid-stride loop covers the rest.
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t blocks = std::min<int64_t>((items + kThreads - 1) / kThreads, int64_t(sms) * 32);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (vec) {
     dc_kernel<T, A, kVec, kForward><<<blocks, kThreads, 0, stream>>>(x, s, scale, out, numel,
                                                                       per_sample);
@@ -150,11 +153,3 @@ at::Tensor dc_backward(const at::Tensor& dy, const at::Tensor& scale) {
 }
 
 }  // namespace effnet::cuda_dc
-
-EFFNET_BINDINGS(bind_drop_connect_cuda) {
-  auto cuda = m.def_submodule("cuda");
-  cuda.def("dc_forward", &effnet::cuda_dc::dc_forward, "out = shortcut + x * scale[n]",
-           pybind11::arg("x"), pybind11::arg("shortcut"), pybind11::arg("scale"));
-  cuda.def("dc_backward", &effnet::cuda_dc::dc_backward, "dx = dy * scale[n]",
-           pybind11::arg("dy"), pybind11::arg("scale"));
-}

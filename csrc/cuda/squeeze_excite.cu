@@ -14,17 +14,19 @@
 //   NCHW: one warp per (n, c) plane chunk, lanes stride the contiguous pixels.
 //   channels_last: a (32 channels x 8 pixel rows) block; lanes read 32 consecutive channels.
 // Elementwise passes use the same two layouts; every offset is int64.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
 
-#include "common/binding_registry.h"
 #include "common/checks.h"
+#include "cuda/ops.h"
 
 namespace effnet::cuda_se {
 
@@ -172,7 +174,7 @@ at::Tensor reduce(const at::Tensor& a, const at::Tensor* b) {
   const int64_t chunks = (HW + (cl ? kRowChunk : kPlaneChunk) - 1) / (cl ? kRowChunk : kPlaneChunk);
   TORCH_CHECK(chunks <= 65535 && N <= 65535, "x is too large for se_pool (N * H * W)");
   auto part = at::empty({N, chunks, C}, a.options().dtype(acc));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "se_reduce_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     const scalar_t* ap = a.const_data_ptr<scalar_t>();
@@ -213,7 +215,7 @@ at::Tensor affine(const at::Tensor& in, const char* name, const at::Tensor& g,
   auto out = at::empty(in.sizes(), in.options().memory_format(fmt));
   if (in.numel() == 0) return out;
   const int64_t N = in.size(0), C = in.size(1), HW = in.size(2) * in.size(3);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto dtype = in.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "se_affine_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
@@ -258,14 +260,3 @@ at::Tensor se_backward_dx(const at::Tensor& dy, const at::Tensor& gate, const at
 }
 
 }  // namespace effnet::cuda_se
-
-EFFNET_BINDINGS(bind_squeeze_excite_cuda) {
-  namespace se = effnet::cuda_se;
-  auto cuda = m.def_submodule("cuda");
-  cuda.def("se_pool", &se::se_pool, "(N, C) sums over H x W of x", pybind11::arg("x"));
-  cuda.def("se_pool_dy_x", &se::se_pool_dy_x, "(N, C) sums over H x W of dy * x",
-           pybind11::arg("dy"), pybind11::arg("x"));
-  cuda.def("se_scale", &se::se_scale, "x * gate[n, c]", pybind11::arg("x"), pybind11::arg("gate"));
-  cuda.def("se_backward_dx", &se::se_backward_dx, "dy * gate[n, c] + dmean[n, c]",
-           pybind11::arg("dy"), pybind11::arg("gate"), pybind11::arg("dmean"));
-}

@@ -16,6 +16,7 @@ import torch
 
 from ..backends import BACKENDS, not_supported_reasons
 from ..models.config import SCALING
+from .e2e import PROVIDERS as E2E_PROVIDERS
 from .providers import OPS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,13 +30,15 @@ LEVELS = {
     "smoke": dict(threads=1, shapes=1, batch=(2, 8), resolution=64, formats=("nchw",), warmup=1,
                   rounds=3, min_sample_ms=0.2, compile_budget=(0, 0), e2e_batch=(2, 8),
                   e2e_resolution=32, e2e_rounds=2, e2e_providers=("eager", "converted")),
-    "quick": dict(shapes=3, batch=(4, 32), resolution=None, formats=("channels_last",), warmup=2,
-                  rounds=7, min_sample_ms=1.0, compile_budget=(45, 90), e2e_batch=(4, 32),
+    # GPU batches are large enough that kernels, not per-call host costs, set the time (at
+    # batch 32 on an H200 every op case measured host overhead, 0-5 % of copy bandwidth)
+    "quick": dict(shapes=3, batch=(4, 128), resolution=None, formats=("channels_last",), warmup=2,
+                  rounds=7, min_sample_ms=1.0, compile_budget=(45, 90), e2e_batch=(4, 128),
                   e2e_resolution=(160, None), e2e_rounds=5,
                   e2e_providers=("eager", "converted", "onnxruntime")),
-    "full": dict(shapes=None, batch=(8, 64), resolution=None, formats=("nchw", "channels_last"),
+    "full": dict(shapes=None, batch=(8, 256), resolution=None, formats=("nchw", "channels_last"),
                  warmup=3, rounds=15, min_sample_ms=2.0, compile_budget=(None, None),
-                 e2e_batch=(8, 64), e2e_resolution=None, e2e_rounds=10,
+                 e2e_batch=(8, 128), e2e_resolution=None, e2e_rounds=10,
                  e2e_providers=("eager", "converted", "compile", "onnxruntime")),
 }
 
@@ -75,12 +78,30 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile-budget", type=float, default=None,
                    help="seconds of torch.compile time allowed (later compile cases are "
                    "skipped); default per level")
+    b.add_argument("--formats", default=None,
+                   help="comma-separated memory formats of the op cases (nchw,channels_last); "
+                   "default per level")
+    b.add_argument("--e2e-providers", default=None,
+                   help=f"comma-separated subset of {','.join(E2E_PROVIDERS)} for the end-to-end "
+                   "part; default per level")
     return parser
 
 
 def _positive(parser, name, value):
     if value is not None and value < 1:
         parser.error(f"{name} must be a positive integer, got {value}")
+
+
+def _subset(parser, flag, value, allowed):
+    """The comma-separated names of `value` (None when not given), each one of `allowed`."""
+    if value is None:
+        return None
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [v for v in names if v not in allowed]
+    if bad or not names:
+        parser.error(f"{flag} must be a comma-separated subset of {','.join(allowed)}, "
+                     f"got {value!r}")
+    return names
 
 
 def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
@@ -98,6 +119,8 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     bad = [o for o in ops if o not in OPS]
     if bad or not ops:
         parser.error(f"--ops must be a comma-separated subset of {','.join(OPS)}, got {args.ops!r}")
+    formats = _subset(parser, "--formats", args.formats, ("nchw", "channels_last"))
+    e2e_providers = _subset(parser, "--e2e-providers", args.e2e_providers, E2E_PROVIDERS)
     for name in ("threads", "batch", "e2e_batch"):
         _positive(parser, "--" + name.replace("_", "-"), getattr(args, name))
     if args.compile_budget is not None and args.compile_budget < 0:
@@ -115,12 +138,12 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
         "variant": variant, "ops": ops, "out": args.out, "skip_e2e": args.skip_e2e,
         "skip_selfcheck": args.skip_selfcheck, "threads": args.threads or cfg.get("threads"),
         "shapes_per_op": cfg["shapes"], "batch": args.batch or per_device(cfg["batch"]),
-        "resolution": cfg["resolution"], "memory_formats": cfg["formats"],
+        "resolution": cfg["resolution"], "memory_formats": formats or cfg["formats"],
         "warmup": cfg["warmup"], "rounds": cfg["rounds"], "min_sample_ms": cfg["min_sample_ms"],
         "compile_budget_s": args.compile_budget if args.compile_budget is not None
         else per_device(cfg["compile_budget"]),
         "e2e_batch": args.e2e_batch or per_device(cfg["e2e_batch"]), "e2e_resolution": e2e_res,
-        "e2e_rounds": cfg["e2e_rounds"], "e2e_providers": cfg["e2e_providers"],
+        "e2e_rounds": cfg["e2e_rounds"], "e2e_providers": e2e_providers or cfg["e2e_providers"],
     }
 
 

@@ -221,7 +221,12 @@ def squeeze_excite(
     (N, C) float32 sums of x over H x W (e.g. emitted by the producing kernel); it replaces
     the pooling read and receives no gradient (its gradient flows through x).
     act: "silu", "relu" or "identity". Same semantics as `reference.squeeze_excite`.
+    Under autocast, x keeps its dtype and the MLP still runs in float32.
     """
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return squeeze_excite(x, reduce_weight, reduce_bias, expand_weight, expand_bias,
+                                  act=act, pooled=pooled)
     if reduce_bias is None and isinstance(reduce_weight, Tensor):
         reduce_bias = reduce_weight.new_zeros(reduce_weight.shape[:1])
     if expand_bias is None and isinstance(expand_weight, Tensor):

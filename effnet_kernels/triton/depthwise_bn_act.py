@@ -47,10 +47,14 @@ def _configs(fixed_p=False):
     # no spills: forward 96 regs (k=3) / 136 (k=7), dyc 255 (k=7), dx 237 (k=7). Before the kh
     # loops became runtime loops, fully unrolled taps spilled (forward k=7: 952 B stack).
     # Wide-C tiles suit channels_last, tall narrow ones NCHW / small C. Not yet timed on a GPU.
+    # EFFNET_KERNELS_TRITON_AUTOTUNE=0 keeps the first config only (GPU test runs: every new
+    # shape key would otherwise compile and time all of them).
     if fixed_p:  # BLOCK_P = _DW_TILE_P = 128
-        return [triton.Config({"BLOCK_C": c}, num_warps=w) for c, w in [(8, 4), (16, 8)]]
-    tiles = [(32, 32, 4), (64, 16, 4), (128, 8, 4), (32, 64, 8), (64, 32, 8)]
-    return [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w) for p, c, w in tiles]
+        configs = [triton.Config({"BLOCK_C": c}, num_warps=w) for c, w in [(8, 4), (16, 8)]]
+    else:
+        tiles = [(32, 32, 4), (64, 16, 4), (128, 8, 4), (32, 64, 8), (64, 32, 8)]
+        configs = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w) for p, c, w in tiles]
+    return configs[:1] if os.environ.get("EFFNET_KERNELS_TRITON_AUTOTUNE") == "0" else configs
 
 
 _KEY = ["M", "C", "K", "STRIDE"]

@@ -1,0 +1,100 @@
+// Shared declarations of the CPU depthwise conv + BN + activation passes.
+//
+// The row kernels (depthwise_kernels.h) are compiled once per instruction set, each in its
+// own translation unit (depthwise_isa_avx512.cpp, _avx2.cpp, _base.cpp) and namespace;
+// depthwise_bn_act.cpp picks one set at runtime. This header holds what both sides need:
+// the call geometry, the per-channel parameters, the accumulation type, Chan's merge and
+// the signatures of the four passes (declared per ISA, instantiated in the ISA files for
+// float, double, BFloat16 and Half). Layout: channels_last (NHWC) rows, see the kernels.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define EFFNET_DW_X86 1
+#endif
+
+#include "common/math.h"
+
+namespace effnet::cpu_dw {
+
+// Geometry of one call; x is (N, C, H, W), y is (N, C, OH, OW), kernel K x K.
+struct Geo {
+  int64_t N, C, H, W, OH, OW, K, S, pt, pl, act;
+};
+
+// Per-channel inputs in the accumulation type; wt is the weight as [kh][kw][c].
+template <typename A>
+struct Params {
+  const A* wt = nullptr;
+  const A* scale = nullptr;
+  const A* shift = nullptr;
+  const A* mean = nullptr;
+  const A* coef_b = nullptr;
+  const A* coef_c = nullptr;
+};
+
+// Accumulation type of storage type X: double for double, float otherwise.
+template <typename X>
+using AccOf = std::conditional_t<std::is_same_v<X, double>, double, float>;
+
+// Chan's parallel merge of (nb, mean_b, m2_b) into acc = [count, mean[C], m2[C]].
+template <typename A>
+inline void chan_merge(double* acc, int64_t C, double nb, const A* mean_b, const A* m2_b) {
+  if (nb == 0) return;
+  const double na = acc[0], n = na + nb;
+  double* mean = acc + 1;
+  double* m2 = acc + 1 + C;
+  for (int64_t c = 0; c < C; ++c) {
+    const double delta = double(mean_b[c]) - mean[c];
+    mean[c] += delta * (nb / n);
+    m2[c] += double(m2_b[c]) + delta * delta * (na * nb / n);
+  }
+  acc[0] = n;
+}
+
+// The four passes over work units (output rows, or image x input-row blocks for backward):
+//   stats_rows      per-row mean/M2 of y, Chan-merged into acc = [count, mean[C], m2[C]]
+//   forward_rows    out = act(y * scale + shift)
+//   reduce_rows     acc += [sum g, sum g * (y - mean)]
+//   backward_units  dx rows and dweight sums (acc, [kh][kw][c]) of the blocks [u0, u1)
+// HEAD is `template <typename X>` for the declarations, `template` for an instantiation.
+#define EFFNET_DW_PASSES(HEAD, X)                                                              \
+  HEAD void stats_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, int64_t r0,        \
+                       int64_t r1, double* acc);                                               \
+  HEAD void forward_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, X* out,          \
+                         int64_t r0, int64_t r1);                                              \
+  HEAD void reduce_rows(const Geo& g, const X* x, const X* dy, const Params<AccOf<X>>& p,      \
+                        int64_t r0, int64_t r1, double* acc);                                  \
+  HEAD void backward_units(const Geo& g, const X* x, const X* dy, const Params<AccOf<X>>& p,   \
+                           X* dx, int64_t blocks, int64_t u0, int64_t u1, double* dw);
+
+// Declarations per ISA namespace (avx512, avx2, base); an ISA file instantiates them with
+// EFFNET_DW_INSTANTIATE_PASSES() after including depthwise_kernels.h in that namespace.
+#define EFFNET_DW_ISA_PASSES(ISA) \
+  namespace ISA {                 \
+  EFFNET_DW_PASSES(template <typename X>, X)                                                 \
+  }
+#define EFFNET_DW_INSTANTIATE_PASSES()    \
+  EFFNET_DW_PASSES(template, float)       \
+  EFFNET_DW_PASSES(template, double)      \
+  EFFNET_DW_PASSES(template, c10::BFloat16) \
+  EFFNET_DW_PASSES(template, c10::Half)
+
+#ifdef EFFNET_DW_X86
+EFFNET_DW_ISA_PASSES(avx512)
+EFFNET_DW_ISA_PASSES(avx2)
+#endif
+EFFNET_DW_ISA_PASSES(base)
+
+}  // namespace effnet::cpu_dw

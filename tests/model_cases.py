@@ -53,7 +53,8 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     model.zero_grad(set_to_none=True)
     with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
         logits = model(x)
-    F.cross_entropy(logits.float(), y).backward()
+    # autocast logits (bf16) go to float32 for the loss; the float64 truth stays float64
+    F.cross_entropy(logits.to(torch.promote_types(logits.dtype, F32)), y).backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
     return logits.detach(), grads, dict(model.named_buffers())
 

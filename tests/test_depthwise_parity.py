@@ -94,4 +94,3 @@ def test_parity_both_routes(backend, fast, monkeypatch):
                                             (ODD_CASES[2], torch.float64, "nchw", True),
                                             (ODD_CASES[3], torch.float32, "nhwc", False)):
         check_case(backend, "cpu", case, dtype, fmt_name, training)
-

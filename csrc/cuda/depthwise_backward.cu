@@ -12,15 +12,11 @@ std::tuple<at::Tensor, at::Tensor> dw_backward_cuda(
     const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
     const at::Tensor& coef_b, const at::Tensor& coef_c, int64_t stride, int64_t pad_top,
     int64_t pad_left, int64_t act) {
-  TORCH_CHECK(dy_in.dim() == 4, "dy must be 4-D (N, C, out_h, out_w), got shape ",
-              dy_in.sizes());
-  const Problem pr =
-      check_problem(x, weight, stride, pad_top, pad_left, dy_in.size(2), dy_in.size(3));
-  const at::Tensor dy = check_dy(dy_in, x, pr.fmt);
-  const at::Tensor sc = check_param(scale, "scale", x), sh = check_param(shift, "shift", x);
-  const at::Tensor mu = check_param(mean, "mean", x);
+  const BackwardInputs in =
+      check_backward(dy_in, x, weight, scale, shift, mean, stride, pad_top, pad_left, act);
+  const Problem& pr = in.pr;
+  const at::Tensor &dy = in.dy, &sc = in.scale, &sh = in.shift, &mu = in.mean;
   const at::Tensor cb = check_param(coef_b, "coef_b", x), cc = check_param(coef_c, "coef_c", x);
-  check_act(act);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t C = pr.g.C, KK = int64_t{pr.K} * pr.K;
   if (pr.M == 0 || C == 0) {

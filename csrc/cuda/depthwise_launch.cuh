@@ -196,6 +196,26 @@ inline void check_act(int64_t act) {
   TORCH_CHECK(act >= 0 && act <= 2, "act must be 0 (identity), 1 (relu) or 2 (silu), got ", act);
 }
 
+// Checked inputs of both backward passes: the problem (from x and dy's output size), dy
+// dense in x's memory format, and the float32 per-channel scale, shift and mean.
+struct BackwardInputs {
+  Problem pr;
+  at::Tensor dy, scale, shift, mean;
+};
+
+inline BackwardInputs check_backward(const at::Tensor& dy, const at::Tensor& x,
+                                     const at::Tensor& weight, const at::Tensor& scale,
+                                     const at::Tensor& shift, const at::Tensor& mean,
+                                     int64_t stride, int64_t pad_top, int64_t pad_left,
+                                     int64_t act) {
+  TORCH_CHECK(dy.dim() == 4, "dy must be 4-D (N, C, out_h, out_w), got shape ", dy.sizes());
+  const Problem pr = check_problem(x, weight, stride, pad_top, pad_left, dy.size(2), dy.size(3));
+  BackwardInputs in{pr, check_dy(dy, x, pr.fmt), check_param(scale, "scale", x),
+                    check_param(shift, "shift", x), check_param(mean, "mean", x)};
+  check_act(act);
+  return in;
+}
+
 // Launch of the second pass of a sum: out[col] = sum over chunks of part[chunk][col].
 template <typename Tout>
 void launch_sum_chunks(const at::Tensor& part, int chunks, int64_t cols, int64_t split,

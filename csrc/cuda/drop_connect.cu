@@ -11,7 +11,6 @@
 // rounding to the storage type. A dropped sample (scale 0) never reads x or dy.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContextLight.h>

@@ -115,10 +115,7 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
         variant = model_variant(args.model)
     except ValueError as exc:
         parser.error(str(exc))
-    ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
-    bad = [o for o in ops if o not in OPS]
-    if bad or not ops:
-        parser.error(f"--ops must be a comma-separated subset of {','.join(OPS)}, got {args.ops!r}")
+    ops = _subset(parser, "--ops", args.ops, OPS)
     formats = _subset(parser, "--formats", args.formats, ("nchw", "channels_last"))
     e2e_providers = _subset(parser, "--e2e-providers", args.e2e_providers, E2E_PROVIDERS)
     for name in ("threads", "batch", "e2e_batch"):

@@ -110,9 +110,11 @@ sys.exit(1 if bad else 0)'
 fi
 
 # 4. benchmarks, most wanted first (a stage that does not fit the budget is skipped):
+#    host cost per B0 step (time and ATen dispatches at a tiny input, eager vs converted);
 #    B0 bf16: the ops (autotuned Triton) + end to end vs eager and torch.compile;
 #    B4 bf16 end to end; B0 fp32 ops in both memory formats (Triton: first config only).
 if (( HAVE_GPU )); then
+  stage host-overhead 60 "$PY" benchmarks/bench_host_overhead.py --device cuda
   stage bench-b0-bf16 200 "$PY" -m effnet_kernels bench --quick --device cuda --dtype bfloat16 \
     --compile-budget 30 --e2e-providers eager,converted,compile --out "$OUT_DIR/bench-b0-bf16"
   stage bench-b4-bf16 150 "$PY" -m effnet_kernels bench --quick --device cuda --dtype bfloat16 \
@@ -123,6 +125,7 @@ if (( HAVE_GPU )); then
     --skip-e2e --skip-selfcheck --out "$OUT_DIR/bench-b0-fp32"
 else
   skip bench-gpu "no GPU"
+  stage host-overhead-cpu 120 "$PY" benchmarks/bench_host_overhead.py --device cpu --rounds 3
   stage bench-cpu-smoke 240 "$PY" -m effnet_kernels bench --smoke --device cpu \
     --out "$OUT_DIR/bench-cpu-smoke"
 fi

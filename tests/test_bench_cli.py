@@ -152,3 +152,12 @@ def test_speedups_and_bandwidth():
     assert fused["gbps"] == pytest.approx(4.0) and fused["pct_copy_bw"] == pytest.approx(50.0)
     text = report.format_table(*report.op_table(rows))
     assert "x4.00" in text and "x2.00" in text
+
+
+def test_top_level_aten_ops_counts_each_dispatch_once():
+    from effnet_kernels.bench.dispatch import top_level_aten_ops
+
+    x = torch.randn(4, 3)
+    counts = top_level_aten_ops(lambda: torch.nn.functional.linear(x, x).relu().add(1))
+    # linear runs t / addmm inside itself: counted once, as aten::linear
+    assert counts == {"aten::linear": 1, "aten::relu": 1, "aten::add": 1}

@@ -4,6 +4,8 @@
 //
 //   dw_stats            mean[c], biased var[c] of y   (per-row mean/M2, Chan merges)
 //   dw_forward          out = act(z)
+//   dw_forward_pool     (out, pooled[n][c] = sum over out's pixels of out): the
+//                       squeeze-excite pool as an epilogue of the forward pass
 //   dw_backward_reduce  g = dy * act'(z);  sum_g[c] = sum g,  sum_g_yc[c] = sum g (y - mean)
 //   dw_backward         dyc = scale * g + coef_b + coef_c * (y - mean)
 //                       dx = conv_transpose(dyc, weight),  dweight = corr(x, dyc)
@@ -132,7 +134,8 @@ at::Tensor grad_output(const at::Tensor& dy, const at::Tensor& x) {
   EFFNET_CHECK_DIM(dy, 4);
   TORCH_CHECK(dy.size(0) == x.size(0) && dy.size(1) == x.size(1), "dy must be (N, C, out_h, out_w) = (",
               x.size(0), ", ", x.size(1), ", ...), got shape ", dy.sizes());
-  return dy.to(x.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor same_dtype = dy.scalar_type() == x.scalar_type() ? dy : dy.to(x.scalar_type());
+  return same_dtype.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 Geo make_geo(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t pad_top,
@@ -223,25 +226,66 @@ std::tuple<at::Tensor, at::Tensor> dw_stats(const at::Tensor& x, const at::Tenso
   return {mean, var};
 }
 
-at::Tensor dw_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                      const at::Tensor& shift, int64_t stride, int64_t pad_top, int64_t pad_left,
-                      int64_t out_h, int64_t out_w, int64_t act) {
+namespace {
+
+// out = act(conv * scale + shift); with `pool`, also the (N, C) sums of the stored out
+// over its pixels in the accumulation dtype (per-row sums from the kernel, then added
+// over each image's rows in double, in row order: deterministic for any thread count).
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weight,
+                                                const at::Tensor& scale, const at::Tensor& shift,
+                                                int64_t stride, int64_t pad_top,
+                                                int64_t pad_left, int64_t out_h, int64_t out_w,
+                                                int64_t act, bool pool) {
   const auto fmt = check_input(x, weight, stride, pad_top, pad_left, act);
   const Geo g = make_geo(x, weight, stride, pad_top, pad_left, out_h, out_w, act);
   const auto sc = per_channel(scale, "scale", x), sh = per_channel(shift, "shift", x);
   const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor out = empty_cl(x, g.OH, g.OW);
+  at::Tensor pooled;
+  if (pool) pooled = at::zeros({g.N, g.C}, x.options().dtype(acc_type_of(x.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_forward", [&] {
     using X = scalar_t;
     using A = AccOf<X>;
     const auto wt = transpose_weight<X>(weight);
     const Params<A> p{wt.data(), sc.const_data_ptr<A>(), sh.const_data_ptr<A>()};
     const auto kernel = EFFNET_DW_PICK(forward_rows<X>);
+    std::vector<A> row_sums(pool ? g.N * g.OH * g.C : 0);
+    A* sums = pool ? row_sums.data() : nullptr;
     at::parallel_for(0, g.N * g.OH, 1, [&](int64_t r0, int64_t r1) {
-      kernel(g, xc.const_data_ptr<X>(), p, out.data_ptr<X>(), r0, r1);
+      kernel(g, xc.const_data_ptr<X>(), p, out.data_ptr<X>(), r0, r1, sums);
     });
+    if (pool) {
+      A* dst = pooled.data_ptr<A>();
+      std::vector<double> image(g.C);
+      for (int64_t n = 0; n < g.N; ++n) {
+        std::fill(image.begin(), image.end(), 0.0);
+        for (int64_t oh = 0; oh < g.OH; ++oh) {
+          const A* row = sums + (n * g.OH + oh) * g.C;
+          for (int64_t c = 0; c < g.C; ++c) image[c] += double(row[c]);
+        }
+        for (int64_t c = 0; c < g.C; ++c) dst[n * g.C + c] = A(image[c]);
+      }
+    }
   });
-  return to_format(out, fmt);
+  return {to_format(out, fmt), pooled};
+}
+
+}  // namespace
+
+at::Tensor dw_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                      const at::Tensor& shift, int64_t stride, int64_t pad_top, int64_t pad_left,
+                      int64_t out_h, int64_t out_w, int64_t act) {
+  return std::get<0>(forward_impl(x, weight, scale, shift, stride, pad_top, pad_left, out_h,
+                                  out_w, act, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> dw_forward_pool(const at::Tensor& x, const at::Tensor& weight,
+                                                   const at::Tensor& scale,
+                                                   const at::Tensor& shift, int64_t stride,
+                                                   int64_t pad_top, int64_t pad_left,
+                                                   int64_t out_h, int64_t out_w, int64_t act) {
+  return forward_impl(x, weight, scale, shift, stride, pad_top, pad_left, out_h, out_w, act,
+                      true);
 }
 
 std::tuple<at::Tensor, at::Tensor> dw_backward_reduce(
@@ -328,6 +372,11 @@ EFFNET_BINDINGS(bind_cpu_depthwise) {
           py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("pad_top"),
           py::arg("pad_left"), py::arg("out_h"), py::arg("out_w"));
   cpu.def("dw_forward", &dw_forward, "act(depthwise_conv(x, weight) * scale + shift)",
+          py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("shift"), py::arg("stride"),
+          py::arg("pad_top"), py::arg("pad_left"), py::arg("out_h"), py::arg("out_w"),
+          py::arg("act"));
+  cpu.def("dw_forward_pool", &dw_forward_pool,
+          "(out, pooled): dw_forward and the (N, C) sums of out over its pixels",
           py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("shift"), py::arg("stride"),
           py::arg("pad_top"), py::arg("pad_left"), py::arg("out_h"), py::arg("out_w"),
           py::arg("act"));

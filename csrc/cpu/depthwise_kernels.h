@@ -539,10 +539,12 @@ void stats_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, int64_t r0,
   });
 }
 
-// Pass 2: out = act(y * scale + shift) over output rows [r0, r1).
+// Pass 2: out = act(y * scale + shift) over output rows [r0, r1). With row_sums, also
+// row_sums[r][c] = sum over the row's pixels of the stored out (the squeeze-excite pool,
+// read back while the row is still in cache instead of in a separate pass over out).
 template <typename X>
 void forward_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, X* out, int64_t r0,
-                  int64_t r1) {
+                  int64_t r1, AccOf<X>* row_sums) {
   using A = AccOf<X>;
   with_kernel_size(g.K, [&]<int K>() {
     RowSource<X, A> src(x, g);
@@ -553,6 +555,15 @@ void forward_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, X* out, i
       X* orow = out + r * g.OW * g.C;
       forward_row<K>(g, rows, p, view.target(orow));
       view.commit(orow, g.OW * g.C);
+      if (row_sums != nullptr) {
+        const A* stored = view.read(orow, g.OW * g.C);
+        A* sums = row_sums + r * g.C;
+        for (int64_t c = 0; c < g.C; ++c) sums[c] = A(0);
+        for (int64_t ow = 0; ow < g.OW; ++ow) {
+          const A* px = stored + ow * g.C;
+          for (int64_t c = 0; c < g.C; ++c) sums[c] += px[c];
+        }
+      }
     }
   });
 }

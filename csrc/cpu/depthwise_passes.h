@@ -65,7 +65,7 @@ inline void chan_merge(double* acc, int64_t C, double nb, const A* mean_b, const
 
 // The four passes over work units (output rows, or image x input-row blocks for backward):
 //   stats_rows      per-row mean/M2 of y, Chan-merged into acc = [count, mean[C], m2[C]]
-//   forward_rows    out = act(y * scale + shift)
+//   forward_rows    out = act(y * scale + shift) (+ per-row sums of out, when asked)
 //   reduce_rows     acc += [sum g, sum g * (y - mean)]
 //   backward_units  dx rows and dweight sums (acc, [kh][kw][c]) of the blocks [u0, u1)
 // HEAD is `template <typename X>` for the declarations, `template` for an instantiation.
@@ -73,7 +73,7 @@ inline void chan_merge(double* acc, int64_t C, double nb, const A* mean_b, const
   HEAD void stats_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, int64_t r0,        \
                        int64_t r1, double* acc);                                               \
   HEAD void forward_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, X* out,          \
-                         int64_t r0, int64_t r1);                                              \
+                         int64_t r0, int64_t r1, AccOf<X>* row_sums);                          \
   HEAD void reduce_rows(const Geo& g, const X* x, const X* dy, const Params<AccOf<X>>& p,      \
                         int64_t r0, int64_t r1, double* acc);                                  \
   HEAD void backward_units(const Geo& g, const X* x, const X* dy, const Params<AccOf<X>>& p,   \

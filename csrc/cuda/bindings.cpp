@@ -43,3 +43,20 @@ EFFNET_BINDINGS(bind_drop_connect_cuda) {
   cuda.def("dc_backward", &effnet::cuda_dc::dc_backward, "dx = dy * scale[n]",
            pybind11::arg("dy"), pybind11::arg("scale"));
 }
+
+EFFNET_BINDINGS(bind_bn_vectors_cuda) {
+  namespace py = pybind11;
+  namespace bn = effnet::cuda_bn;
+  auto cuda = m.def_submodule("cuda");
+  cuda.def("bn_affine", &bn::bn_affine,
+           "(invstd, scale, shift) with batch_norm(y) = y * scale + shift", py::arg("mean"),
+           py::arg("var"), py::arg("gamma"), py::arg("beta"), py::arg("eps"));
+  cuda.def("bn_backward_coefs", &bn::bn_backward_coefs,
+           "(coef_b, coef_c, dgamma) of the BatchNorm backward from the per-channel sums",
+           py::arg("scale"), py::arg("invstd"), py::arg("sum_g"), py::arg("sum_g_yc"),
+           py::arg("count"), py::arg("training"));
+  cuda.def("bn_update_running", &bn::bn_update_running,
+           "running statistics update (unbiased variance), in place", py::arg("running_mean"),
+           py::arg("running_var"), py::arg("mean"), py::arg("var"), py::arg("momentum"),
+           py::arg("count"));
+}

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
 
 #include <cstdint>
 #include <tuple>
@@ -49,3 +50,18 @@ namespace effnet::cuda_dc {
 at::Tensor dc_forward(const at::Tensor& x, const at::Tensor& shortcut, const at::Tensor& scale);
 at::Tensor dc_backward(const at::Tensor& dy, const at::Tensor& scale);
 }  // namespace effnet::cuda_dc
+
+// Per-channel BatchNorm vector math (bn_vectors.cu; formulas in common/bn_channel.h).
+namespace effnet::cuda_bn {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_affine(const at::Tensor& mean,
+                                                         const at::Tensor& var,
+                                                         const c10::optional<at::Tensor>& gamma,
+                                                         const c10::optional<at::Tensor>& beta,
+                                                         double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward_coefs(
+    const at::Tensor& scale, const at::Tensor& invstd, const at::Tensor& sum_g,
+    const at::Tensor& sum_g_yc, int64_t count, bool training);
+void bn_update_running(const at::Tensor& running_mean, const at::Tensor& running_var,
+                       const at::Tensor& mean, const at::Tensor& var, double momentum,
+                       int64_t count);
+}  // namespace effnet::cuda_bn

@@ -21,7 +21,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn.mbconv import DepthwiseSeparable, MBConv, SameConv2d, conv_bn_act
+from ..nn.conv_bn_act import SameConv2d, conv_bn_act
+from ..nn.mbconv import DepthwiseSeparable, MBConv
 from .config import (
     BASELINE,
     DROP_CONNECT_RATE,

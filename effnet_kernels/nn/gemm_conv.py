@@ -56,6 +56,27 @@ def gemm_conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     return y
 
 
+def gated_gemm_conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None,
+                       gate: Tensor) -> Tensor:
+    """conv2d(x * gate[n, c], weight, bias) without scaling x: per sample n the gate goes
+    into the weight, y_n = x_n @ (weight * gate[n])^T (+ bias), one batched GEMM. Reads x
+    once instead of twice (scale pass + conv); the gated weights cost N * Cout * Cin, so
+    it pays when H * W exceeds Cout. gemm_conv_eligible calls only; gate is (N, Cin) in
+    any float dtype (applied in float32, or float64 for float64 x). No autograd."""
+    n, cin, h, w = x.shape
+    cout = weight.shape[0]
+    y = _cached_like(x, cout)
+    gated = weight.reshape(1, cout, cin) * gate.reshape(n, 1, cin)
+    x_rows, y_rows = x.permute(0, 2, 3, 1).reshape(n, h * w, cin), y.permute(0, 2, 3, 1)
+    y_rows = y_rows.view(n, h * w, cout)
+    gated_t = gated.to(x.dtype).transpose(1, 2)
+    if bias is None:
+        torch.bmm(x_rows, gated_t, out=y_rows)
+    else:
+        torch.baddbmm(bias.reshape(1, 1, cout), x_rows, gated_t, out=y_rows)
+    return y
+
+
 def gemm_conv1x1_backward(dy: Tensor, x: Tensor, weight: Tensor, need_dx: bool,
                           need_dweight: bool) -> tuple[Tensor | None, Tensor | None]:
     """(dx, dweight) of gemm_conv1x1 for the gradient dy of its output."""

@@ -5,13 +5,15 @@ Submodule names are timm's, so state_dict keys match it exactly:
   DepthwiseSeparable: conv_dw, bn1, se.{conv_reduce, conv_expand}, conv_pw, bn2
 
 Forward, per block:
-  1x1 expand conv + BN + act   PyTorch conv; in eval BN is folded into the conv weights on
-                               the fly (and on CPU the act runs as a oneDNN post-op of the
-                               conv); in training nn/pointwise.py (fused BN + act passes).
+  1x1 expand conv + BN + act   nn/conv_bn_act.py: PyTorch conv; in eval BN folded into
+                               the conv (on CPU the act is a oneDNN post-op); in training
+                               fused BN + act passes (nn/pointwise.py)
   depthwise conv + BN + act    fused `depthwise_conv_bn_act`
   squeeze-excite               fused `squeeze_excite`
   1x1 project conv + BN        as the expand conv, no act
   residual                     fused `drop_connect_add` (stride 1 and in == out channels)
+On CPU in eval without autograd, depthwise -> SE -> projection runs as nn/eval_tail.py
+(SE pool from the depthwise epilogue, SE gate folded into the projection's weights).
 
 `from_timm(block)` builds a fused block around an existing timm block's own child modules
 (the same Parameter and buffer objects, every child under its original name), reading
@@ -20,133 +22,39 @@ eps, momentum, padding, activations and the drop-path rate from those modules.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.depthwise import depthwise_conv_bn_act
+from ..ops.depthwise import depthwise_conv_bn_act, pool_epilogue_available
 from ..ops.drop_connect import drop_connect_add
 from ..ops.squeeze_excite import squeeze_excite
 from .activations import act_name
-from .batchnorm import bn_call_args, is_plain_batchnorm, sync_group
-from .gemm_conv import gemm_conv1x1, gemm_conv_eligible
-from .pointwise import conv_bn_act_train
+from .batchnorm import bn_call_args, is_plain_batchnorm
+from .conv_bn_act import SameConv2d, conv_bn_act, is_same_conv
+from .eval_tail import dw_se_project, eval_tail_applies
 from .squeeze_excite import SqueezeExcite
 
-_RECOMPUTE_DTYPES = (torch.float32, torch.float64)
-# Eval 1x1 conv + act on CPU: oneDNN applies the activation as a post-op of the conv
-# (what onnxruntime and inductor do), saving a full pass over the widest activation.
-_ONEDNN_ACTS = {"silu": "swish", "relu": "relu", "identity": "none"}
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-_ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
-                                                                      "_convolution_pointwise")
-_ACTS = {"silu": F.silu, "relu": F.relu, "identity": lambda t: t}
-_ACTS_INPLACE = {"silu": lambda t: F.silu(t, inplace=True), "relu": torch.relu_,
-                 "identity": lambda t: t}
-# Outputs above glibc's largest mmap threshold are fresh pages on every call (page faults
-# cost more than the conv); those eval 1x1 convs run as a GEMM into cached memory and an
-# in-place activation (nn/gemm_conv.py) instead of oneDNN's fused conv + act.
-_GLIBC_MMAP_MAX = 32 << 20
-# timm's dynamic TF-SAME convs (class names, so timm stays an optional dependency).
-_TIMM_SAME_CONVS = ("Conv2dSame", "Conv2dSameExport")
 
-
-def same_pad(x: Tensor, kernel: int, stride: int) -> Tensor:
-    """TensorFlow SAME padding: total pad max((ceil(i/s)-1)*s + k - i, 0), extra on bottom/right."""
-    h, w = x.shape[-2:]
-    pad_h = max((-(-h // stride) - 1) * stride + kernel - h, 0)
-    pad_w = max((-(-w // stride) - 1) * stride + kernel - w, 0)
-    if pad_h or pad_w:
-        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-    return x
-
-
-class SameConv2d(nn.Conv2d):
-    """nn.Conv2d with TensorFlow SAME padding computed from the input size (timm's
-    Conv2dSame semantics; the state_dict is a plain Conv2d's)."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs["padding"] = 0
-        super().__init__(*args, **kwargs)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(same_pad(x, self.kernel_size[0], self.stride[0]))
-
-
-def is_same_conv(conv: nn.Module) -> bool:
-    return isinstance(conv, SameConv2d) or type(conv).__name__ in _TIMM_SAME_CONVS
-
-
-def _values_per_channel(x: Tensor, conv: nn.Conv2d, padding: int) -> int:
-    k, s = conv.kernel_size[0], conv.stride[0]
-    return x.shape[0] * ((x.shape[2] + 2 * padding - k) // s + 1) * ((x.shape[3] + 2 * padding - k) // s + 1)
-
-
-def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str) -> Tensor:
-    """act(bn(conv(x))) with BatchNorm2d's exact bookkeeping; BN folded into the conv in eval."""
-    if bn.training and sync_group(bn) is not None:
-        return _ACTS[act](bn(conv(x)))  # SyncBatchNorm: torch's module syncs the statistics
-    args = bn_call_args(bn)
-    weight, bias = conv.weight, conv.bias
-    if not args["training"]:
-        scale = torch.rsqrt(args["running_var"] + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -args["running_mean"] * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias
-        if bias is not None:
-            shift = shift + bias * scale
-        weight, bias = weight * scale.view(-1, 1, 1, 1).to(weight.dtype), shift.to(weight.dtype)
-    if is_same_conv(conv):
-        x, padding = same_pad(x, conv.kernel_size[0], conv.stride[0]), (0, 0)
-    else:
-        padding = conv.padding
-    if args["training"] and bias is None and x.dtype in _RECOMPUTE_DTYPES \
-            and conv.dilation == (1, 1) and len(set(conv.stride)) == len(set(padding)) == 1 \
-            and _values_per_channel(x, conv, padding[0]) > 1:
-        # Saves only x for backward (nn/pointwise.py); recomputes the conv there.
-        return conv_bn_act_train(x, weight, bn.weight, bn.bias, args["running_mean"],
-                                 args["running_var"], stride=conv.stride[0], padding=padding[0],
-                                 groups=conv.groups, momentum=args["momentum"],
-                                 eps=args["eps"], act=act)
-    if not args["training"] and _onednn_fusable(x, weight, act):
-        if gemm_conv_eligible(x, weight, conv.stride, padding, conv.groups) and \
-                _conv_out_bytes(x, weight) > _GLIBC_MMAP_MAX:
-            return _ACTS_INPLACE[act](gemm_conv1x1(x, weight, bias))
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, weight, bias, list(padding), list(conv.stride), list(conv.dilation), conv.groups,
-            _ONEDNN_ACTS[act], [], "")
-    y = F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
-    if args["training"]:
-        y = F.batch_norm(y, args["running_mean"], args["running_var"], bn.weight, bn.bias,
-                         True, args["momentum"], args["eps"])
-    return _ACTS[act](y)
-
-
-def _conv_out_bytes(x: Tensor, weight: Tensor) -> int:
-    """Output bytes of a stride-1 conv of x with weight."""
-    return x.numel() // x.shape[1] * weight.shape[0] * x.element_size()
-
-
-def _onednn_fusable(x: Tensor, weight: Tensor, act: str) -> bool:
-    """Whether the eval conv (BN folded) + act can run as one oneDNN conv with the
-    activation as a post-op: CPU, a oneDNN dtype, and no autograd graph to record (the
-    fused op has no derivative)."""
-    return (x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and _ONEDNN_AVAILABLE
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not torch.compiler.is_compiling() and type(x) is Tensor)
-
-
-def dw_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str) -> Tensor:
+def dw_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str,
+              return_pool_sums: bool = False):
     padding = "same" if is_same_conv(conv) else conv.padding[0]
     return depthwise_conv_bn_act(x, conv.weight, bn.weight, bn.bias, stride=conv.stride[0],
-                                 padding=padding, act=act, **bn_call_args(bn))
+                                 padding=padding, act=act, return_pool_sums=return_pool_sums,
+                                 **bn_call_args(bn))
 
 
-def se_gate(x: Tensor, conv_reduce: nn.Conv2d, conv_expand: nn.Conv2d, act: str) -> Tensor:
+def se_gate(x: Tensor, conv_reduce: nn.Conv2d, conv_expand: nn.Conv2d, act: str,
+            pooled: Tensor | None = None) -> Tensor:
     return squeeze_excite(x, conv_reduce.weight, conv_reduce.bias, conv_expand.weight,
-                          conv_expand.bias, act=act)
+                          conv_expand.bias, act=act, pooled=pooled)
+
+
+def dw_then_se(x: Tensor, depthwise: tuple, se: tuple) -> Tensor:
+    """Depthwise conv + BN + act, then squeeze-excite; the SE pool comes from the depthwise
+    kernel's epilogue where the backend has one (one pass over the activation fewer)."""
+    if pool_epilogue_available(x):
+        x, sums = dw_bn_act(x, *depthwise, return_pool_sums=True)
+        return se_gate(x, *se, pooled=sums)
+    return se_gate(dw_bn_act(x, *depthwise), *se)
 
 
 # ---------------------------------------------------------------------------------------
@@ -294,10 +202,18 @@ class MBConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x
         x = conv_bn_act(x, self.conv_pw, self.bn1, self.acts[0])
-        x = dw_bn_act(x, self.conv_dw, self.bn2, self.acts[1])
-        if self.acts[2] is not None:
-            x = se_gate(x, self.se.conv_reduce, self.se.conv_expand, self.acts[2])
-        x = conv_bn_act(x, self.conv_pwl, self.bn3, "identity")
+        if self.acts[2] is not None and eval_tail_applies(x, self.conv_dw, self.bn2, self.se,
+                                                          self.conv_pwl, self.bn3):
+            x = dw_se_project(x, (self.conv_dw, self.bn2, self.acts[1]),
+                              (self.se.conv_reduce, self.se.conv_expand, self.acts[2]),
+                              (self.conv_pwl, self.bn3, "identity"))
+        elif self.acts[2] is not None:
+            x = dw_then_se(x, (self.conv_dw, self.bn2, self.acts[1]),
+                           (self.se.conv_reduce, self.se.conv_expand, self.acts[2]))
+            x = conv_bn_act(x, self.conv_pwl, self.bn3, "identity")
+        else:
+            x = dw_bn_act(x, self.conv_dw, self.bn2, self.acts[1])
+            x = conv_bn_act(x, self.conv_pwl, self.bn3, "identity")
         if self.has_skip:
             x = drop_connect_add(x, shortcut, _drop_prob(self), training=self.training)
         return x
@@ -343,10 +259,18 @@ class DepthwiseSeparable(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x
-        x = dw_bn_act(x, self.conv_dw, self.bn1, self.acts[0])
-        if self.acts[2] is not None:
-            x = se_gate(x, self.se.conv_reduce, self.se.conv_expand, self.acts[2])
-        x = conv_bn_act(x, self.conv_pw, self.bn2, self.acts[1])
+        if self.acts[2] is not None and eval_tail_applies(x, self.conv_dw, self.bn1, self.se,
+                                                          self.conv_pw, self.bn2):
+            x = dw_se_project(x, (self.conv_dw, self.bn1, self.acts[0]),
+                              (self.se.conv_reduce, self.se.conv_expand, self.acts[2]),
+                              (self.conv_pw, self.bn2, self.acts[1]))
+        elif self.acts[2] is not None:
+            x = dw_then_se(x, (self.conv_dw, self.bn1, self.acts[0]),
+                           (self.se.conv_reduce, self.se.conv_expand, self.acts[2]))
+            x = conv_bn_act(x, self.conv_pw, self.bn2, self.acts[1])
+        else:
+            x = dw_bn_act(x, self.conv_dw, self.bn1, self.acts[0])
+            x = conv_bn_act(x, self.conv_pw, self.bn2, self.acts[1])
         if self.has_skip:
             x = drop_connect_add(x, shortcut, _drop_prob(self), training=self.training)
         return x

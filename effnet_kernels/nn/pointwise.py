@@ -30,8 +30,8 @@ from torch import Tensor
 
 from ..backends import select
 from ..ops.activations import act_code
+from ..ops.bn_math import as_dtype, vector_math
 from ..ops.depthwise import OP as DEPTHWISE_OP
-from ..ops.depthwise import affine_or_identity, bn_affine, bn_backward_coefs, update_running_stats
 from ..ops.geometry import memory_format_of
 from .gemm_conv import gemm_conv1x1, gemm_conv1x1_backward, gemm_conv_eligible
 
@@ -53,8 +53,18 @@ def _conv_backward(dy, x, weight, geo, need_dx, need_dweight):
     return dx, dweight
 
 
+# (channels, dtype, device) -> the (C, 1, 1, 1) ones kernel: made once, read-only.
+_UNIT_KERNELS: dict[tuple, Tensor] = {}
+
+
 def _unit_kernel(y: Tensor) -> Tensor:
-    return torch.ones((y.shape[1], 1, 1, 1), dtype=y.dtype, device=y.device)
+    key = (y.shape[1], y.dtype, y.device)
+    unit = _UNIT_KERNELS.get(key)
+    if unit is None:
+        with torch.inference_mode(False), torch.no_grad():
+            unit = _UNIT_KERNELS[key] = torch.ones((y.shape[1], 1, 1, 1), dtype=y.dtype,
+                                                   device=y.device)
+    return unit
 
 
 class ConvBNActTrain(torch.autograd.Function):
@@ -64,8 +74,7 @@ class ConvBNActTrain(torch.autograd.Function):
         prims, unit, code = select(DEPTHWISE_OP, y), _unit_kernel(y), act_code(act)
         h, w = y.shape[2:]
         mean, var = prims.dw_stats(y, unit, 1, 0, 0, h, w)
-        g, b = affine_or_identity(gamma, beta, y)
-        _, scale, shift = bn_affine(mean, var, g, b, eps)
+        _, scale, shift = vector_math(prims).bn_affine(mean, var, gamma, beta, eps)
         out = prims.dw_forward(y, unit, scale, shift, 1, 0, 0, h, w, code)
         ctx.keep_y = y.numel() < x.numel()
         ctx.save_for_backward(x, weight, gamma, beta, mean, var, y if ctx.keep_y else None)
@@ -80,19 +89,20 @@ class ConvBNActTrain(torch.autograd.Function):
             y = _conv(x, weight, ctx.geo)
         dout = dout.contiguous(memory_format=memory_format_of(y))
         prims, unit = select(DEPTHWISE_OP, y), _unit_kernel(y)
-        g, b = affine_or_identity(gamma, beta, y)
-        invstd, scale, shift = bn_affine(mean, var, g, b, ctx.eps)
+        bn = vector_math(prims)
+        invstd, scale, shift = bn.bn_affine(mean, var, gamma, beta, ctx.eps)
         sum_g, sum_g_yc = prims.dw_backward_reduce(dout, y, unit, scale, shift, mean, 1, 0, 0,
                                                    ctx.act)
-        coef_b, coef_c = bn_backward_coefs(scale, invstd, sum_g, sum_g_yc,
-                                           y.numel() // y.shape[1])
+        coef_b, coef_c, dgamma = bn.bn_backward_coefs(scale, invstd, sum_g, sum_g_yc,
+                                                      y.numel() // y.shape[1], True)
         dy, _ = prims.dw_backward(dout, y, unit, scale, shift, mean, coef_b, coef_c, 1, 0, 0,
                                   ctx.act)
         dx, dw = _conv_backward(dy, x, weight, ctx.geo, ctx.needs_input_grad[0],
                                 ctx.needs_input_grad[1])
-        dgamma = (sum_g_yc * invstd).to(gamma.dtype) \
+        dgamma = as_dtype(dgamma, gamma.dtype) \
             if gamma is not None and ctx.needs_input_grad[2] else None
-        dbeta = sum_g.to(beta.dtype) if beta is not None and ctx.needs_input_grad[3] else None
+        dbeta = as_dtype(sum_g, beta.dtype) if beta is not None and ctx.needs_input_grad[3] \
+            else None
         return dx, dw, dgamma, dbeta, None, None, None
 
 
@@ -105,6 +115,6 @@ def conv_bn_act_train(x: Tensor, weight: Tensor, gamma: Tensor | None, beta: Ten
     geo = ([stride, stride], [padding, padding], groups)
     out, mean, var = ConvBNActTrain.apply(x, weight, gamma, beta, geo, eps, act)
     if running_mean is not None and running_var is not None:
-        update_running_stats(running_mean, running_var, mean, var, out.numel() // out.shape[1],
-                             momentum)
+        vector_math(select(DEPTHWISE_OP, out)).bn_update_running(
+            running_mean, running_var, mean, var, momentum, out.numel() // out.shape[1])
     return out

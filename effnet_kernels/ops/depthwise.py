@@ -22,8 +22,9 @@ from .._ext import ext_module
 from ..backends import register_impl, select
 from . import reference
 from .activations import act_code
+from .bn_math import COMPOSITE, as_dtype, vector_math
 from .checks import check_device, check_int_arg, check_same_dtype, check_tensor, check_vector
-from .eager import plain_eager
+from .eager import plain_eager, records_graph
 from .geometry import acc_dtype, conv_geometry, dense, memory_format_of
 
 OP = "depthwise_conv_bn_act"
@@ -35,26 +36,12 @@ register_impl(OP, "cuda", lambda: ext_module().cuda)
 register_impl(OP, "triton", lambda: importlib.import_module("effnet_kernels.triton.depthwise_bn_act"))
 
 
-def bn_affine(mean, var, bn_weight, bn_bias, eps):
-    """(invstd, scale, shift) with z = y * scale + shift == batch_norm(y)."""
-    invstd = torch.rsqrt(var + eps)
-    scale = bn_weight.to(mean.dtype) * invstd
-    shift = bn_bias.to(mean.dtype) - mean * scale
-    return invstd, scale, shift
-
-
 def affine_or_identity(bn_weight, bn_bias, x):
     """BN weight and bias for x's channels, ones / zeros (accumulation dtype) when None."""
     c, acc = x.shape[1], acc_dtype(x.dtype)
     bn_weight = x.new_ones(c, dtype=acc) if bn_weight is None else bn_weight
     bn_bias = x.new_zeros(c, dtype=acc) if bn_bias is None else bn_bias
     return bn_weight, bn_bias
-
-
-def bn_backward_coefs(scale, invstd, sum_g, sum_g_yc, count: int):
-    """(coef_b, coef_c) of dyc = scale * g + coef_b + coef_c * (y - mean), the gradient of
-    training-mode BN w.r.t. its input, from the two per-channel sums over `count` values."""
-    return -scale * sum_g / count, -scale * invstd * invstd * sum_g_yc / count
 
 
 @torch.library.custom_op("effnet_kernels::dw_bn_act_fwd", mutates_args=())
@@ -67,27 +54,34 @@ def dw_bn_act_fwd(
     """Returns (out, mean, var): the batch mean/biased var in training, the running
     statistics (as a copy) in eval."""
     return _forward_math(x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
-                         pad_top, pad_left, out_h, out_w, training, eps, act)
+                         pad_top, pad_left, out_h, out_w, training, eps, act)[:3]
 
 
 def _forward_math(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, pad_top,
-                  pad_left, out_h, out_w, training, eps, act):
+                  pad_left, out_h, out_w, training, eps, act, pool=False):
+    """(out, mean, var, pool sums or None); the sums come from the forward kernel's
+    epilogue on backends that have one (dw_forward_pool), else from a reduction of out."""
     x = dense(x)
     acc = acc_dtype(x.dtype)
     n, c = x.shape[:2]
     fmt = memory_format_of(x)
     if n == 0 or c == 0:  # nothing to compute: no kernel launches
         out = torch.empty((n, c, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=fmt)
-        return out, x.new_zeros(c, dtype=acc), x.new_ones(c, dtype=acc)
+        return (out, x.new_zeros(c, dtype=acc), x.new_ones(c, dtype=acc),
+                _pool_sums(out) if pool else None)
     prims = select(OP, x)
     if training:
         mean, var = prims.dw_stats(x, weight, stride, pad_top, pad_left, out_h, out_w)
     else:
         mean = running_mean.to(acc, copy=True)
         var = running_var.to(acc, copy=True)
-    _, scale, shift = bn_affine(mean, var, bn_weight, bn_bias, eps)
-    out = prims.dw_forward(x, weight, scale, shift, stride, pad_top, pad_left, out_h, out_w, act)
-    return out.contiguous(memory_format=fmt), mean, var
+    _, scale, shift = vector_math(prims).bn_affine(mean, var, bn_weight, bn_bias, eps)
+    geo = (stride, pad_top, pad_left, out_h, out_w)
+    if pool and hasattr(prims, "dw_forward_pool"):
+        out, sums = prims.dw_forward_pool(x, weight, scale, shift, *geo, act)
+        return out.contiguous(memory_format=fmt), mean, var, sums
+    out = prims.dw_forward(x, weight, scale, shift, *geo, act).contiguous(memory_format=fmt)
+    return out, mean, var, (_pool_sums(out) if pool else None)
 
 
 @dw_bn_act_fwd.register_fake
@@ -122,21 +116,19 @@ def _backward_math(dy, x, weight, bn_weight, bn_bias, mean, var, stride, pad_top
                 torch.zeros_like(bn_weight), torch.zeros_like(bn_bias))
     dy = dy.contiguous(memory_format=fmt)
     prims = select(OP, x)
-    invstd, scale, shift = bn_affine(mean, var, bn_weight, bn_bias, eps)
+    bn = vector_math(prims)
+    invstd, scale, shift = bn.bn_affine(mean, var, bn_weight, bn_bias, eps)
     sum_g, sum_g_yc = prims.dw_backward_reduce(
         dy, x, weight, scale, shift, mean, stride, pad_top, pad_left, act
     )
     count = dy.shape[0] * dy.shape[2] * dy.shape[3]
-    if training:
-        coef_b, coef_c = bn_backward_coefs(scale, invstd, sum_g, sum_g_yc, count)
-    else:
-        coef_b = torch.zeros_like(scale)
-        coef_c = torch.zeros_like(scale)
+    coef_b, coef_c, dgamma = bn.bn_backward_coefs(scale, invstd, sum_g, sum_g_yc, count,
+                                                  training)
     dx, dweight = prims.dw_backward(
         dy, x, weight, scale, shift, mean, coef_b, coef_c, stride, pad_top, pad_left, act
     )
-    dgamma = (sum_g_yc * invstd).to(bn_weight.dtype)
-    return dx.contiguous(memory_format=fmt), dweight, dgamma, sum_g.to(bn_bias.dtype)
+    return (dx.contiguous(memory_format=fmt), dweight, as_dtype(dgamma, bn_weight.dtype),
+            as_dtype(sum_g, bn_bias.dtype))
 
 
 @dw_bn_act_bwd.register_fake
@@ -172,20 +164,25 @@ EAGER_FAST_PATH = True
 
 
 class _DepthwiseFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, geo, training,
-                eps, act):
-        inputs = (x, weight, bn_weight, bn_bias, running_mean, running_var, *geo, training,
-                  eps, act)
-        output = _forward_math(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
+    """Outputs (out, mean, var, pool sums); the sums are None unless `pool`."""
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
+    def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, geo, training,
+                eps, act, pool):
+        inputs = (x, weight, bn_weight, bn_bias, running_mean, running_var, *geo, training,
+                  eps, act)
+        out, mean, var, sums = _forward_math(*inputs, pool=pool)
+        _setup_context(ctx, inputs, (out, mean, var))
+        if sums is not None:
+            ctx.mark_non_differentiable(sums)
+        return out, mean, var, sums
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar, _dsums):
         # create_graph=True (grad mode on here): take the custom op.
         bwd = dw_bn_act_bwd if torch.is_grad_enabled() else _backward_math
-        return (*bwd(dy, *ctx.saved_tensors, *ctx.args), None, None, None, None, None, None)
+        return (*bwd(dy, *ctx.saved_tensors, *ctx.args), None, None, None, None, None, None,
+                None)
 
 
 def _check_padding(padding, kernel: int):
@@ -227,7 +224,8 @@ def depthwise_conv_bn_act(
     running_mean: Tensor | None, running_var: Tensor | None, *,
     stride: int = 1, padding: int | str | None = None, training: bool = False,
     momentum: float = 0.1, eps: float = 1e-5, act: str = "silu", process_group=None,
-) -> Tensor:
+    return_pool_sums: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """act(batch_norm(conv2d(x, weight, groups=C))) in one fused op.
 
     Same semantics as `effnet_kernels.ops.reference.depthwise_conv_bn_act`: in training the
@@ -237,6 +235,10 @@ def depthwise_conv_bn_act(
     or "same" (TensorFlow's asymmetric SAME). act: "silu", "relu" or "identity".
     process_group: in training, normalize with statistics synchronized over this
     torch.distributed group (SyncBatchNorm semantics).
+    return_pool_sums: return (out, sums) with sums[n, c] the sum of out[n, c] over its
+    pixels (float32; float64 for float64 x), for squeeze-excite's pool. They carry no
+    gradient. Where the backend's forward kernel emits them (cpu, eager calls) they cost
+    no extra pass over out; elsewhere they are one reduction of out.
     """
     if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
         # As eager autocast does for conv2d: input and weight in the autocast dtype.
@@ -265,28 +267,63 @@ def depthwise_conv_bn_act(
         )
     bn_weight, bn_bias = affine_or_identity(bn_weight, bn_bias, x)
     count = n * geo.out_h * geo.out_w
+    sums = None
     if training and process_group is not None:
         from .depthwise_sync import SyncDepthwiseConvBNAct
 
         out, mean, var, count = SyncDepthwiseConvBNAct.apply(
             x, weight, bn_weight, bn_bias, geo, eps, code, process_group
         )
+        bn = COMPOSITE
     elif EAGER_FAST_PATH and plain_eager(x, weight, bn_weight, bn_bias, running_mean,
                                          running_var):
-        out, mean, var = _DepthwiseFn.apply(x, weight, bn_weight, bn_bias, running_mean,
-                                            running_var, tuple(geo), training, eps, code)
+        if not training and not records_graph(x, weight, bn_weight, bn_bias):
+            out, sums = _eval_forward(x, weight, bn_weight, bn_bias, running_mean,
+                                      running_var, geo, eps, code, return_pool_sums)
+            return (out, sums) if return_pool_sums else out
+        out, mean, var, sums = _DepthwiseFn.apply(x, weight, bn_weight, bn_bias, running_mean,
+                                                  running_var, tuple(geo), training, eps, code,
+                                                  return_pool_sums)
+        bn = vector_math(select(OP, x))
     else:
         out, mean, var = dw_bn_act_fwd(
             x, weight, bn_weight, bn_bias, running_mean, running_var, *geo, training, eps, code
         )
+        bn = COMPOSITE  # traced by torch.compile / export: plain torch ops
     if training and count > 0 and running_mean is not None and running_var is not None:
-        update_running_stats(running_mean, running_var, mean, var, count, momentum)
-    return out
+        bn.bn_update_running(running_mean, running_var, mean, var, momentum, count)
+    if not return_pool_sums:
+        return out
+    return out, (_pool_sums(out) if sums is None else sums)
 
 
-def update_running_stats(running_mean, running_var, mean, var, count: int, momentum) -> None:
-    """PyTorch's rule: running = (1 - m) * running + m * batch, with the unbiased variance."""
-    with torch.no_grad():
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        unbiased = var * (count / max(count - 1, 1))
-        running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+def pool_epilogue_available(x: Tensor) -> bool:
+    """Whether an eager call on x gets return_pool_sums from the forward kernel itself
+    (no extra pass): the serving backend has dw_forward_pool (cpu)."""
+    return not torch.compiler.is_compiling() and hasattr(select(OP, x), "dw_forward_pool")
+
+
+def _pool_sums(out: Tensor) -> Tensor:
+    """(N, C) sums of out over its pixels, in the accumulation dtype, without gradient."""
+    return out.detach().sum(dim=(2, 3), dtype=acc_dtype(out.dtype))
+
+
+def _eval_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, geo, eps, act,
+                  pool: bool):
+    """Eval without an autograd graph: one affine call and one forward pass; no copies of
+    the running statistics (nothing is saved). Returns (out, pool sums or None)."""
+    x = dense(x)
+    fmt = memory_format_of(x)
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        out = torch.empty((*x.shape[:2], geo.out_h, geo.out_w), dtype=x.dtype,
+                          device=x.device, memory_format=fmt)
+        return out, (_pool_sums(out) if pool else None)
+    prims = select(OP, x)
+    acc = acc_dtype(x.dtype)
+    _, scale, shift = vector_math(prims).bn_affine(
+        as_dtype(running_mean, acc), as_dtype(running_var, acc), bn_weight, bn_bias, eps)
+    if pool and hasattr(prims, "dw_forward_pool"):
+        out, sums = prims.dw_forward_pool(x, weight, scale, shift, *geo, act)
+        return out.contiguous(memory_format=fmt), sums
+    out = prims.dw_forward(x, weight, scale, shift, *geo, act).contiguous(memory_format=fmt)
+    return out, (_pool_sums(out) if pool else None)

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from ..backends import select
-from .depthwise import OP, bn_affine, bn_backward_coefs
+from .bn_math import as_dtype, vector_math
+from .depthwise import OP
 from .geometry import ConvGeometry, acc_dtype, dense, memory_format_of
 
 
@@ -49,7 +50,7 @@ class SyncDepthwiseConvBNAct(torch.autograd.Function):
         else:
             mean, var = x.new_zeros(c, dtype=acc), x.new_zeros(c, dtype=acc)
         mean, var, total = _global_stats(mean, var, count, group)
-        _, scale, shift = bn_affine(mean, var, bn_weight, bn_bias, eps)
+        _, scale, shift = vector_math(prims).bn_affine(mean, var, bn_weight, bn_bias, eps)
         out = prims.dw_forward(x, weight, scale, shift, *geo, act)
         ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, var)
         ctx.args = (geo, eps, act, group, total)
@@ -62,16 +63,18 @@ class SyncDepthwiseConvBNAct(torch.autograd.Function):
         geo, eps, act, group, total = ctx.args
         prims = select(OP, x)
         dy = dy.contiguous(memory_format=memory_format_of(x))
-        invstd, scale, shift = bn_affine(mean, var, bn_weight, bn_bias, eps)
+        bn = vector_math(prims)
+        invstd, scale, shift = bn.bn_affine(mean, var, bn_weight, bn_bias, eps)
         sum_g, sum_g_yc = prims.dw_backward_reduce(
             dy, x, weight, scale, shift, mean, geo.stride, geo.pad_top, geo.pad_left, act
         )
         global_sums = torch.stack([sum_g, sum_g_yc])
         dist.all_reduce(global_sums, group=group)
-        coef_b, coef_c = bn_backward_coefs(scale, invstd, global_sums[0], global_sums[1], total)
+        coef_b, coef_c, _ = bn.bn_backward_coefs(scale, invstd, global_sums[0],
+                                                 global_sums[1], total, True)
         dx, dweight = prims.dw_backward(
             dy, x, weight, scale, shift, mean, coef_b, coef_c,
             geo.stride, geo.pad_top, geo.pad_left, act,
         )
-        dgamma = (sum_g_yc * invstd).to(bn_weight.dtype)
-        return dx, dweight, dgamma, sum_g.to(bn_bias.dtype), None, None, None, None
+        dgamma = as_dtype(sum_g_yc * invstd, bn_weight.dtype)  # local sums, as SyncBatchNorm
+        return dx, dweight, dgamma, as_dtype(sum_g, bn_bias.dtype), None, None, None, None

@@ -30,6 +30,7 @@ from torch import Tensor
 from .._ext import ext_module
 from ..backends import register_impl, select
 from . import reference
+from .bn_math import as_dtype
 from .checks import check_same_dtype, check_tensor
 from .eager import plain_eager
 from .geometry import acc_dtype, dense, memory_format_of
@@ -170,7 +171,7 @@ def drop_scale(n: int, p: float, device, dtype, generator=None) -> Tensor:
     The mask is always drawn in float32 so that one seed gives one mask for every dtype."""
     keep = 1.0 - p
     mask = torch.empty(n, dtype=torch.float32, device=device).bernoulli_(keep, generator=generator)
-    return mask.to(acc_dtype(dtype)).div_(keep)
+    return as_dtype(mask, acc_dtype(dtype)).div_(keep)
 
 
 def drop_connect_add(

@@ -28,3 +28,9 @@ def plain_eager(*tensors) -> bool:
         return False
     return all(type(t) in _PLAIN_TYPES and not is_functorch_wrapped_tensor(t)
                for t in tensors if t is not None)
+
+
+def records_graph(*tensors) -> bool:
+    """Whether autograd would record a graph through any of these tensors now; when not,
+    an op may skip its autograd.Function and save nothing."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -26,14 +26,16 @@ from __future__ import annotations
 import importlib
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._ext import ext_module
 from ..backends import register_impl, select
 from . import reference
 from .activations import act_code, apply_act
+from .bn_math import as_dtype
 from .checks import check_device, check_tensor
-from .eager import plain_eager
+from .eager import plain_eager, records_graph
 from .geometry import acc_dtype, dense, memory_format_of
 
 OP = "squeeze_excite"
@@ -59,9 +61,23 @@ register_impl(OP, "triton", lambda: importlib.import_module("effnet_kernels.trit
 def _mlp(mean, rw, rb, ew, eb, act):
     """(h, gate) of the excitation MLP, in mean's (accumulation) dtype."""
     acc = mean.dtype
-    h = torch.addmm(rb.to(acc), mean, rw.to(acc).flatten(1).t())
-    gate = torch.sigmoid(torch.addmm(eb.to(acc), apply_act(h, act), ew.to(acc).flatten(1).t()))
+    h = F.linear(mean, as_dtype(rw, acc).flatten(1), as_dtype(rb, acc))
+    gate = torch.sigmoid(F.linear(apply_act(h, act), as_dtype(ew, acc).flatten(1),
+                                  as_dtype(eb, acc)))
     return h, gate
+
+
+def excite_gate(sums: Tensor, pixels: int, reduce_weight: Tensor, reduce_bias: Tensor | None,
+                expand_weight: Tensor, expand_bias: Tensor | None, act: str) -> Tensor:
+    """The (N, C) gate sigmoid(conv_expand(act(conv_reduce(sums / pixels)))) from the pooled
+    sums (e.g. the depthwise op's pool epilogue), in sums' dtype. No autograd bookkeeping:
+    for callers that record no graph."""
+    acc = sums.dtype
+    rb = reduce_weight.new_zeros(reduce_weight.shape[0], dtype=acc) if reduce_bias is None \
+        else reduce_bias
+    eb = expand_weight.new_zeros(expand_weight.shape[0], dtype=acc) if expand_bias is None \
+        else expand_bias
+    return _mlp(sums / pixels, reduce_weight, rb, expand_weight, eb, act_code(act))[1]
 
 
 def _act_backward(da, h, act):
@@ -87,7 +103,7 @@ def _forward(x, reduce_weight, reduce_bias, expand_weight, expand_bias, pooled, 
     x = dense(x)
     prims = select(OP, x)
     acc = acc_dtype(x.dtype)
-    sums = prims.se_pool(x) if pooled is None else pooled.to(acc)
+    sums = prims.se_pool(x) if pooled is None else as_dtype(pooled, acc)
     mean = sums / (x.shape[2] * x.shape[3])
     h, gate = _mlp(mean, reduce_weight, reduce_bias, expand_weight, expand_bias, act)
     out = prims.se_scale(x, gate)
@@ -120,7 +136,7 @@ def _backward_math(dy, x, mean, h, gate, reduce_weight, reduce_bias, expand_weig
     dy = dy.contiguous(memory_format=memory_format_of(x))
     prims = select(OP, x)
     acc = mean.dtype
-    rw, ew = reduce_weight.to(acc).flatten(1), expand_weight.to(acc).flatten(1)
+    rw, ew = as_dtype(reduce_weight, acc).flatten(1), as_dtype(expand_weight, acc).flatten(1)
     dgate = prims.se_pool_dy_x(dy, x)                           # (N, C) sum_hw dy * x
     dz = torch.ops.aten.sigmoid_backward(dgate, gate)           # dgate * gate * (1 - gate)
     dh = _act_backward(dz @ ew, h, act)                         # (N, Cr)
@@ -128,10 +144,10 @@ def _backward_math(dy, x, mean, h, gate, reduce_weight, reduce_bias, expand_weig
     dx = prims.se_backward_dx(dy, gate, dmean)
     return (
         dx.contiguous(memory_format=memory_format_of(x)),
-        (dh.t() @ mean).view_as(reduce_weight).to(reduce_weight.dtype),
-        dh.sum(0).to(reduce_bias.dtype),
-        (dz.t() @ apply_act(h, act)).view_as(expand_weight).to(expand_weight.dtype),
-        dz.sum(0).to(expand_bias.dtype),
+        as_dtype((dh.t() @ mean).view_as(reduce_weight), reduce_weight.dtype),
+        as_dtype(dh.sum(0), reduce_bias.dtype),
+        as_dtype((dz.t() @ apply_act(h, act)).view_as(expand_weight), expand_weight.dtype),
+        as_dtype(dz.sum(0), expand_bias.dtype),
     )
 
 
@@ -235,6 +251,9 @@ def squeeze_excite(
     code = act_code(act)
     if EAGER_FAST_PATH and plain_eager(x, reduce_weight, reduce_bias, expand_weight,
                                        expand_bias, pooled):
+        if not records_graph(x, reduce_weight, reduce_bias, expand_weight, expand_bias):
+            return _forward(x, reduce_weight, reduce_bias, expand_weight, expand_bias, pooled,
+                            code)[0]
         return _SqueezeExciteFn.apply(x, reduce_weight, reduce_bias, expand_weight, expand_bias,
                                       pooled, code)
     out, _, _, _ = se_fwd(x, reduce_weight, reduce_bias, expand_weight, expand_bias, pooled, code)

@@ -1,0 +1,118 @@
+"""conv + BatchNorm + activation with BatchNorm2d's exact bookkeeping, for the 1x1 expand
+and projection convs of the fused blocks (and the stem / head of our EfficientNet).
+
+  training  nn/pointwise.py: PyTorch's conv (a GEMM on channels_last CPU tensors), then
+            the fused BN + act passes; saves the conv input only
+  eval      BN folded into the conv weights (memoized, nn/eval_fold.py); on CPU the act
+            runs as a oneDNN post-op of the conv, or, above glibc's 32 MiB mmap ceiling,
+            as a GEMM into cached memory (nn/gemm_conv.py) and an in-place act
+Also TensorFlow SAME padding (timm's Conv2dSame semantics) for the tf_ variants.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .batchnorm import bn_call_args, sync_group
+from .eval_fold import folded_conv_bn
+from .gemm_conv import gemm_conv1x1, gemm_conv_eligible
+from .pointwise import conv_bn_act_train
+
+_RECOMPUTE_DTYPES = (torch.float32, torch.float64)
+# Eval 1x1 conv + act on CPU: oneDNN applies the activation as a post-op of the conv
+# (what onnxruntime and inductor do), saving a full pass over the widest activation.
+_ONEDNN_ACTS = {"silu": "swish", "relu": "relu", "identity": "none"}
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+_ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                                      "_convolution_pointwise")
+_ACTS = {"silu": F.silu, "relu": F.relu, "identity": lambda t: t}
+ACTS_INPLACE = {"silu": lambda t: F.silu(t, inplace=True), "relu": torch.relu_,
+                 "identity": lambda t: t}
+# Outputs above glibc's largest mmap threshold are fresh pages on every call (page faults
+# cost more than the conv); those eval 1x1 convs run as a GEMM into cached memory and an
+# in-place activation (nn/gemm_conv.py) instead of oneDNN's fused conv + act.
+_GLIBC_MMAP_MAX = 32 << 20
+# timm's dynamic TF-SAME convs (class names, so timm stays an optional dependency).
+_TIMM_SAME_CONVS = ("Conv2dSame", "Conv2dSameExport")
+
+
+def same_pad(x: Tensor, kernel: int, stride: int) -> Tensor:
+    """TensorFlow SAME padding: total pad max((ceil(i/s)-1)*s + k - i, 0), extra on bottom/right."""
+    h, w = x.shape[-2:]
+    pad_h = max((-(-h // stride) - 1) * stride + kernel - h, 0)
+    pad_w = max((-(-w // stride) - 1) * stride + kernel - w, 0)
+    if pad_h or pad_w:
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    return x
+
+
+class SameConv2d(nn.Conv2d):
+    """nn.Conv2d with TensorFlow SAME padding computed from the input size (timm's
+    Conv2dSame semantics; the state_dict is a plain Conv2d's)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["padding"] = 0
+        super().__init__(*args, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(same_pad(x, self.kernel_size[0], self.stride[0]))
+
+
+def is_same_conv(conv: nn.Module) -> bool:
+    return isinstance(conv, SameConv2d) or type(conv).__name__ in _TIMM_SAME_CONVS
+
+
+def _values_per_channel(x: Tensor, conv: nn.Conv2d, padding: int) -> int:
+    k, s = conv.kernel_size[0], conv.stride[0]
+    return x.shape[0] * ((x.shape[2] + 2 * padding - k) // s + 1) * ((x.shape[3] + 2 * padding - k) // s + 1)
+
+
+def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str) -> Tensor:
+    """act(bn(conv(x))) with BatchNorm2d's exact bookkeeping; BN folded into the conv in eval."""
+    if bn.training and sync_group(bn) is not None:
+        return _ACTS[act](bn(conv(x)))  # SyncBatchNorm: torch's module syncs the statistics
+    args = bn_call_args(bn)
+    if args["training"]:
+        weight, bias = conv.weight, conv.bias
+    else:
+        weight, bias = folded_conv_bn(conv, bn)
+    if is_same_conv(conv):
+        x, padding = same_pad(x, conv.kernel_size[0], conv.stride[0]), (0, 0)
+    else:
+        padding = conv.padding
+    if args["training"] and bias is None and x.dtype in _RECOMPUTE_DTYPES \
+            and conv.dilation == (1, 1) and len(set(conv.stride)) == len(set(padding)) == 1 \
+            and _values_per_channel(x, conv, padding[0]) > 1:
+        # Saves only x for backward (nn/pointwise.py); recomputes the conv there.
+        return conv_bn_act_train(x, weight, bn.weight, bn.bias, args["running_mean"],
+                                 args["running_var"], stride=conv.stride[0], padding=padding[0],
+                                 groups=conv.groups, momentum=args["momentum"],
+                                 eps=args["eps"], act=act)
+    if not args["training"] and _onednn_fusable(x, weight, act):
+        if gemm_conv_eligible(x, weight, conv.stride, padding, conv.groups) and \
+                _conv_out_bytes(x, weight) > _GLIBC_MMAP_MAX:
+            return ACTS_INPLACE[act](gemm_conv1x1(x, weight, bias))
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, weight, bias, list(padding), list(conv.stride), list(conv.dilation), conv.groups,
+            _ONEDNN_ACTS[act], [], "")
+    y = F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
+    if args["training"]:
+        y = F.batch_norm(y, args["running_mean"], args["running_var"], bn.weight, bn.bias,
+                         True, args["momentum"], args["eps"])
+    return _ACTS[act](y)
+
+
+def _conv_out_bytes(x: Tensor, weight: Tensor) -> int:
+    """Output bytes of a stride-1 conv of x with weight."""
+    return x.numel() // x.shape[1] * weight.shape[0] * x.element_size()
+
+
+def _onednn_fusable(x: Tensor, weight: Tensor, act: str) -> bool:
+    """Whether the eval conv (BN folded) + act can run as one oneDNN conv with the
+    activation as a post-op: CPU, a oneDNN dtype, and no autograd graph to record (the
+    fused op has no derivative)."""
+    return (x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and _ONEDNN_AVAILABLE
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not torch.compiler.is_compiling() and type(x) is Tensor)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import effnet_kernels
 from effnet_kernels._ext import ext_module
-from effnet_kernels.nn import mbconv
+from effnet_kernels.nn import conv_bn_act as conv_bn_act_module
 from effnet_kernels.nn.gemm_conv import gemm_conv1x1, gemm_conv1x1_backward, gemm_conv_eligible
 from effnet_kernels.nn.pointwise import ConvBNActTrain
 
@@ -83,7 +83,7 @@ def test_training_conv_bn_act_gradcheck_channels_last():
 
 
 def test_eval_large_output_path_matches_onednn(monkeypatch):
-    """MBConv's eval conv + act takes the GEMM path above the size limit (forced to 0
+    """The blocks' eval conv + act takes the GEMM path above the size limit (forced to 0
     here) and gives the same result as the fused oneDNN conv it replaces."""
     gen = torch.Generator().manual_seed(3)
     conv = torch.nn.Conv2d(6, 10, 1, bias=False).double()
@@ -95,9 +95,9 @@ def test_eval_large_output_path_matches_onednn(monkeypatch):
     ref = F.silu(bn(conv(x)))
     conv, bn, x = conv.float(), bn.float(), x.float()
     with torch.no_grad():
-        default = mbconv.conv_bn_act(x, conv, bn, "silu")
-        monkeypatch.setattr(mbconv, "_GLIBC_MMAP_MAX", 0)
-        forced = mbconv.conv_bn_act(x, conv, bn, "silu")
+        default = conv_bn_act_module.conv_bn_act(x, conv, bn, "silu")
+        monkeypatch.setattr(conv_bn_act_module, "_GLIBC_MMAP_MAX", 0)
+        forced = conv_bn_act_module.conv_bn_act(x, conv, bn, "silu")
     torch.testing.assert_close(forced, ref.float(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(default, ref.float(), atol=1e-5, rtol=1e-5)
     assert forced.is_contiguous(memory_format=CL)

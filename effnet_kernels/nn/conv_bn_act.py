@@ -29,7 +29,7 @@ _ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.m
                                                                       "_convolution_pointwise")
 _ACTS = {"silu": F.silu, "relu": F.relu, "identity": lambda t: t}
 ACTS_INPLACE = {"silu": lambda t: F.silu(t, inplace=True), "relu": torch.relu_,
-                 "identity": lambda t: t}
+                "identity": lambda t: t}
 # Outputs above glibc's largest mmap threshold are fresh pages on every call (page faults
 # cost more than the conv); those eval 1x1 convs run as a GEMM into cached memory and an
 # in-place activation (nn/gemm_conv.py) instead of oneDNN's fused conv + act.

@@ -21,8 +21,7 @@ from torch import Tensor, nn
 
 from ..nn.activations import act_name
 from ..nn.conv_bn_act import conv_bn_act
-from ..nn.eval_tail import dw_se_project, eval_tail_applies
-from ..nn.mbconv import DepthwiseSeparable, MBConv, check_conv, dw_then_se, read_se
+from ..nn.mbconv import DepthwiseSeparable, MBConv, check_conv, dw_se_projection, read_se
 from ..ops.drop_connect import drop_connect_add
 
 
@@ -94,12 +93,8 @@ class TorchvisionMBConv(nn.Module):
             x = conv_bn_act(x, layers[0][0], layers[0][1], self.acts[0])
             i = 1
         dw, se, proj = layers[i], layers[i + 1], layers[i + 2]
-        if eval_tail_applies(x, dw, se, proj):
-            x = dw_se_project(x, (dw[0], dw[1], self.acts[1]), (se.fc1, se.fc2, self.acts[2]),
-                              (proj[0], proj[1], "identity"))
-        else:
-            x = dw_then_se(x, (dw[0], dw[1], self.acts[1]), (se.fc1, se.fc2, self.acts[2]))
-            x = conv_bn_act(x, proj[0], proj[1], "identity")
+        x = dw_se_projection(x, (dw[0], dw[1], self.acts[1]), (se.fc1, se.fc2, self.acts[2]),
+                             (proj[0], proj[1], "identity"))
         if self.use_res_connect:
             x = drop_connect_add(x, shortcut, self.stochastic_depth.p, training=self.training)
         return x

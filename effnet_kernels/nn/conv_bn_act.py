@@ -1,5 +1,6 @@
 """conv + BatchNorm + activation with BatchNorm2d's exact bookkeeping, for the 1x1 expand
-and projection convs of the fused blocks (and the stem / head of our EfficientNet).
+and projection convs of the fused blocks (and the stem / head of our EfficientNet), and the
+module-level call of the fused depthwise op (`dw_bn_act`).
 
   training  nn/pointwise.py: PyTorch's conv (a GEMM on channels_last CPU tensors), then
             the fused BN + act passes; saves the conv input only
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.depthwise import depthwise_conv_bn_act
 from .batchnorm import bn_call_args, sync_group
 from .eval_fold import folded_conv_bn
 from .gemm_conv import gemm_conv1x1, gemm_conv_eligible
@@ -116,3 +118,13 @@ def _onednn_fusable(x: Tensor, weight: Tensor, act: str) -> bool:
     return (x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and _ONEDNN_AVAILABLE
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and not torch.compiler.is_compiling() and type(x) is Tensor)
+
+
+def dw_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str,
+              return_pool_sums: bool = False):
+    """The fused depthwise conv + BN + act of a depthwise Conv2d (SAME-padded or not) and
+    its BatchNorm2d, with BatchNorm2d's bookkeeping; (out, pool sums) with return_pool_sums."""
+    padding = "same" if is_same_conv(conv) else conv.padding[0]
+    return depthwise_conv_bn_act(x, conv.weight, bn.weight, bn.bias, stride=conv.stride[0],
+                                 padding=padding, act=act, return_pool_sums=return_pool_sums,
+                                 **bn_call_args(bn))

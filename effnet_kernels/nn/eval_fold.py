@@ -20,18 +20,15 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from ..ops.bn_math import bn_affine
+
 # BatchNorm module -> (stamp, source tensors, (weight, bias)); entries go with the module.
 _FOLDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """(weight, bias) of the conv with the eval BatchNorm after it folded in."""
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
+    _, scale, shift = bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
     weight = conv.weight
     if conv.bias is not None:
         shift = shift + conv.bias * scale

@@ -16,15 +16,13 @@ SE-scaled y instead, as before.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..backends import select
-from ..ops.depthwise import depthwise_conv_bn_act
 from ..ops.eager import plain_eager
 from ..ops.squeeze_excite import OP as SE_OP
 from ..ops.squeeze_excite import excite_gate
-from .batchnorm import bn_call_args
-from .conv_bn_act import ACTS_INPLACE, conv_bn_act, is_same_conv
+from .conv_bn_act import ACTS_INPLACE, conv_bn_act, dw_bn_act
 from .eval_fold import folded_conv_bn
 from .gemm_conv import gated_gemm_conv1x1, gemm_conv_eligible
 
@@ -32,16 +30,15 @@ from .gemm_conv import gated_gemm_conv1x1, gemm_conv_eligible
 ENABLED = True
 
 
-def eval_tail_applies(x: Tensor, *modules: nn.Module) -> bool:
-    """Whether the block's depthwise -> SE -> projection may run as dw_se_project: CPU,
-    plain eager tensors, no autocast, every BatchNorm in eval with running statistics, and
-    no autograd graph through x or the modules' parameters."""
+def eval_tail_applies(x: Tensor, depthwise: tuple, se: tuple, projection: tuple) -> bool:
+    """Whether dw_se_project may run these parts: CPU, plain eager tensors, no autocast,
+    both BatchNorms in eval with running statistics, and no autograd graph through x or the
+    parts' parameters."""
     if not ENABLED or x.device.type != "cpu" or type(x) is not Tensor or torch.is_autocast_enabled("cpu"):
         return False
-    for m in modules:
-        for sub in m.modules():
-            if isinstance(sub, nn.BatchNorm2d) and (sub.training or sub.running_mean is None):
-                return False
+    if any(bn.training or bn.running_mean is None for bn in (depthwise[1], projection[1])):
+        return False
+    modules = (*depthwise[:2], *se[:2], *projection[:2])
     if torch.is_grad_enabled() and (x.requires_grad or any(
             p.requires_grad for m in modules for p in m.parameters())):
         return False
@@ -50,12 +47,8 @@ def eval_tail_applies(x: Tensor, *modules: nn.Module) -> bool:
 
 def dw_se_project(x: Tensor, depthwise: tuple, se: tuple, projection: tuple) -> Tensor:
     """The tail for (conv_dw, bn, act), (conv_reduce, conv_expand, act), (conv, bn, act);
-    callers check eval_tail_applies first."""
-    dw_conv, dw_bn, dw_act = depthwise
-    padding = "same" if is_same_conv(dw_conv) else dw_conv.padding[0]
-    y, sums = depthwise_conv_bn_act(x, dw_conv.weight, dw_bn.weight, dw_bn.bias,
-                                    stride=dw_conv.stride[0], padding=padding, act=dw_act,
-                                    return_pool_sums=True, **bn_call_args(dw_bn))
+    callers (nn/mbconv.py dw_se_projection) check eval_tail_applies first."""
+    y, sums = dw_bn_act(x, *depthwise, return_pool_sums=True)
     reduce, expand, se_act = se
     gate = excite_gate(sums, y.shape[2] * y.shape[3], reduce.weight, reduce.bias,
                        expand.weight, expand.bias, se_act)

@@ -24,22 +24,14 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..ops.depthwise import depthwise_conv_bn_act, pool_epilogue_available
+from ..ops.depthwise import pool_epilogue_available
 from ..ops.drop_connect import drop_connect_add
 from ..ops.squeeze_excite import squeeze_excite
 from .activations import act_name
-from .batchnorm import bn_call_args, is_plain_batchnorm
-from .conv_bn_act import SameConv2d, conv_bn_act, is_same_conv
+from .batchnorm import is_plain_batchnorm
+from .conv_bn_act import SameConv2d, conv_bn_act, dw_bn_act, is_same_conv
 from .eval_tail import dw_se_project, eval_tail_applies
 from .squeeze_excite import SqueezeExcite
-
-
-def dw_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str,
-              return_pool_sums: bool = False):
-    padding = "same" if is_same_conv(conv) else conv.padding[0]
-    return depthwise_conv_bn_act(x, conv.weight, bn.weight, bn.bias, stride=conv.stride[0],
-                                 padding=padding, act=act, return_pool_sums=return_pool_sums,
-                                 **bn_call_args(bn))
 
 
 def se_gate(x: Tensor, conv_reduce: nn.Conv2d, conv_expand: nn.Conv2d, act: str,
@@ -48,13 +40,30 @@ def se_gate(x: Tensor, conv_reduce: nn.Conv2d, conv_expand: nn.Conv2d, act: str,
                           conv_expand.bias, act=act, pooled=pooled)
 
 
-def dw_then_se(x: Tensor, depthwise: tuple, se: tuple) -> Tensor:
-    """Depthwise conv + BN + act, then squeeze-excite; the SE pool comes from the depthwise
-    kernel's epilogue where the backend has one (one pass over the activation fewer)."""
+def dw_se_projection(x: Tensor, depthwise: tuple, se: tuple | None,
+                     projection: tuple) -> Tensor:
+    """The tail every fused block shares: depthwise conv + BN + act, squeeze-excite (None:
+    none), 1x1 projection conv + BN + act; each part a (conv, bn, act) / (conv_reduce,
+    conv_expand, act) tuple. On CPU in eval without autograd it runs as nn/eval_tail.py;
+    elsewhere the SE pool comes from the depthwise kernel's epilogue where the backend has
+    one (one pass over the activation fewer)."""
+    if se is None:
+        return conv_bn_act(dw_bn_act(x, *depthwise), *projection)
+    if eval_tail_applies(x, depthwise, se, projection):
+        return dw_se_project(x, depthwise, se, projection)
     if pool_epilogue_available(x):
         x, sums = dw_bn_act(x, *depthwise, return_pool_sums=True)
-        return se_gate(x, *se, pooled=sums)
-    return se_gate(dw_bn_act(x, *depthwise), *se)
+        x = se_gate(x, *se, pooled=sums)
+    else:
+        x = se_gate(dw_bn_act(x, *depthwise), *se)
+    return conv_bn_act(x, *projection)
+
+
+def _se_parts(block: nn.Module) -> tuple | None:
+    """(conv_reduce, conv_expand, act) of a timm-named block's SE, None without one."""
+    if block.acts[2] is None:
+        return None
+    return block.se.conv_reduce, block.se.conv_expand, block.acts[2]
 
 
 # ---------------------------------------------------------------------------------------
@@ -202,18 +211,8 @@ class MBConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x
         x = conv_bn_act(x, self.conv_pw, self.bn1, self.acts[0])
-        if self.acts[2] is not None and eval_tail_applies(x, self.conv_dw, self.bn2, self.se,
-                                                          self.conv_pwl, self.bn3):
-            x = dw_se_project(x, (self.conv_dw, self.bn2, self.acts[1]),
-                              (self.se.conv_reduce, self.se.conv_expand, self.acts[2]),
-                              (self.conv_pwl, self.bn3, "identity"))
-        elif self.acts[2] is not None:
-            x = dw_then_se(x, (self.conv_dw, self.bn2, self.acts[1]),
-                           (self.se.conv_reduce, self.se.conv_expand, self.acts[2]))
-            x = conv_bn_act(x, self.conv_pwl, self.bn3, "identity")
-        else:
-            x = dw_bn_act(x, self.conv_dw, self.bn2, self.acts[1])
-            x = conv_bn_act(x, self.conv_pwl, self.bn3, "identity")
+        x = dw_se_projection(x, (self.conv_dw, self.bn2, self.acts[1]), _se_parts(self),
+                             (self.conv_pwl, self.bn3, "identity"))
         if self.has_skip:
             x = drop_connect_add(x, shortcut, _drop_prob(self), training=self.training)
         return x
@@ -259,18 +258,8 @@ class DepthwiseSeparable(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x
-        if self.acts[2] is not None and eval_tail_applies(x, self.conv_dw, self.bn1, self.se,
-                                                          self.conv_pw, self.bn2):
-            x = dw_se_project(x, (self.conv_dw, self.bn1, self.acts[0]),
-                              (self.se.conv_reduce, self.se.conv_expand, self.acts[2]),
-                              (self.conv_pw, self.bn2, self.acts[1]))
-        elif self.acts[2] is not None:
-            x = dw_then_se(x, (self.conv_dw, self.bn1, self.acts[0]),
-                           (self.se.conv_reduce, self.se.conv_expand, self.acts[2]))
-            x = conv_bn_act(x, self.conv_pw, self.bn2, self.acts[1])
-        else:
-            x = dw_bn_act(x, self.conv_dw, self.bn1, self.acts[0])
-            x = conv_bn_act(x, self.conv_pw, self.bn2, self.acts[1])
+        x = dw_se_projection(x, (self.conv_dw, self.bn1, self.acts[0]), _se_parts(self),
+                             (self.conv_pw, self.bn2, self.acts[1]))
         if self.has_skip:
             x = drop_connect_add(x, shortcut, _drop_prob(self), training=self.training)
         return x

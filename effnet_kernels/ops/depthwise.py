@@ -63,10 +63,9 @@ def _forward_math(x, weight, bn_weight, bn_bias, running_mean, running_var, stri
     epilogue on backends that have one (dw_forward_pool), else from a reduction of out."""
     x = dense(x)
     acc = acc_dtype(x.dtype)
-    n, c = x.shape[:2]
-    fmt = memory_format_of(x)
-    if n == 0 or c == 0:  # nothing to compute: no kernel launches
-        out = torch.empty((n, c, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=fmt)
+    c = x.shape[1]
+    if x.shape[0] == 0 or c == 0:  # nothing to compute: no kernel launches
+        out = _empty_out(x, out_h, out_w)
         return (out, x.new_zeros(c, dtype=acc), x.new_ones(c, dtype=acc),
                 _pool_sums(out) if pool else None)
     prims = select(OP, x)
@@ -76,12 +75,26 @@ def _forward_math(x, weight, bn_weight, bn_bias, running_mean, running_var, stri
         mean = running_mean.to(acc, copy=True)
         var = running_var.to(acc, copy=True)
     _, scale, shift = vector_math(prims).bn_affine(mean, var, bn_weight, bn_bias, eps)
-    geo = (stride, pad_top, pad_left, out_h, out_w)
+    out, sums = _act_pass(prims, x, weight, scale, shift,
+                          (stride, pad_top, pad_left, out_h, out_w), act, pool)
+    return out, mean, var, sums
+
+
+def _empty_out(x, out_h, out_w):
+    return torch.empty((*x.shape[:2], out_h, out_w), dtype=x.dtype, device=x.device,
+                       memory_format=memory_format_of(x))
+
+
+def _act_pass(prims, x, weight, scale, shift, geo, act, pool):
+    """(out, pool sums or None): out = act(conv * scale + shift) in x's memory format; the
+    sums come from the kernel's epilogue where the backend has dw_forward_pool, else from a
+    reduction of out."""
+    fmt = memory_format_of(x)
     if pool and hasattr(prims, "dw_forward_pool"):
         out, sums = prims.dw_forward_pool(x, weight, scale, shift, *geo, act)
-        return out.contiguous(memory_format=fmt), mean, var, sums
+        return out.contiguous(memory_format=fmt), sums
     out = prims.dw_forward(x, weight, scale, shift, *geo, act).contiguous(memory_format=fmt)
-    return out, mean, var, (_pool_sums(out) if pool else None)
+    return out, (_pool_sums(out) if pool else None)
 
 
 @dw_bn_act_fwd.register_fake
@@ -313,17 +326,11 @@ def _eval_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, geo,
     """Eval without an autograd graph: one affine call and one forward pass; no copies of
     the running statistics (nothing is saved). Returns (out, pool sums or None)."""
     x = dense(x)
-    fmt = memory_format_of(x)
     if x.shape[0] == 0 or x.shape[1] == 0:
-        out = torch.empty((*x.shape[:2], geo.out_h, geo.out_w), dtype=x.dtype,
-                          device=x.device, memory_format=fmt)
+        out = _empty_out(x, geo.out_h, geo.out_w)
         return out, (_pool_sums(out) if pool else None)
     prims = select(OP, x)
     acc = acc_dtype(x.dtype)
     _, scale, shift = vector_math(prims).bn_affine(
         as_dtype(running_mean, acc), as_dtype(running_var, acc), bn_weight, bn_bias, eps)
-    if pool and hasattr(prims, "dw_forward_pool"):
-        out, sums = prims.dw_forward_pool(x, weight, scale, shift, *geo, act)
-        return out.contiguous(memory_format=fmt), sums
-    out = prims.dw_forward(x, weight, scale, shift, *geo, act).contiguous(memory_format=fmt)
-    return out, (_pool_sums(out) if pool else None)
+    return _act_pass(prims, x, weight, scale, shift, geo, act, pool)

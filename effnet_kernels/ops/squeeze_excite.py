@@ -72,12 +72,13 @@ def excite_gate(sums: Tensor, pixels: int, reduce_weight: Tensor, reduce_bias: T
     """The (N, C) gate sigmoid(conv_expand(act(conv_reduce(sums / pixels)))) from the pooled
     sums (e.g. the depthwise op's pool epilogue), in sums' dtype. No autograd bookkeeping:
     for callers that record no graph."""
-    acc = sums.dtype
-    rb = reduce_weight.new_zeros(reduce_weight.shape[0], dtype=acc) if reduce_bias is None \
-        else reduce_bias
-    eb = expand_weight.new_zeros(expand_weight.shape[0], dtype=acc) if expand_bias is None \
-        else expand_bias
-    return _mlp(sums / pixels, reduce_weight, rb, expand_weight, eb, act_code(act))[1]
+    return _mlp(sums / pixels, reduce_weight, _bias_or_zeros(reduce_bias, reduce_weight),
+                expand_weight, _bias_or_zeros(expand_bias, expand_weight), act_code(act))[1]
+
+
+def _bias_or_zeros(bias: Tensor | None, weight: Tensor) -> Tensor:
+    """A 1x1 conv's bias, zeros (weight's dtype) for None."""
+    return weight.new_zeros(weight.shape[:1]) if bias is None else bias
 
 
 def _act_backward(da, h, act):
@@ -243,10 +244,10 @@ def squeeze_excite(
         with torch.autocast(x.device.type, enabled=False):
             return squeeze_excite(x, reduce_weight, reduce_bias, expand_weight, expand_bias,
                                   act=act, pooled=pooled)
-    if reduce_bias is None and isinstance(reduce_weight, Tensor):
-        reduce_bias = reduce_weight.new_zeros(reduce_weight.shape[:1])
-    if expand_bias is None and isinstance(expand_weight, Tensor):
-        expand_bias = expand_weight.new_zeros(expand_weight.shape[:1])
+    if isinstance(reduce_weight, Tensor):
+        reduce_bias = _bias_or_zeros(reduce_bias, reduce_weight)
+    if isinstance(expand_weight, Tensor):
+        expand_bias = _bias_or_zeros(expand_bias, expand_weight)
     _check_inputs(x, reduce_weight, reduce_bias, expand_weight, expand_bias, pooled)
     code = act_code(act)
     if EAGER_FAST_PATH and plain_eager(x, reduce_weight, reduce_bias, expand_weight,

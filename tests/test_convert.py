@@ -17,6 +17,12 @@ from torch import nn
 
 import effnet_kernels
 from effnet_kernels.models.convert import TorchvisionMBConv
+from effnet_kernels.models.stem_head import (
+    ConvThenNorm,
+    FusedConvNormActivation,
+    NormAppliedByConv,
+    SameConvThenNorm,
+)
 from effnet_kernels.nn import DepthwiseSeparable, MBConv
 
 timm = pytest.importorskip("timm")
@@ -77,6 +83,13 @@ def test_train_step_parity_autocast_bfloat16(device):
     assert_train_parity(fused, original, x.to(device), y.to(device), autocast=torch.bfloat16)
 
 
+STEM_HEAD = {
+    "timm": {"conv_stem": SameConvThenNorm, "bn1": NormAppliedByConv,
+             "conv_head": ConvThenNorm, "bn2": NormAppliedByConv},
+    "torchvision": {"features.0": FusedConvNormActivation, "features.8": FusedConvNormActivation},
+}
+
+
 @pytest.mark.parametrize("source,name", [("timm", "tf_efficientnet_b0"),
                                          ("torchvision", "efficientnet_b0")])
 def test_state_and_identity_preserved(source, name):
@@ -87,6 +100,9 @@ def test_state_and_identity_preserved(source, name):
     blocks = dict(model.named_modules())
     report = effnet_kernels.convert(model)
     assert len(report.converted) == 16
+    stem_head = STEM_HEAD[source]
+    assert list(report.stem_head) == list(stem_head)
+    assert all(isinstance(model.get_submodule(n), t) for n, t in stem_head.items())
     assert list(model.state_dict()) == list(before)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -95,10 +111,45 @@ def test_state_and_identity_preserved(source, name):
     fused_types = (MBConv, DepthwiseSeparable, TorchvisionMBConv)
     assert all(isinstance(model.get_submodule(n), fused_types) for n in report.converted)
 
-    assert effnet_kernels.revert(model) == 16
-    assert all(model.get_submodule(n) is blocks[n] for n in report.converted)
+    assert effnet_kernels.revert(model) == 16 + len(stem_head)
+    assert all(model.get_submodule(n) is blocks[n] for n in report.converted + report.stem_head)
     assert dict(model.named_modules()).keys() == blocks.keys()
     assert all(model.get_submodule(n) is m for n, m in blocks.items() if n)
+
+
+def test_stem_and_head_follow_moves_and_loads_and_revert_keeps_them():
+    """The fused stem reads the norm's tensors at call time: after model.double() (new
+    buffer tensors) and load_state_dict it matches the original, and revert hands the
+    current tensors back to the original modules."""
+    original = make("timm", "efficientnet_b0")
+    model = copy.deepcopy(original)
+    effnet_kernels.convert(model)
+    model.double(), original.double()
+    assert isinstance(model.bn1, NormAppliedByConv) and model.bn1.running_mean.dtype == torch.float64
+    other = randomize_bn(make("timm", "efficientnet_b0"))
+    model.load_state_dict(other.state_dict())
+    original.load_state_dict(other.state_dict())
+    x = batch(2, 32)[0].double()
+    assert_eval_parity(model, original, x)
+    model.train()
+    model(x)
+    running = model.bn1.running_mean.clone()
+    effnet_kernels.revert(model)
+    assert type(model.bn1).__name__ == "BatchNormAct2d" and type(model.conv_stem) is nn.Conv2d
+    assert torch.equal(model.bn1.running_mean, running) and model.bn1.running_mean.dtype == torch.float64
+    assert model.bn1.training
+
+
+def test_unfusable_stem_is_left_and_reported():
+    model = make("timm", "efficientnet_b0")
+    model.bn2.act = nn.GELU()
+    with pytest.warns(UserWarning, match="left 1 unfused"):
+        report = effnet_kernels.convert(model)
+    assert report.stem_head == ["conv_stem", "bn1"]
+    assert "GELU" in report.skipped["conv_head + bn2"]
+    assert type(model.conv_head) is nn.Conv2d and type(model.bn2).__name__ == "BatchNormAct2d"
+    again = effnet_kernels.convert(model, warn=False)
+    assert not again.converted and again.stem_head == [] and list(again.skipped) == ["conv_head + bn2"]
 
 
 def test_reads_settings_from_modules():

@@ -16,7 +16,7 @@ from model_cases import randomize_bn
 from effnet_kernels import use_backend
 from effnet_kernels.functional import depthwise_conv_bn_act
 from effnet_kernels.nn import DepthwiseSeparable, MBConv, eval_tail
-from effnet_kernels.nn.gemm_conv import gated_gemm_conv1x1
+from effnet_kernels.nn.gemm_conv import gated_gemm_conv1x1, gemm_conv1x1_act
 from effnet_kernels.ops import reference
 from effnet_kernels.testing import assert_parity
 
@@ -70,18 +70,28 @@ def test_pool_sums_without_autograd_use_the_cpu_epilogue(monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_gated_gemm_conv_matches_conv_of_scaled_input(dtype, bias):
+@pytest.mark.parametrize("act", ["identity", "silu"])
+@pytest.mark.parametrize("epilogue", [False, True])
+def test_gated_gemm_conv_matches_conv_of_scaled_input(dtype, bias, act, epilogue):
+    """gated_gemm_conv1x1 (ATen GEMM, then act in place) and gemm_conv1x1_act with a gate
+    (the compiled epilogue GEMM for float32, the former otherwise)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 20, 6, 5, generator=g).contiguous(memory_format=CL)
     w = torch.randn(8, 20, 1, 1, generator=g) * 0.3
     b = torch.randn(8, generator=g) if bias else None
     gate = torch.rand(3, 20, generator=g)
-    got = gated_gemm_conv1x1(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype), gate)
+    args = (x.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
+    if epilogue:
+        got = gemm_conv1x1_act(*args, act, gate)
+    else:
+        got = gated_gemm_conv1x1(*args, gate)
+        got = F.silu(got) if act == "silu" else got
     assert got.is_contiguous(memory_format=CL) and got.dtype == dtype
 
     def conv(dt):
         xs = (x.to(dt) * gate.to(dt)[:, :, None, None])
-        return F.conv2d(xs, w.to(dt), None if b is None else b.to(dt))
+        y = F.conv2d(xs, w.to(dt), None if b is None else b.to(dt))
+        return F.silu(y) if act == "silu" else y
     assert_parity("gated conv", got, conv(dtype), conv(torch.float64), dtype)
 
 
@@ -99,9 +109,9 @@ def test_block_eval_tail_matches_timm(name, hw, dtype, monkeypatch):
     calls = []
 
     def spy(*args):
-        calls.append(1)
-        return gated_gemm_conv1x1(*args)
-    monkeypatch.setattr(eval_tail, "gated_gemm_conv1x1", spy)
+        calls.append(len(args) == 5)  # (y, weight, bias, act, gate): the gated projection
+        return gemm_conv1x1_act(*args)
+    monkeypatch.setattr(eval_tail, "gemm_conv1x1_act", spy)
     original = _timm_blocks()[name].eval()
     fused = copy.deepcopy(original)
     fused = (DepthwiseSeparable if name == "ds" else MBConv).from_timm(fused).eval()
@@ -113,5 +123,5 @@ def test_block_eval_tail_matches_timm(name, hw, dtype, monkeypatch):
         same = copy.deepcopy(original).to(dtype)(x.to(dtype))
         truth = copy.deepcopy(original).double()(x.double())
     assert got.is_contiguous(memory_format=CL)
-    assert len(calls) == (0 if name == "mb_late" else 1)
+    assert sum(calls) == (0 if name == "mb_late" else 1)
     assert_parity(f"{name} eval", got, same, truth, dtype)

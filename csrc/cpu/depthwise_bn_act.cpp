@@ -13,7 +13,7 @@
 // Every pass recomputes y from x (design.md §4). Kernels run on channels_last data
 // (NCHW inputs are converted on entry and outputs converted back) and accumulate in
 // float (double for float64). The row kernels live in depthwise_kernels.h, compiled
-// once per ISA (AVX-512, AVX2, baseline) in depthwise_isa_*.cpp and picked at runtime;
+// once per ISA (AVX-512, AVX2, baseline) in isa_*.cpp and picked at runtime (isa.h);
 // EFFNET_CPU_ISA=avx2 or =base forces a narrower one. Threads split fixed work units
 // (at::parallel_for) and write per-group partials that are merged in order, so results
 // are deterministic.
@@ -39,58 +39,12 @@
 #include "common/checks.h"
 #include "common/math.h"
 #include "depthwise_passes.h"
+#include "isa.h"
 #include "output_cache.h"
 
 namespace effnet::cpu_dw {
 
 namespace {
-
-enum class Isa { Base, Avx2, Avx512 };
-
-Isa detect_isa() {
-  const char* env = std::getenv("EFFNET_CPU_ISA");
-  const std::string forced = env ? env : "";
-  if (forced == "base") return Isa::Base;
-#ifdef EFFNET_DW_X86
-  __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                    __builtin_cpu_supports("f16c");
-  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
-                      __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  if (avx512 && forced != "avx2") return Isa::Avx512;
-  if (avx2) return Isa::Avx2;
-#endif
-  return Isa::Base;
-}
-
-Isa isa() {
-  static const Isa chosen = detect_isa();
-  return chosen;
-}
-
-std::string isa_name() {
-  switch (isa()) {
-    case Isa::Avx512: return "avx512";
-    case Isa::Avx2: return "avx2";
-    default: return "base";
-  }
-}
-
-template <class F>
-F pick(F f_avx512, F f_avx2, F f_base) {
-  switch (isa()) {
-    case Isa::Avx512: return f_avx512;
-    case Isa::Avx2: return f_avx2;
-    default: return f_base;
-  }
-}
-
-#ifdef EFFNET_DW_X86
-#define EFFNET_DW_PICK(fn) pick(&avx512::fn, &avx2::fn, &base::fn)
-#else
-#define EFFNET_DW_PICK(fn) pick(&base::fn, &base::fn, &base::fn)
-#endif
 
 constexpr int64_t kMaxGroups = 64;
 
@@ -207,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> dw_stats(const at::Tensor& x, const at::Tenso
     const int64_t width = 1 + 2 * g.C;
     const int64_t groups = group_count(g.N * g.OH);
     std::vector<double> part(groups * width, 0.0);
-    const auto kernel = EFFNET_DW_PICK(stats_rows<X>);
+    const auto kernel = EFFNET_PICK_ISA(cpu_dw, stats_rows<X>);
     run_groups(g.N * g.OH, groups, [&](int64_t i, int64_t r0, int64_t r1) {
       kernel(g, xc.const_data_ptr<X>(), p, r0, r1, part.data() + i * width);
     });
@@ -248,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
     using A = AccOf<X>;
     const auto wt = transpose_weight<X>(weight);
     const Params<A> p{wt.data(), sc.const_data_ptr<A>(), sh.const_data_ptr<A>()};
-    const auto kernel = EFFNET_DW_PICK(forward_rows<X>);
+    const auto kernel = EFFNET_PICK_ISA(cpu_dw, forward_rows<X>);
     std::vector<A> row_sums(pool ? g.N * g.OH * g.C : 0);
     A* sums = pool ? row_sums.data() : nullptr;
     at::parallel_for(0, g.N * g.OH, 1, [&](int64_t r0, int64_t r1) {
@@ -307,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor> dw_backward_reduce(
     const Params<A> p{wt.data(), sc.const_data_ptr<A>(), sh.const_data_ptr<A>(), mu.const_data_ptr<A>()};
     const int64_t groups = group_count(g.N * g.OH);
     std::vector<double> part(groups * 2 * g.C, 0.0);
-    const auto kernel = EFFNET_DW_PICK(reduce_rows<X>);
+    const auto kernel = EFFNET_PICK_ISA(cpu_dw, reduce_rows<X>);
     run_groups(g.N * g.OH, groups, [&](int64_t i, int64_t r0, int64_t r1) {
       kernel(g, xc.const_data_ptr<X>(), dyc.const_data_ptr<X>(), p, r0, r1, part.data() + i * 2 * g.C);
     });
@@ -345,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor> dw_backward(
     const int64_t width = g.K * g.K * g.C, blocks = backward_blocks(g);
     const int64_t groups = group_count(g.N * blocks);
     std::vector<double> part(groups * width, 0.0);
-    const auto kernel = EFFNET_DW_PICK(backward_units<X>);
+    const auto kernel = EFFNET_PICK_ISA(cpu_dw, backward_units<X>);
     run_groups(g.N * blocks, groups, [&](int64_t i, int64_t u0, int64_t u1) {
       kernel(g, xc.const_data_ptr<X>(), dyc.const_data_ptr<X>(), p, dx.data_ptr<X>(), blocks, u0,
              u1, part.data() + i * width);
@@ -388,6 +342,6 @@ EFFNET_BINDINGS(bind_cpu_depthwise) {
           py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("shift"), py::arg("mean"),
           py::arg("coef_b"), py::arg("coef_c"), py::arg("stride"), py::arg("pad_top"),
           py::arg("pad_left"), py::arg("act"));
-  cpu.def("dw_simd_isa", []() { return isa_name(); },
+  cpu.def("dw_simd_isa", []() { return std::string(effnet::cpu::isa_name()); },
           "instruction set the depthwise kernels dispatched to (avx512, avx2, base)");
 }

@@ -1,6 +1,6 @@
 // Row kernels of the fused depthwise conv + BN + activation, channels_last layout.
 //
-// No include guard on purpose: each depthwise_isa_*.cpp includes this once, inside its
+// No include guard on purpose: each isa_*.cpp includes this once, inside its
 // ISA's namespace and `#pragma GCC target`, after vec_math.h (see its header); Geo, Params,
 // AccOf and chan_merge come from depthwise_passes.h.
 //
@@ -35,6 +35,22 @@ inline void for_channel_vectors(int64_t C, F&& f) {
     if (c + L / 2 <= C) f(c, Vec<A, L / 2>{}), c += L / 2;
   }
   for (; c < C; ++c) f(c, Vec<A, 1>{});
+}
+
+// v[i] = act(v[i]) for i < n contiguous values. The passes apply the activation to a
+// whole pixel tile after its conv instead of inside the conv's per-pixel callback: the
+// tap loop keeps its K * K weight vectors in registers, and the activation's long
+// dependency chains of independent vectors overlap (measured 8-20% faster, B0 shapes).
+template <typename A>
+inline void act_in_place(A* v, int64_t n, int64_t act) {
+  auto body = [&]<int ACT>() {
+    for_channel_vectors<A>(n, [&](int64_t i, auto proto) {
+      using V = decltype(proto);
+      vstore(v + i, act_forward(vload<V>(v + i), ACT));
+    });
+  };
+  if (act == 1) return body.template operator()<1>();
+  if (act == 2) return body.template operator()<2>();
 }
 
 // dst[i] = src[i] converted from storage type X to A (or back), i < n.
@@ -258,7 +274,7 @@ void moments_row(const Geo& g, const A* const* rows, const A* wt, A* y, A* mean,
   });
 }
 
-// out = act(y * scale + shift) for one row.
+// out = act(y * scale + shift) for one row: the BN affine per pixel, then the act per tile.
 template <int K, typename A>
 void forward_row(const Geo& g, const A* const* rows, const Params<A>& p, A* out) {
   for_pixel_tiles<A>(g.OW, g.C, K, [&](int64_t t0, int64_t t1) {
@@ -266,9 +282,10 @@ void forward_row(const Geo& g, const A* const* rows, const Params<A>& p, A* out)
       using V = decltype(proto);
       const V sc = vload<V>(p.scale + c), sh = vload<V>(p.shift + c);
       conv_block<K, V>(rows, p.wt, g, c, t0, t1, [&](int64_t ow, V y) {
-        vstore(out + ow * g.C + c, act_forward(y * sc + sh, g.act));
+        vstore(out + ow * g.C + c, y * sc + sh);
       });
     });
+    act_in_place(out + t0 * g.C, (t1 - t0) * g.C, g.act);
   });
 }
 

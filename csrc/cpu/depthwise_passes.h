@@ -1,7 +1,7 @@
 // Shared declarations of the CPU depthwise conv + BN + activation passes.
 //
 // The row kernels (depthwise_kernels.h) are compiled once per instruction set, each in its
-// own translation unit (depthwise_isa_avx512.cpp, _avx2.cpp, _base.cpp) and namespace;
+// own translation unit (isa_avx512.cpp, isa_avx2.cpp, isa_base.cpp) and namespace;
 // depthwise_bn_act.cpp picks one set at runtime. This header holds what both sides need:
 // the call geometry, the per-channel parameters, the accumulation type, Chan's merge and
 // the signatures of the four passes (declared per ISA, instantiated in the ISA files for
@@ -19,9 +19,9 @@
 #include <utility>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
+#include "isa.h"
+#ifdef EFFNET_CPU_X86
 #include <immintrin.h>
-#define EFFNET_DW_X86 1
 #endif
 
 #include "common/math.h"
@@ -91,7 +91,7 @@ inline void chan_merge(double* acc, int64_t C, double nb, const A* mean_b, const
   EFFNET_DW_PASSES(template, c10::BFloat16) \
   EFFNET_DW_PASSES(template, c10::Half)
 
-#ifdef EFFNET_DW_X86
+#ifdef EFFNET_CPU_X86
 EFFNET_DW_ISA_PASSES(avx512)
 EFFNET_DW_ISA_PASSES(avx2)
 #endif

@@ -1,5 +1,6 @@
 """convert(model): swap the MBConv blocks of a timm or torchvision EfficientNet for fused
-blocks, in place; revert(model) undoes it.
+blocks, and its stem and head conv + BN + act for fused layers (models/stem_head.py), in
+place; revert(model) undoes it.
 
 A fused block holds the replaced block's own child modules under their original names,
 so Parameter and buffer objects, state_dict keys and values are unchanged; only forward
@@ -8,7 +9,8 @@ differs. The replaced block is kept (outside the module tree) for revert. Every 
 modules themselves. Blocks that cannot be fused are left untouched and reported, with
 the reason, in the returned ConvertReport and one `warnings.warn`.
 
-Convert before wrapping in DistributedDataParallel (DDP keeps references to modules).
+Convert before wrapping in DistributedDataParallel (DDP keeps references to modules), and
+after convert_sync_batchnorm.
 """
 
 from __future__ import annotations
@@ -23,15 +25,18 @@ from ..nn.activations import act_name
 from ..nn.conv_bn_act import conv_bn_act
 from ..nn.mbconv import DepthwiseSeparable, MBConv, check_conv, dw_se_projection, read_se
 from ..ops.drop_connect import drop_connect_add
+from .stem_head import fuse_stem_and_head
 
 
 @dataclass
 class ConvertReport:
     converted: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    stem_head: list[str] = field(default_factory=list)  # modules of the fused stem / head
 
     def __str__(self) -> str:
-        lines = [f"converted {len(self.converted)} blocks, left {len(self.skipped)} unfused"]
+        lines = [f"converted {len(self.converted)} blocks and {len(self.stem_head)} stem/head "
+                 f"modules, left {len(self.skipped)} unfused"]
         lines += [f"  {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -151,16 +156,22 @@ def convert(model: nn.Module, *, warn: bool = True) -> ConvertReport:
     for name, fused in replacements:
         _set_child(model, name, fused)
         report.converted.append(name)
+    report.stem_head, skipped = fuse_stem_and_head(model, _read_cna)
+    report.skipped.update(skipped)
     if warn and report.skipped:
         warnings.warn(f"effnet_kernels.convert: {report}", stacklevel=2)
     return report
 
 
 def revert(model: nn.Module) -> int:
-    """Put back the original blocks convert() replaced; returns how many."""
+    """Put back the original blocks and stem / head modules convert() replaced; returns
+    how many modules were put back."""
     restored = [(n, m) for n, m in model.named_modules() if n and hasattr(m, "unfused")]
     for name, fused in restored:
-        original = fused.unfused
-        original.train(fused.training)
+        if hasattr(fused, "restore"):
+            original = fused.restore()
+        else:
+            original = fused.unfused
+            original.train(fused.training)
         _set_child(model, name, original)
     return len(restored)

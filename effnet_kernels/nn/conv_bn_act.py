@@ -6,7 +6,7 @@ module-level call of the fused depthwise op (`dw_bn_act`).
             the fused BN + act passes; saves the conv input only
   eval      BN folded into the conv weights (memoized, nn/eval_fold.py); on CPU the act
             runs as a oneDNN post-op of the conv, or, above glibc's 32 MiB mmap ceiling,
-            as a GEMM into cached memory (nn/gemm_conv.py) and an in-place act
+            as a GEMM into cached memory (nn/gemm_conv.py) with the act as its epilogue
 Also TensorFlow SAME padding (timm's Conv2dSame semantics) for the tf_ variants.
 """
 
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..ops.depthwise import depthwise_conv_bn_act
 from .batchnorm import bn_call_args, sync_group
 from .eval_fold import folded_conv_bn
-from .gemm_conv import gemm_conv1x1, gemm_conv_eligible
+from .gemm_conv import gemm_conv1x1_act, gemm_conv_eligible
 from .pointwise import conv_bn_act_train
 
 _RECOMPUTE_DTYPES = (torch.float32, torch.float64)
@@ -30,11 +30,10 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 _ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
                                                                       "_convolution_pointwise")
 _ACTS = {"silu": F.silu, "relu": F.relu, "identity": lambda t: t}
-ACTS_INPLACE = {"silu": lambda t: F.silu(t, inplace=True), "relu": torch.relu_,
-                "identity": lambda t: t}
-# Outputs above glibc's largest mmap threshold are fresh pages on every call (page faults
-# cost more than the conv); those eval 1x1 convs run as a GEMM into cached memory and an
-# in-place activation (nn/gemm_conv.py) instead of oneDNN's fused conv + act.
+# Eval 1x1 convs run as a GEMM into cached memory with the act as an epilogue
+# (nn/gemm_conv.py) for float32; for other dtypes only when the output is above glibc's
+# largest mmap threshold, where ATen's outputs are fresh pages on every call (page faults
+# cost more than the conv).
 _GLIBC_MMAP_MAX = 32 << 20
 # timm's dynamic TF-SAME convs (class names, so timm stays an optional dependency).
 _TIMM_SAME_CONVS = ("Conv2dSame", "Conv2dSameExport")
@@ -93,9 +92,9 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str) -> Ten
                                  groups=conv.groups, momentum=args["momentum"],
                                  eps=args["eps"], act=act)
     if not args["training"] and _onednn_fusable(x, weight, act):
-        if gemm_conv_eligible(x, weight, conv.stride, padding, conv.groups) and \
-                _conv_out_bytes(x, weight) > _GLIBC_MMAP_MAX:
-            return ACTS_INPLACE[act](gemm_conv1x1(x, weight, bias))
+        if gemm_conv_eligible(x, weight, conv.stride, padding, conv.groups) and (
+                x.dtype == torch.float32 or _conv_out_bytes(x, weight) > _GLIBC_MMAP_MAX):
+            return gemm_conv1x1_act(x, weight, bias, act)
         return torch.ops.mkldnn._convolution_pointwise(
             x, weight, bias, list(padding), list(conv.stride), list(conv.dilation), conv.groups,
             _ONEDNN_ACTS[act], [], "")

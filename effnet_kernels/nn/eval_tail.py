@@ -22,9 +22,9 @@ from ..backends import select
 from ..ops.eager import plain_eager
 from ..ops.squeeze_excite import OP as SE_OP
 from ..ops.squeeze_excite import excite_gate
-from .conv_bn_act import ACTS_INPLACE, conv_bn_act, dw_bn_act
+from .conv_bn_act import conv_bn_act, dw_bn_act
 from .eval_fold import folded_conv_bn
-from .gemm_conv import gated_gemm_conv1x1, gemm_conv_eligible
+from .gemm_conv import gemm_conv1x1_act, gemm_conv_eligible
 
 # Switch for in-process A/B measurements (benchmarks); the unfused order is always correct.
 ENABLED = True
@@ -56,5 +56,5 @@ def dw_se_project(x: Tensor, depthwise: tuple, se: tuple, projection: tuple) -> 
     if gemm_conv_eligible(y, conv.weight, conv.stride, conv.padding, conv.groups) \
             and y.shape[2] * y.shape[3] >= conv.out_channels:
         weight, bias = folded_conv_bn(conv, bn)
-        return ACTS_INPLACE[act](gated_gemm_conv1x1(y, weight, bias, gate))
+        return gemm_conv1x1_act(y, weight, bias, act, gate)
     return conv_bn_act(select(SE_OP, y).se_scale(y, gate), conv, bn, act)

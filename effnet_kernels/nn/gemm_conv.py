@@ -12,6 +12,11 @@ threshold (32 MiB, e.g. B0's first expand output at batch 8: 8x96x112x112 fp32) 
 such allocation is new pages, page-faulted and zeroed by the kernel on first write:
 measured 24 ms for a conv whose GEMM takes 4 ms. torch.mm(out=) into a cached block
 avoids that. The GEMM itself is ATen's (MKL / oneDNN).
+
+Eval conv + activation (`gemm_conv1x1_act`): for float32 the compiled extension runs the
+GEMM tile by tile and applies bias + act to each tile while it is in cache
+(csrc/cpu/pointwise_conv.cpp), so the activation is not a second pass over the output;
+other dtypes take the GEMM above and an in-place activation.
 """
 
 from __future__ import annotations
@@ -20,8 +25,14 @@ import torch
 from torch import Tensor
 
 from .._ext import ext_module
+from ..ops.activations import act_code, apply_act_
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _epilogue_gemm_serves(x: Tensor) -> bool:
+    ext = ext_module()
+    return x.dtype == torch.float32 and ext is not None and ext.cpu.pw_conv_available()
 
 
 def gemm_conv_eligible(x: Tensor, weight: Tensor, stride, padding, groups: int) -> bool:
@@ -75,6 +86,20 @@ def gated_gemm_conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None,
     else:
         torch.baddbmm(bias.reshape(1, 1, cout), x_rows, gated_t, out=y_rows)
     return y
+
+
+def gemm_conv1x1_act(x: Tensor, weight: Tensor, bias: Tensor | None, act: str,
+                     gate: Tensor | None = None) -> Tensor:
+    """act(conv2d(x, weight, bias)), or with gate (N, Cin) act(conv2d(x * gate[n, c], ...))
+    as in gated_gemm_conv1x1, for a gemm_conv_eligible call; channels_last output, no
+    autograd. float32: one pass with the activation as a GEMM epilogue."""
+    if _epilogue_gemm_serves(x):
+        if gate is not None:
+            cout, cin = weight.shape[:2]
+            weight = weight.reshape(1, cout, cin) * gate.reshape(-1, 1, cin).to(weight.dtype)
+        return ext_module().cpu.pw_conv_act(x, weight, bias, act_code(act))
+    y = gemm_conv1x1(x, weight, bias) if gate is None else gated_gemm_conv1x1(x, weight, bias, gate)
+    return apply_act_(y, act)
 
 
 def gemm_conv1x1_backward(dy: Tensor, x: Tensor, weight: Tensor, need_dx: bool,

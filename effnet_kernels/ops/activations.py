@@ -22,6 +22,17 @@ def apply_act(z: torch.Tensor, code: int) -> torch.Tensor:
     return z
 
 
+def apply_act_(z: torch.Tensor, act: str) -> torch.Tensor:
+    """act(z) written into z, by name."""
+    if act == "silu":
+        return F.silu(z, inplace=True)
+    if act == "relu":
+        return z.relu_()
+    if act != "identity":
+        act_code(act)
+    return z
+
+
 def act_grad(z: torch.Tensor, code: int) -> torch.Tensor:
     """d act(z) / dz, elementwise."""
     if code == 1:

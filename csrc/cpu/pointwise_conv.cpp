@@ -1,0 +1,154 @@
+// CPU 1x1 conv + bias + activation for inference, one pass over the output:
+//
+//   y[(n, h, w), o] = act(sum_i x[(n, h, w), i] * W[o, i] + bias[o])
+//
+// Layout: x is channels_last (N, Cin, H, W), so its pixels are the rows of a (N*H*W, Cin)
+// row-major matrix and y's rows are (N*H*W, Cout): the conv is one GEMM, y = x W^T. W is
+// (Cout, Cin) shared by all samples, or (N, Cout, Cin) with one matrix per sample (the
+// squeeze-excite gate folded into the projection weights, nn/eval_tail.py).
+//
+// Why not ATen's conv/GEMM followed by an activation: that is a second full pass over the
+// widest activation of the block (read + write), which costs as much as the GEMM itself on
+// B0's expand convs. Here the output rows are cut into tiles of about kTileFloats values;
+// each parallel task runs one single-threaded GEMM into its tile and applies bias + act
+// while the tile is still in L2. With too few tiles to feed every thread, one multi-threaded
+// GEMM covers all rows and the epilogue runs as a separate parallel loop. The GEMM is
+// the BLAS sgemm_ that libtorch_cpu ships (MKL on x86 wheels), looked up at runtime:
+// without it `pw_conv_available()` is false and Python keeps ATen's path. float32 only.
+// The output comes from the output cache (output_cache.h). No autograd (eval only).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h>
+#define EFFNET_HAS_DLOPEN 1
+#endif
+
+#include "common/binding_registry.h"
+#include "common/checks.h"
+#include "output_cache.h"
+#include "pointwise_epilogue_decl.h"
+
+namespace effnet::cpu_pw {
+namespace {
+
+// Fortran BLAS sgemm (column-major): C = alpha op(A) op(B) + beta C.
+using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*,
+                         const float*, const float*, const int*, const float*, const int*,
+                         const float*, float*, const int*);
+
+SgemmFn find_sgemm() {
+#ifdef EFFNET_HAS_DLOPEN
+  void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+  void* fn = lib ? dlsym(lib, "sgemm_") : nullptr;
+  return reinterpret_cast<SgemmFn>(fn);
+#else
+  return nullptr;
+#endif
+}
+
+SgemmFn sgemm() {
+  static const SgemmFn fn = find_sgemm();
+  return fn;
+}
+
+// Output values per tile: 256 KiB of float, so a tile and its slice of x stay in L2.
+constexpr int64_t kTileFloats = int64_t(1) << 16;
+
+// y = x w^T for row-major x (rows, cin), w (cout, cin), y (rows, cout). Column-major BLAS
+// sees the same memory transposed: y^T (cout x rows) = op(A) B with A = w read as the
+// (cin x cout) matrix w^T, so op(A) = A^T, and B = x read as (cin x rows).
+void gemm_rows(const float* x, const float* w, float* y, int64_t rows, int64_t cin,
+               int64_t cout) {
+  const int m = int(cout), n = int(rows), k = int(cin);
+  const float one = 1.0f, zero = 0.0f;
+  sgemm()("T", "N", &m, &n, &k, &one, w, &k, x, &k, &zero, y, &m);
+}
+
+at::Tensor check_args(const at::Tensor& x, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, int64_t act) {
+  EFFNET_CHECK_DEVICE(x, at::kCPU);
+  EFFNET_CHECK_DTYPE(x, at::kFloat);
+  EFFNET_CHECK_DIM(x, 4);
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "x must be contiguous in channels_last format");
+  EFFNET_CHECK_DEVICE(weight, at::kCPU);
+  EFFNET_CHECK_DTYPE(weight, at::kFloat);
+  const int64_t n = x.size(0), cin = x.size(1);
+  const bool per_sample = weight.dim() == 3;
+  TORCH_CHECK((weight.dim() == 4 && weight.size(1) == cin && weight.size(2) == 1 &&
+               weight.size(3) == 1) ||
+                  (per_sample && weight.size(0) == n && weight.size(2) == cin),
+              "weight must be (Cout, ", cin, ", 1, 1) or per sample (", n, ", Cout, ", cin,
+              "), got shape ", weight.sizes());
+  const int64_t cout = per_sample ? weight.size(1) : weight.size(0);
+  TORCH_CHECK(act >= 0 && act <= 2, "act must be 0 (identity), 1 (relu) or 2 (silu), got ", act);
+  if (!bias.has_value()) return at::zeros({cout}, x.options());
+  const at::Tensor& b = *bias;
+  TORCH_CHECK(b.device().is_cpu(), "bias must be on cpu, got ", b.device());
+  TORCH_CHECK(b.scalar_type() == at::kFloat, "bias must have dtype float32, got ", b.scalar_type());
+  TORCH_CHECK(b.numel() == cout, "bias must have ", cout, " elements, got ", b.numel());
+  return b.contiguous();
+}
+
+at::Tensor pw_conv_act(const at::Tensor& x, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, int64_t act) {
+  TORCH_CHECK(sgemm() != nullptr, "pw_conv_act: libtorch_cpu exports no sgemm_");
+  const at::Tensor b = check_args(x, weight, bias, act);
+  const bool per_sample = weight.dim() == 3;
+  const at::Tensor w = weight.contiguous();
+  const int64_t n = x.size(0), cin = x.size(1), hw = x.size(2) * x.size(3);
+  const int64_t cout = per_sample ? w.size(1) : w.size(0);
+  at::Tensor y = cpu::empty_output({n, cout, x.size(2), x.size(3)}, x.options(),
+                                   at::MemoryFormat::ChannelsLast);
+  if (y.numel() == 0) return y;
+  const float* xp = x.const_data_ptr<float>();
+  const float* wp = w.const_data_ptr<float>();
+  const float* bp = b.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  const auto epilogue = EFFNET_PICK_ISA(cpu_pw, bias_act_rows);
+
+  // Tiles never cross a sample boundary when each sample has its own weights.
+  const int64_t span = per_sample ? hw : n * hw;  // rows sharing one weight matrix
+  const int64_t groups = per_sample ? n : 1;
+  const int64_t tile = std::min(std::max<int64_t>(kTileFloats / cout, 16), span);
+  const int64_t tiles_per_group = (span + tile - 1) / tile;
+  const int64_t tiles = groups * tiles_per_group;
+  if (tiles >= 2 * at::get_num_threads()) {
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t g = t / tiles_per_group;
+        const int64_t r0 = g * span + (t % tiles_per_group) * tile;
+        const int64_t rows = std::min(tile, (g + 1) * span - r0);
+        gemm_rows(xp + r0 * cin, wp + g * cout * cin, yp + r0 * cout, rows, cin, cout);
+        epilogue(yp + r0 * cout, rows, cout, bp, act);
+      }
+    });
+    return y;
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    gemm_rows(xp + g * span * cin, wp + g * cout * cin, yp + g * span * cout, span, cin, cout);
+  }
+  const int64_t rows = n * hw;
+  at::parallel_for(0, rows, std::max<int64_t>(1, kTileFloats / (4 * cout)), [&](int64_t r0, int64_t r1) {
+    epilogue(yp + r0 * cout, r1 - r0, cout, bp, act);
+  });
+  return y;
+}
+
+}  // namespace
+}  // namespace effnet::cpu_pw
+
+EFFNET_BINDINGS(bind_pointwise_conv_cpu) {
+  namespace py = pybind11;
+  namespace pw = effnet::cpu_pw;
+  auto cpu = m.def_submodule("cpu");
+  cpu.def("pw_conv_act", &pw::pw_conv_act,
+          "act(conv1x1(x, weight) + bias) for channels_last float32 x, inference only",
+          py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("act"));
+  cpu.def("pw_conv_available", []() { return pw::sgemm() != nullptr; },
+          "whether the BLAS sgemm that pw_conv_act calls was found in libtorch_cpu");
+}

@@ -1,0 +1,122 @@
+"""The CPU 1x1 conv with bias + activation as a GEMM epilogue (csrc/cpu/pointwise_conv.cpp,
+`_C.cpu.pw_conv_act`): parity with conv2d + act against float64, shared and per-sample
+weights, both work splits (tiled GEMMs, one GEMM + a separate epilogue), every ISA copy of
+the epilogue, and its argument errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from effnet_kernels._ext import ext_module
+from effnet_kernels.ops.activations import ACT_CODES
+from effnet_kernels.testing import assert_parity
+
+EXT = ext_module()
+pytestmark = pytest.mark.skipif(EXT is None or not EXT.cpu.pw_conv_available(),
+                                reason="compiled extension with BLAS sgemm not available")
+CL = torch.channels_last
+ACTS = {"identity": lambda t: t, "relu": F.relu, "silu": F.silu}
+
+
+def _inputs(n, cin, cout, h, w, per_sample=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=gen).contiguous(memory_format=CL)
+    weight = torch.randn(cout, cin, 1, 1, generator=gen) / cin ** 0.5
+    if per_sample:
+        weight = weight.reshape(1, cout, cin) * torch.rand(n, 1, cin, generator=gen)
+    return x, weight, torch.randn(cout, generator=gen)
+
+
+def _reference(x, weight, bias, act, dtype):
+    x, bias = x.to(dtype), None if bias is None else bias.to(dtype)
+    if weight.dim() == 3:  # per sample
+        y = torch.cat([F.conv2d(x[i:i + 1], weight[i, :, :, None, None].to(dtype), bias)
+                       for i in range(x.shape[0])])
+    else:
+        y = F.conv2d(x, weight.to(dtype), bias)
+    return ACTS[act](y)
+
+
+# (n, cin, cout, h, w): odd channel counts exercise the vector tails; the last two have
+# enough output tiles (65536 / cout rows each) to split tiles over threads.
+SHAPES = [(2, 5, 7, 3, 4), (1, 16, 96, 5, 5), (3, 24, 33, 7, 1), (4, 8, 512, 16, 16),
+          (2, 40, 1024, 9, 13)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("act", list(ACT_CODES))
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_matches_conv2d_then_act(shape, act, per_sample):
+    x, weight, bias = _inputs(*shape, per_sample=per_sample)
+    got = EXT.cpu.pw_conv_act(x, weight, bias, ACT_CODES[act])
+    assert got.is_contiguous(memory_format=CL) and got.dtype == torch.float32
+    assert_parity(f"pw_conv_act {act}", got, _reference(x, weight, bias, act, torch.float32),
+                  _reference(x, weight, bias, act, torch.float64), torch.float32)
+
+
+def test_without_bias_and_with_strided_weight():
+    x, weight, _ = _inputs(2, 6, 9, 4, 4)
+    wide = torch.randn(9, 12, 1, 1)[:, ::2]  # non-contiguous (Cout, Cin, 1, 1) view
+    for w in (weight, wide):
+        got = EXT.cpu.pw_conv_act(x, w, None, ACT_CODES["silu"])
+        assert_parity("no bias", got, _reference(x, w, None, "silu", torch.float32),
+                      _reference(x, w, None, "silu", torch.float64), torch.float32)
+
+
+def test_empty_batch():
+    x, weight, bias = _inputs(0, 4, 6, 3, 3)
+    assert EXT.cpu.pw_conv_act(x, weight, bias, 2).shape == (0, 6, 3, 3)
+
+
+_NARROW_ISA_CHECK = """
+import os
+import torch
+import torch.nn.functional as F
+from effnet_kernels._ext import ext_module
+e = ext_module()
+assert e.cpu.dw_simd_isa() == os.environ["EFFNET_CPU_ISA"], e.cpu.dw_simd_isa()
+x = torch.randn(2, 37, 9, 7).contiguous(memory_format=torch.channels_last)
+w, b = torch.randn(41, 37, 1, 1) / 6, torch.randn(41)
+wd, scale, shift = torch.randn(37, 1, 3, 3), torch.rand(37) + 0.5, torch.randn(37)
+for code, act in ((0, lambda t: t), (1, F.relu), (2, F.silu)):
+    got = e.cpu.pw_conv_act(x, w, b, code).double()
+    ref = act(F.conv2d(x.double(), w.double(), b.double()))
+    assert (got - ref).abs().max().item() < 1e-5, ("pw", code)
+    got = e.cpu.dw_forward(x, wd, scale, shift, 1, 1, 1, 9, 7, code).double()
+    y = F.conv2d(x.double(), wd.double(), None, 1, 1, 1, 37)
+    ref = act(y * scale.double()[:, None, None] + shift.double()[:, None, None])
+    assert (got - ref).abs().max().item() < 1e-4, ("dw", code)
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "base"])
+def test_narrower_isa_kernels_match(isa):
+    """EFFNET_CPU_ISA forces the AVX2 or baseline copy of the CPU kernels (isa.h): the
+    pointwise epilogue and the depthwise forward with its per-tile activation."""
+    env = dict(os.environ, EFFNET_CPU_ISA=isa)
+    done = subprocess.run([sys.executable, "-c", _NARROW_ISA_CHECK], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_bad_arguments_name_the_argument():
+    x, weight, bias = _inputs(2, 4, 6, 3, 3)
+    cases = [
+        ((x.double(), weight, bias, 2), "x must have dtype"),
+        ((x.contiguous(), weight, bias, 2), "channels_last"),
+        ((x, weight.double(), bias, 2), "weight must have dtype"),
+        ((x, weight[:, :3], bias, 2), "weight must be"),
+        ((x, torch.randn(6, 4, 3, 3), bias, 2), "weight must be"),
+        ((x, torch.randn(3, 6, 4), bias, 2), "weight must be"),
+        ((x, weight, bias[:5], 2), "bias must have 6 elements"),
+        ((x, weight, bias, 3), "act must be"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            EXT.cpu.pw_conv_act(*args)

@@ -2,8 +2,10 @@
 fused layer (nn/conv_bn_act.py), for convert().
 
 Unfused, each is three passes over a large activation: conv, BN, act (on B0 at 224 the
-stem's 32 x 112 x 112 output). Fused: in eval one oneDNN conv with the BN folded into its
-weights and the act as a post-op; in training our conv + BN + act that saves only its input.
+stem's 32 x 112 x 112 output). Fused (conv_bn_act): in eval one conv with the BN folded
+into its weights and the act applied in the same pass (a oneDNN post-op for the 3x3 stem,
+the GEMM epilogue for the 1x1 head); in training our conv + BN + act that saves only its
+input.
 
 torchvision: `features[0]` and `features[-1]` are Conv2dNormActivation Sequentials (conv,
 bn, act). FusedConvNormActivation is the same Sequential, holding the same children under

@@ -4,9 +4,9 @@ module-level call of the fused depthwise op (`dw_bn_act`).
 
   training  nn/pointwise.py: PyTorch's conv (a GEMM on channels_last CPU tensors), then
             the fused BN + act passes; saves the conv input only
-  eval      BN folded into the conv weights (memoized, nn/eval_fold.py); on CPU the act
-            runs as a oneDNN post-op of the conv, or, above glibc's 32 MiB mmap ceiling,
-            as a GEMM into cached memory (nn/gemm_conv.py) with the act as its epilogue
+  eval      BN folded into the conv weights (memoized, nn/eval_fold.py); on CPU a float32
+            1x1 conv runs as a tiled GEMM into cached memory with the act as its epilogue
+            (nn/gemm_conv.py); other convs run as one oneDNN conv with the act as a post-op
 Also TensorFlow SAME padding (timm's Conv2dSame semantics) for the tf_ variants.
 """
 
@@ -23,8 +23,8 @@ from .gemm_conv import gemm_conv1x1_act, gemm_conv_eligible
 from .pointwise import conv_bn_act_train
 
 _RECOMPUTE_DTYPES = (torch.float32, torch.float64)
-# Eval 1x1 conv + act on CPU: oneDNN applies the activation as a post-op of the conv
-# (what onnxruntime and inductor do), saving a full pass over the widest activation.
+# Eval conv + act on CPU that the GEMM epilogue does not take (k > 1, bfloat16): oneDNN
+# applies the activation as a post-op of the conv, saving a pass over its output.
 _ONEDNN_ACTS = {"silu": "swish", "relu": "relu", "identity": "none"}
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 _ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,

@@ -21,6 +21,8 @@ other dtypes take the GEMM above and an in-place activation.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -30,9 +32,15 @@ from ..ops.activations import act_code, apply_act_
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
-def _epilogue_gemm_serves(x: Tensor) -> bool:
+@functools.cache
+def _epilogue_gemm_built() -> bool:
+    """Whether the extension and the BLAS sgemm its epilogue GEMM calls are there (once)."""
     ext = ext_module()
-    return x.dtype == torch.float32 and ext is not None and ext.cpu.pw_conv_available()
+    return ext is not None and ext.cpu.pw_conv_available()
+
+
+def _epilogue_gemm_serves(x: Tensor) -> bool:
+    return x.dtype == torch.float32 and _epilogue_gemm_built()
 
 
 def gemm_conv_eligible(x: Tensor, weight: Tensor, stride, padding, groups: int) -> bool:

@@ -226,3 +226,24 @@ def test_autocast_casts_like_eager_conv():
         expected = reference.depthwise_conv_bn_act(x, w, g, b, rm.clone(), rv.clone(), training=True)
     assert y.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_stash_primitives_reject_what_they_cannot_keep():
+    """The cpu primitives that keep y or g need float storage and their own layout."""
+    from effnet_kernels._ext import ext_module
+
+    if ext_module() is None:
+        pytest.skip("compiled extension not built")
+    cpu = ext_module().cpu
+    x = torch.randn(2, 4, 6, 6, dtype=torch.bfloat16)
+    w = torch.randn(4, 1, 3, 3, dtype=torch.bfloat16)
+    vec = torch.ones(4)
+    with pytest.raises(RuntimeError, match="needs float32 or float64 x"):
+        cpu.dw_stats_stash(x, w, 1, 1, 1, 6, 6)
+    with pytest.raises(RuntimeError, match="needs float32 or float64 x"):
+        cpu.dw_backward_reduce_stash(x, x, w, vec, vec, vec, 1, 1, 1, 2)
+    with pytest.raises(RuntimeError, match="y must be the channels_last tensor"):
+        cpu.dw_affine_act_(torch.randn(2, 4, 6, 6), vec, vec, 2)
+    with pytest.raises(RuntimeError, match="scale must have 4 elements"):
+        cpu.dw_affine_act_(torch.randn(2, 4, 6, 6).to(memory_format=torch.channels_last),
+                           torch.ones(3), vec, 2)

@@ -94,3 +94,27 @@ def test_parity_both_routes(backend, fast, monkeypatch):
                                             (ODD_CASES[2], torch.float64, "nchw", True),
                                             (ODD_CASES[3], torch.float32, "nhwc", False)):
         check_case(backend, "cpu", case, dtype, fmt_name, training)
+
+
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", ODD_CASES, ids=str)
+def test_kept_intermediates_match_recomputation_bitwise(case, dtype, fmt, monkeypatch):
+    """The cpu route that keeps y and g between passes gives exactly the recomputed results."""
+    from effnet_kernels.ops import depthwise as dw_ops
+
+    require_backend(OP, "cpu", "cpu", dtype)
+    inputs = make_inputs(case, dtype)
+    got = {}
+    for keep in (True, False):
+        monkeypatch.setattr(dw_ops, "KEEP_INTERMEDIATES", keep)
+        with use_backend("cpu"):
+            got[keep] = run(fused, case, inputs, training=True, dtype=dtype, fmt=FORMATS[fmt])
+            x = inputs["x"].to(dtype).contiguous(memory_format=FORMATS[fmt])
+            pdt = torch.float64 if dtype == torch.float64 else torch.float32
+            got[keep]["pooled"] = fused(
+                x, inputs["weight"].to(dtype), inputs["bn_weight"].to(pdt),
+                inputs["bn_bias"].to(pdt), None, None, stride=case.stride, padding=case.padding,
+                training=True, act=case.act, return_pool_sums=True)[1]
+    for key, value in got[True].items():
+        assert torch.equal(value, got[False][key]), key

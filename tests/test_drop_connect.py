@@ -46,10 +46,12 @@ def _run(fn, x, s, dy):
     return out, x.grad, s.grad
 
 
-@pytest.fixture(params=["fast", "op"])
+@pytest.fixture(params=["native", "function", "op"])
 def route(request, monkeypatch):
-    """Eager calls take an autograd.Function ("fast"); traced ones the custom ops ("op")."""
-    monkeypatch.setattr(dc, "EAGER_FAST_PATH", request.param == "fast")
+    """Eager calls take the backend's C++ autograd node where it has one ("native") or the
+    Python autograd.Function ("function"); traced ones the custom ops ("op")."""
+    monkeypatch.setattr(dc, "EAGER_FAST_PATH", request.param != "op")
+    monkeypatch.setattr(dc, "NATIVE_AUTOGRAD_NODE", request.param == "native")
     return request.param
 
 
@@ -258,3 +260,31 @@ def test_empty_batch(backend, device, route):
         out = F.drop_connect_add(x, s, 0.2, training=True)
         out.sum().backward()
     assert out.shape == (0, 3, 4, 4) and x.grad.shape == x.shape and s.grad.shape == s.shape
+
+
+def test_cpu_eager_training_takes_the_native_node():
+    """An eager CPU training call builds one C++ graph node that saves only the scale."""
+    require_backend(OP, "cpu", "cpu", torch.float32)
+    x, s = _pair((4, 3, 5, 5), requires_grad=True)
+    with use_backend("cpu"):
+        out = F.drop_connect_add(x, s, 0.25, training=True, generator=_gen(5))
+    assert "DropConnectAdd" in out.grad_fn.name()
+    want = reference.drop_connect_add(x, s, 0.25, training=True, generator=_gen(5))
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_native_node_draws_the_mask_of_the_other_routes(dtype, monkeypatch):
+    """Same seed, same mask: the C++ node against the Python route, default generator too."""
+    require_backend(OP, "cpu", "cpu", dtype)
+    x, s = _pair((64, 2, 3, 3), dtype)
+    outs = {}
+    for native in (True, False):
+        monkeypatch.setattr(dc, "NATIVE_AUTOGRAD_NODE", native)
+        with use_backend("cpu"):
+            torch.manual_seed(11)
+            default = F.drop_connect_add(x, s, 0.4, training=True)
+            given = F.drop_connect_add(x, s, 0.4, training=True, generator=_gen(9))
+        outs[native] = (default, given)
+    for got, want in zip(outs[True], outs[False], strict=True):
+        assert torch.equal(got, want)

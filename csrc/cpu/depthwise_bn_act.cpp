@@ -3,14 +3,20 @@
 // y = depthwise_conv(x, weight) and z = y * scale[c] + shift[c]:
 //
 //   dw_stats            mean[c], biased var[c] of y   (per-row mean/M2, Chan merges)
+//   dw_stats_stash      (mean, var, y): float storage keeps y for the next primitive
+//   dw_affine_act_      out = act(z) in place on that y: training's forward without a
+//                       second conv (dw_affine_act_pool_ adds the pool sums)
 //   dw_forward          out = act(z)
 //   dw_forward_pool     (out, pooled[n][c] = sum over out's pixels of out): the
 //                       squeeze-excite pool as an epilogue of the forward pass
 //   dw_backward_reduce  g = dy * act'(z);  sum_g[c] = sum g,  sum_g_yc[c] = sum g (y - mean)
+//   dw_backward_reduce_stash  the same, keeping g (float storage) for dw_backward(g, ...,
+//                       act = identity), which then skips act'
 //   dw_backward         dyc = scale * g + coef_b + coef_c * (y - mean)
 //                       dx = conv_transpose(dyc, weight),  dweight = corr(x, dyc)
 //
-// Every pass recomputes y from x (design.md §4). Kernels run on channels_last data
+// Every pass but dw_affine_act_ recomputes y from x (design.md §4); y is never saved for
+// backward. Kernels run on channels_last data
 // (NCHW inputs are converted on entry and outputs converted back) and accumulate in
 // float (double for float64). The row kernels live in depthwise_kernels.h, compiled
 // once per ISA (AVX-512, AVX2, baseline) in isa_*.cpp and picked at runtime (isa.h);
@@ -144,14 +150,26 @@ int64_t backward_blocks(const Geo& g) {
 
 // ---- primitives ---------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> dw_stats(const at::Tensor& x, const at::Tensor& weight,
-                                            int64_t stride, int64_t pad_top, int64_t pad_left,
-                                            int64_t out_h, int64_t out_w) {
+namespace {
+
+// mean, var (and, with stash, y = the conv output in x's dtype, channels_last).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_impl(const at::Tensor& x,
+                                                          const at::Tensor& weight,
+                                                          int64_t stride, int64_t pad_top,
+                                                          int64_t pad_left, int64_t out_h,
+                                                          int64_t out_w, bool stash) {
   check_input(x, weight, stride, pad_top, pad_left, 0);
   const Geo g = make_geo(x, weight, stride, pad_top, pad_left, out_h, out_w, 0);
   const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const auto acc_opts = x.options().dtype(acc_type_of(x.scalar_type()));
   at::Tensor mean = at::empty({g.C}, acc_opts), var = at::empty({g.C}, acc_opts);
+  at::Tensor y;
+  if (stash) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                "dw_stats_stash keeps y in x's dtype and needs float32 or float64 x, got ",
+                x.scalar_type());
+    y = empty_cl(x, g.OH, g.OW);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_stats", [&] {
     using X = scalar_t;
     using A = AccOf<X>;
@@ -161,8 +179,9 @@ std::tuple<at::Tensor, at::Tensor> dw_stats(const at::Tensor& x, const at::Tenso
     const int64_t groups = group_count(g.N * g.OH);
     std::vector<double> part(groups * width, 0.0);
     const auto kernel = EFFNET_PICK_ISA(cpu_dw, stats_rows<X>);
+    X* y_out = stash ? y.data_ptr<X>() : nullptr;
     run_groups(g.N * g.OH, groups, [&](int64_t i, int64_t r0, int64_t r1) {
-      kernel(g, xc.const_data_ptr<X>(), p, r0, r1, part.data() + i * width);
+      kernel(g, xc.const_data_ptr<X>(), p, r0, r1, part.data() + i * width, y_out);
     });
     std::vector<double> total(width, 0.0);
     for (int64_t i = 0; i < groups; ++i) {
@@ -176,7 +195,39 @@ std::tuple<at::Tensor, at::Tensor> dw_stats(const at::Tensor& x, const at::Tenso
       v[c] = total[0] > 0 ? A(total[1 + g.C + c] / total[0]) : std::numeric_limits<A>::quiet_NaN();
     }
   });
+  return {mean, var, y};
+}
+
+// pooled[n][c] = sum over image n's rows of row_sums[n * OH + oh][c], in double, in row
+// order (deterministic for any thread count).
+template <typename A>
+void image_sums(const Geo& g, const A* row_sums, A* pooled) {
+  std::vector<double> image(g.C);
+  for (int64_t n = 0; n < g.N; ++n) {
+    std::fill(image.begin(), image.end(), 0.0);
+    for (int64_t oh = 0; oh < g.OH; ++oh) {
+      const A* row = row_sums + (n * g.OH + oh) * g.C;
+      for (int64_t c = 0; c < g.C; ++c) image[c] += double(row[c]);
+    }
+    for (int64_t c = 0; c < g.C; ++c) pooled[n * g.C + c] = A(image[c]);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> dw_stats(const at::Tensor& x, const at::Tensor& weight,
+                                            int64_t stride, int64_t pad_top, int64_t pad_left,
+                                            int64_t out_h, int64_t out_w) {
+  auto [mean, var, y] = stats_impl(x, weight, stride, pad_top, pad_left, out_h, out_w, false);
   return {mean, var};
+}
+
+// Training forward in two passes without a second conv (float storage): the stats pass
+// also writes y, which dw_affine_act_ then turns into act(y * scale + shift) in place.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_stats_stash(
+    const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t pad_top,
+    int64_t pad_left, int64_t out_h, int64_t out_w) {
+  return stats_impl(x, weight, stride, pad_top, pad_left, out_h, out_w, true);
 }
 
 namespace {
@@ -207,23 +258,53 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
     at::parallel_for(0, g.N * g.OH, 1, [&](int64_t r0, int64_t r1) {
       kernel(g, xc.const_data_ptr<X>(), p, out.data_ptr<X>(), r0, r1, sums);
     });
-    if (pool) {
-      A* dst = pooled.data_ptr<A>();
-      std::vector<double> image(g.C);
-      for (int64_t n = 0; n < g.N; ++n) {
-        std::fill(image.begin(), image.end(), 0.0);
-        for (int64_t oh = 0; oh < g.OH; ++oh) {
-          const A* row = sums + (n * g.OH + oh) * g.C;
-          for (int64_t c = 0; c < g.C; ++c) image[c] += double(row[c]);
-        }
-        for (int64_t c = 0; c < g.C; ++c) dst[n * g.C + c] = A(image[c]);
-      }
-    }
+    if (pool) image_sums(g, sums, pooled.data_ptr<A>());
   });
   return {to_format(out, fmt), pooled};
 }
 
+// y = act(y * scale + shift) in place on the channels_last y of dw_stats_stash; with
+// `pool`, also the (N, C) sums of the result (as forward_impl).
+std::tuple<at::Tensor, at::Tensor> affine_act_impl(at::Tensor& y, const at::Tensor& scale,
+                                                   const at::Tensor& shift, int64_t act,
+                                                   bool pool) {
+  EFFNET_CHECK_DEVICE(y, at::kCPU);
+  EFFNET_CHECK_DIM(y, 4);
+  TORCH_CHECK(y.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "y must be the channels_last tensor of dw_stats_stash");
+  TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble,
+              "y must be float32 or float64, got ", y.scalar_type());
+  TORCH_CHECK(act >= 0 && act <= 2, "act must be 0 (identity), 1 (relu) or 2 (silu), got ", act);
+  const Geo g{y.size(0), y.size(1), y.size(2), y.size(3), y.size(2), y.size(3), 1, 1, 0, 0, act};
+  const auto sc = per_channel(scale, "scale", y), sh = per_channel(shift, "shift", y);
+  at::Tensor pooled;
+  if (pool) pooled = at::zeros({g.N, g.C}, y.options().dtype(acc_type_of(y.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "dw_affine_act_", [&] {
+    using X = scalar_t;
+    using A = AccOf<X>;
+    const Params<A> p{nullptr, sc.const_data_ptr<A>(), sh.const_data_ptr<A>()};
+    const auto kernel = EFFNET_PICK_ISA(cpu_dw, affine_act_rows<X>);
+    std::vector<A> row_sums(pool ? g.N * g.OH * g.C : 0);
+    A* sums = pool ? row_sums.data() : nullptr;
+    at::parallel_for(0, g.N * g.OH, 1, [&](int64_t r0, int64_t r1) {
+      kernel(g, y.data_ptr<X>(), p, r0, r1, sums);
+    });
+    if (pool) image_sums(g, sums, pooled.data_ptr<A>());
+  });
+  return {y, pooled};
+}
+
 }  // namespace
+
+at::Tensor dw_affine_act_(at::Tensor y, const at::Tensor& scale, const at::Tensor& shift,
+                          int64_t act) {
+  return std::get<0>(affine_act_impl(y, scale, shift, act, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> dw_affine_act_pool_(at::Tensor y, const at::Tensor& scale,
+                                                       const at::Tensor& shift, int64_t act) {
+  return affine_act_impl(y, scale, shift, act, true);
+}
 
 at::Tensor dw_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                       const at::Tensor& shift, int64_t stride, int64_t pad_top, int64_t pad_left,
@@ -241,10 +322,13 @@ std::tuple<at::Tensor, at::Tensor> dw_forward_pool(const at::Tensor& x, const at
                       true);
 }
 
-std::tuple<at::Tensor, at::Tensor> dw_backward_reduce(
+namespace {
+
+// sum_g, sum_g_yc (and, with stash, g = dy * act'(z) in x's dtype, channels_last).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_impl(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
     const at::Tensor& shift, const at::Tensor& mean, int64_t stride, int64_t pad_top,
-    int64_t pad_left, int64_t act) {
+    int64_t pad_left, int64_t act, bool stash) {
   check_input(x, weight, stride, pad_top, pad_left, act);
   const auto dyc = grad_output(dy, x);
   const Geo g = make_geo(x, weight, stride, pad_top, pad_left, dy.size(2), dy.size(3), act);
@@ -253,6 +337,13 @@ std::tuple<at::Tensor, at::Tensor> dw_backward_reduce(
   const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const auto acc_opts = x.options().dtype(acc_type_of(x.scalar_type()));
   at::Tensor sum_g = at::empty({g.C}, acc_opts), sum_g_yc = at::empty({g.C}, acc_opts);
+  at::Tensor grad;
+  if (stash) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                "dw_backward_reduce_stash keeps g in x's dtype and needs float32 or float64 x, "
+                "got ", x.scalar_type());
+    grad = empty_cl(x, g.OH, g.OW);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_backward_reduce", [&] {
     using X = scalar_t;
     using A = AccOf<X>;
@@ -261,8 +352,10 @@ std::tuple<at::Tensor, at::Tensor> dw_backward_reduce(
     const int64_t groups = group_count(g.N * g.OH);
     std::vector<double> part(groups * 2 * g.C, 0.0);
     const auto kernel = EFFNET_PICK_ISA(cpu_dw, reduce_rows<X>);
+    X* g_out = stash ? grad.data_ptr<X>() : nullptr;
     run_groups(g.N * g.OH, groups, [&](int64_t i, int64_t r0, int64_t r1) {
-      kernel(g, xc.const_data_ptr<X>(), dyc.const_data_ptr<X>(), p, r0, r1, part.data() + i * 2 * g.C);
+      kernel(g, xc.const_data_ptr<X>(), dyc.const_data_ptr<X>(), p, r0, r1,
+             part.data() + i * 2 * g.C, g_out);
     });
     A* s1 = sum_g.data_ptr<A>();
     A* s2 = sum_g_yc.data_ptr<A>();
@@ -273,7 +366,27 @@ std::tuple<at::Tensor, at::Tensor> dw_backward_reduce(
       s2[c] = A(b);
     }
   });
+  return {sum_g, sum_g_yc, grad};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> dw_backward_reduce(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+    const at::Tensor& shift, const at::Tensor& mean, int64_t stride, int64_t pad_top,
+    int64_t pad_left, int64_t act) {
+  auto [sum_g, sum_g_yc, grad] = reduce_impl(dy, x, weight, scale, shift, mean, stride, pad_top,
+                                             pad_left, act, false);
   return {sum_g, sum_g_yc};
+}
+
+// dw_backward_reduce that also returns g = dy * act'(z) (float storage): dw_backward(g, ...,
+// act = identity) then skips the activation derivative, the costliest part of its sweep.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_backward_reduce_stash(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+    const at::Tensor& shift, const at::Tensor& mean, int64_t stride, int64_t pad_top,
+    int64_t pad_left, int64_t act) {
+  return reduce_impl(dy, x, weight, scale, shift, mean, stride, pad_top, pad_left, act, true);
 }
 
 std::tuple<at::Tensor, at::Tensor> dw_backward(
@@ -324,6 +437,16 @@ EFFNET_BINDINGS(bind_cpu_depthwise) {
   cpu.def("dw_stats", &dw_stats, "per-channel mean and biased var of depthwise_conv(x, weight)",
           py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("pad_top"),
           py::arg("pad_left"), py::arg("out_h"), py::arg("out_w"));
+  cpu.def("dw_stats_stash", &dw_stats_stash,
+          "(mean, var, y): dw_stats that also keeps y = depthwise_conv(x, weight) (float32/64)",
+          py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("pad_top"),
+          py::arg("pad_left"), py::arg("out_h"), py::arg("out_w"));
+  cpu.def("dw_affine_act_", &dw_affine_act_,
+          "y = act(y * scale + shift) in place on the y of dw_stats_stash", py::arg("y"),
+          py::arg("scale"), py::arg("shift"), py::arg("act"));
+  cpu.def("dw_affine_act_pool_", &dw_affine_act_pool_,
+          "(y, pooled): dw_affine_act_ and the (N, C) sums of the result over its pixels",
+          py::arg("y"), py::arg("scale"), py::arg("shift"), py::arg("act"));
   cpu.def("dw_forward", &dw_forward, "act(depthwise_conv(x, weight) * scale + shift)",
           py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("shift"), py::arg("stride"),
           py::arg("pad_top"), py::arg("pad_left"), py::arg("out_h"), py::arg("out_w"),
@@ -334,6 +457,12 @@ EFFNET_BINDINGS(bind_cpu_depthwise) {
           py::arg("pad_top"), py::arg("pad_left"), py::arg("out_h"), py::arg("out_w"),
           py::arg("act"));
   cpu.def("dw_backward_reduce", &dw_backward_reduce, "per-channel sums of g and g * (y - mean)",
+          py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("shift"),
+          py::arg("mean"), py::arg("stride"), py::arg("pad_top"), py::arg("pad_left"),
+          py::arg("act"));
+  cpu.def("dw_backward_reduce_stash", &dw_backward_reduce_stash,
+          "(sum_g, sum_g_yc, g): dw_backward_reduce that also keeps g = dy * act'(z) "
+          "(float32/64)",
           py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("shift"),
           py::arg("mean"), py::arg("stride"), py::arg("pad_top"), py::arg("pad_left"),
           py::arg("act"));

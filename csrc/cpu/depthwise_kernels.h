@@ -289,10 +289,11 @@ void forward_row(const Geo& g, const A* const* rows, const Params<A>& p, A* out)
   });
 }
 
-// sg[c] = sum_ow g, sgy[c] = sum_ow g (y - mean), g = dy * act'(y * scale + shift).
+// sg[c] = sum_ow g, sgy[c] = sum_ow g (y - mean), g = dy * act'(y * scale + shift); g
+// itself is stored to g_out[ow][c] when g_out is given.
 template <int K, typename A>
 void reduce_row(const Geo& g, const A* const* rows, const A* dy, const Params<A>& p, A* sg,
-                A* sgy) {
+                A* sgy, A* g_out) {
   std::fill(sg, sg + g.C, A(0));
   std::fill(sgy, sgy + g.C, A(0));
   for_pixel_tiles<A>(g.OW, g.C, K, [&](int64_t t0, int64_t t1) {
@@ -304,6 +305,7 @@ void reduce_row(const Geo& g, const A* const* rows, const A* dy, const Params<A>
         const V gv = vload<V>(dy + ow * g.C + c) * act_backward(y * sc + sh, g.act);
         s1 += gv;
         s2 += gv * (y - mu);
+        if (g_out != nullptr) vstore(g_out + ow * g.C + c, gv);
       });
       vstore(sg + c, s1);
       vstore(sgy + c, s2);
@@ -539,10 +541,12 @@ void dx_row_stride2(const Geo& g, const A* const* drows, const A* wt, A* dx) {
 
 // ---- passes over work units (templated on the storage type X) ------------------------
 
-// Pass 1: per-channel (count, mean, M2) of y over output rows [r0, r1).
+// Pass 1: per-channel (count, mean, M2) of y over output rows [r0, r1). With y_out (float
+// storage only, where y in storage is y in A), y itself is kept there, row r at
+// y_out + r * OW * C, for affine_act_rows to finish in place instead of a second conv.
 template <typename X>
 void stats_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, int64_t r0, int64_t r1,
-                double* acc) {
+                double* acc, X* y_out) {
   using A = AccOf<X>;
   with_kernel_size(g.K, [&]<int K>() {
     RowSource<X, A> src(x, g);
@@ -550,10 +554,24 @@ void stats_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, int64_t r0,
     const A* rows[K];
     for (int64_t r = r0; r < r1; ++r) {
       gather_rows<K>(src, g, r / g.OH, r % g.OH, rows);
-      moments_row<K>(g, rows, p.wt, y.data(), mean.data(), m2.data());
+      A* yrow = y.data();
+      if constexpr (std::is_same_v<X, A>) {
+        if (y_out != nullptr) yrow = y_out + r * g.OW * g.C;
+      }
+      moments_row<K>(g, rows, p.wt, yrow, mean.data(), m2.data());
       chan_merge(acc, g.C, double(g.OW), mean.data(), m2.data());
     }
   });
+}
+
+// Per-channel sums over the pixels of one stored row (the squeeze-excite pool).
+template <typename A>
+inline void row_pixel_sums(const Geo& g, const A* row, A* sums) {
+  for (int64_t c = 0; c < g.C; ++c) sums[c] = A(0);
+  for (int64_t ow = 0; ow < g.OW; ++ow) {
+    const A* px = row + ow * g.C;
+    for (int64_t c = 0; c < g.C; ++c) sums[c] += px[c];
+  }
 }
 
 // Pass 2: out = act(y * scale + shift) over output rows [r0, r1). With row_sums, also
@@ -572,23 +590,45 @@ void forward_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, X* out, i
       X* orow = out + r * g.OW * g.C;
       forward_row<K>(g, rows, p, view.target(orow));
       view.commit(orow, g.OW * g.C);
-      if (row_sums != nullptr) {
-        const A* stored = view.read(orow, g.OW * g.C);
-        A* sums = row_sums + r * g.C;
-        for (int64_t c = 0; c < g.C; ++c) sums[c] = A(0);
-        for (int64_t ow = 0; ow < g.OW; ++ow) {
-          const A* px = stored + ow * g.C;
-          for (int64_t c = 0; c < g.C; ++c) sums[c] += px[c];
-        }
-      }
+      if (row_sums != nullptr) row_pixel_sums(g, view.read(orow, g.OW * g.C), row_sums + r * g.C);
     }
   });
 }
 
-// Pass 3: acc[c] += sum g, acc[C + c] += sum g (y - mean) over output rows [r0, r1).
+// Pass 2 on a y kept by stats_rows: y = act(y * scale + shift) in place over output rows
+// [r0, r1), the BN affine per pixel and the act per tile as in forward_row, so the result
+// is bitwise that of forward_rows; row_sums as there.
+template <typename X>
+void affine_act_rows(const Geo& g, X* y, const Params<AccOf<X>>& p, int64_t r0, int64_t r1,
+                     AccOf<X>* row_sums) {
+  using A = AccOf<X>;
+  const int64_t OWC = g.OW * g.C;
+  RowView<X, A> view(OWC);
+  for (int64_t r = r0; r < r1; ++r) {
+    X* yrow = y + r * OWC;
+    view.read(yrow, OWC);
+    A* v = view.target(yrow);
+    for_pixel_tiles<A>(g.OW, g.C, 0, [&](int64_t t0, int64_t t1) {
+      for_channel_vectors<A>(g.C, [&](int64_t c, auto proto) {
+        using V = decltype(proto);
+        const V sc = vload<V>(p.scale + c), sh = vload<V>(p.shift + c);
+        for (int64_t ow = t0; ow < t1; ++ow) {
+          vstore(v + ow * g.C + c, vload<V>(v + ow * g.C + c) * sc + sh);
+        }
+      });
+      act_in_place(v + t0 * g.C, (t1 - t0) * g.C, g.act);
+    });
+    view.commit(yrow, OWC);
+    if (row_sums != nullptr) row_pixel_sums(g, view.read(yrow, OWC), row_sums + r * g.C);
+  }
+}
+
+// Pass 3: acc[c] += sum g, acc[C + c] += sum g (y - mean) over output rows [r0, r1). With
+// g_out (float storage only), g is also kept there (row r at g_out + r * OW * C): pass 4
+// then takes g as its dy with the identity act (g * 1 is exact) instead of recomputing act'.
 template <typename X>
 void reduce_rows(const Geo& g, const X* x, const X* dy, const Params<AccOf<X>>& p, int64_t r0,
-                 int64_t r1, double* acc) {
+                 int64_t r1, double* acc, X* g_out) {
   using A = AccOf<X>;
   with_kernel_size(g.K, [&]<int K>() {
     RowSource<X, A> src(x, g);
@@ -598,7 +638,11 @@ void reduce_rows(const Geo& g, const X* x, const X* dy, const Params<AccOf<X>>& 
     for (int64_t r = r0; r < r1; ++r) {
       gather_rows<K>(src, g, r / g.OH, r % g.OH, rows);
       const A* dyrow = view.read(dy + r * g.OW * g.C, g.OW * g.C);
-      reduce_row<K>(g, rows, dyrow, p, sums.data(), sums.data() + g.C);
+      A* grow = nullptr;
+      if constexpr (std::is_same_v<X, A>) {
+        if (g_out != nullptr) grow = g_out + r * g.OW * g.C;
+      }
+      reduce_row<K>(g, rows, dyrow, p, sums.data(), sums.data() + g.C, grow);
       for (int64_t c = 0; c < 2 * g.C; ++c) acc[c] += double(sums[c]);
     }
   });

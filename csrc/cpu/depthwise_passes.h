@@ -65,17 +65,21 @@ inline void chan_merge(double* acc, int64_t C, double nb, const A* mean_b, const
 
 // The four passes over work units (output rows, or image x input-row blocks for backward):
 //   stats_rows      per-row mean/M2 of y, Chan-merged into acc = [count, mean[C], m2[C]]
+//                   (and y kept in y_out, when given: float storage)
 //   forward_rows    out = act(y * scale + shift) (+ per-row sums of out, when asked)
-//   reduce_rows     acc += [sum g, sum g * (y - mean)]
+//   affine_act_rows forward_rows on a kept y, in place, no conv
+//   reduce_rows     acc += [sum g, sum g * (y - mean)] (and g kept in g_out, when given)
 //   backward_units  dx rows and dweight sums (acc, [kh][kw][c]) of the blocks [u0, u1)
 // HEAD is `template <typename X>` for the declarations, `template` for an instantiation.
 #define EFFNET_DW_PASSES(HEAD, X)                                                              \
   HEAD void stats_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, int64_t r0,        \
-                       int64_t r1, double* acc);                                               \
+                       int64_t r1, double* acc, X* y_out);                                     \
   HEAD void forward_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, X* out,          \
                          int64_t r0, int64_t r1, AccOf<X>* row_sums);                          \
+  HEAD void affine_act_rows(const Geo& g, X* y, const Params<AccOf<X>>& p, int64_t r0,         \
+                            int64_t r1, AccOf<X>* row_sums);                                   \
   HEAD void reduce_rows(const Geo& g, const X* x, const X* dy, const Params<AccOf<X>>& p,      \
-                        int64_t r0, int64_t r1, double* acc);                                  \
+                        int64_t r0, int64_t r1, double* acc, X* g_out);                        \
   HEAD void backward_units(const Geo& g, const X* x, const X* dy, const Params<AccOf<X>>& p,   \
                            X* dx, int64_t blocks, int64_t u0, int64_t u1, double* dw);
 

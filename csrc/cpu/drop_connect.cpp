@@ -26,6 +26,7 @@
 
 #include "common/binding_registry.h"
 #include "common/checks.h"
+#include "drop_connect.h"
 #include "output_cache.h"
 
 namespace effnet::cpu_dc {

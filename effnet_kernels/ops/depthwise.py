@@ -5,6 +5,13 @@ y, then one pass computing act(y * scale + shift) with the conv recomputed.
 Backward: one pass for the per-channel sums of g = dy * act'(z) and g * (y - mean), then
 one pass for dx and dweight. The op saves x, mean and var only (design.md §4).
 
+Backends whose primitives can keep an intermediate between two passes (cpu, float32 and
+float64: `dw_stats_stash`, `dw_backward_reduce_stash`) skip a recomputation within one
+call: the stats pass writes y into the output buffer and the second pass applies the
+affine and act to it in place; the reduce pass keeps g, and the dx/dweight pass takes g
+as its dy with the identity act. Nothing more is saved for backward, and the results are
+bitwise those of the recomputing route.
+
 Two opaque ops, `dw_bn_act_fwd` and `dw_bn_act_bwd`, so torch.compile and torch.export
 see one node each; the autograd formula connecting them is registered once here. The
 running statistics are updated by the caller (effnet_kernels.functional), because an
@@ -69,15 +76,42 @@ def _forward_math(x, weight, bn_weight, bn_bias, running_mean, running_var, stri
         return (out, x.new_zeros(c, dtype=acc), x.new_ones(c, dtype=acc),
                 _pool_sums(out) if pool else None)
     prims = select(OP, x)
-    if training:
+    y = None
+    if training and _keeps_intermediates(prims, x):
+        mean, var, y = prims.dw_stats_stash(x, weight, stride, pad_top, pad_left, out_h, out_w)
+    elif training:
         mean, var = prims.dw_stats(x, weight, stride, pad_top, pad_left, out_h, out_w)
     else:
         mean = running_mean.to(acc, copy=True)
         var = running_var.to(acc, copy=True)
     _, scale, shift = vector_math(prims).bn_affine(mean, var, bn_weight, bn_bias, eps)
-    out, sums = _act_pass(prims, x, weight, scale, shift,
-                          (stride, pad_top, pad_left, out_h, out_w), act, pool)
+    if y is not None:
+        out, sums = _affine_act_in_place(prims, y, scale, shift, act, pool, memory_format_of(x))
+    else:
+        out, sums = _act_pass(prims, x, weight, scale, shift,
+                              (stride, pad_top, pad_left, out_h, out_w), act, pool)
     return out, mean, var, sums
+
+
+# False makes every backend recompute y and act' (the A/B switch of the stash route; the
+# tests check that both routes agree bit for bit).
+KEEP_INTERMEDIATES = True
+
+
+def _keeps_intermediates(prims, x: Tensor) -> bool:
+    """Whether prims can keep y (forward) and g (backward) between two passes for x: a
+    backend with the stash primitives, and float storage (y and g stay exact)."""
+    return (KEEP_INTERMEDIATES and x.dtype in (torch.float32, torch.float64)
+            and hasattr(prims, "dw_stats_stash"))
+
+
+def _affine_act_in_place(prims, y, scale, shift, act, pool, fmt):
+    """(out, pool sums or None): act(y * scale + shift) written over the kept y."""
+    if pool:
+        out, sums = prims.dw_affine_act_pool_(y, scale, shift, act)
+    else:
+        out, sums = prims.dw_affine_act_(y, scale, shift, act), None
+    return out.contiguous(memory_format=fmt), sums
 
 
 def _empty_out(x, out_h, out_w):
@@ -131,10 +165,17 @@ def _backward_math(dy, x, weight, bn_weight, bn_bias, mean, var, stride, pad_top
     prims = select(OP, x)
     bn = vector_math(prims)
     invstd, scale, shift = bn.bn_affine(mean, var, bn_weight, bn_bias, eps)
-    sum_g, sum_g_yc = prims.dw_backward_reduce(
-        dy, x, weight, scale, shift, mean, stride, pad_top, pad_left, act
-    )
     count = dy.shape[0] * dy.shape[2] * dy.shape[3]
+    if _keeps_intermediates(prims, x):
+        # g = dy * act'(z) is kept; g * identity' = g exactly, so the last pass skips act'.
+        sum_g, sum_g_yc, dy = prims.dw_backward_reduce_stash(
+            dy, x, weight, scale, shift, mean, stride, pad_top, pad_left, act
+        )
+        act = act_code("identity")
+    else:
+        sum_g, sum_g_yc = prims.dw_backward_reduce(
+            dy, x, weight, scale, shift, mean, stride, pad_top, pad_left, act
+        )
     coef_b, coef_c, dgamma = bn.bn_backward_coefs(scale, invstd, sum_g, sum_g_yc, count,
                                                   training)
     dx, dweight = prims.dw_backward(

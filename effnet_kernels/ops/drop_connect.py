@@ -110,9 +110,14 @@ dc_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
 # autograd wrapper + redispatch), more than the kernels themselves on EfficientNet's small
 # residual tensors. Plain eager calls therefore take an autograd.Function that calls the
 # same primitives directly; anything being traced takes the custom ops, which are what
-# compile sees (ops/eager.py). Both routes share the math and are tested against the
-# reference.
+# compile sees (ops/eager.py). Where the backend's primitives also offer the whole op as
+# one C++ autograd node (cpu: dc_add_train, csrc/cpu/drop_connect_autograd.cpp), eager calls
+# take that instead: its backward never enters Python. All routes share the primitives and
+# the mask draw, and are tested against the reference.
 EAGER_FAST_PATH = True
+# Eager calls take the backend's C++ autograd node where it has one (dc_add_train);
+# False keeps them on the Python autograd.Function (tests run both).
+NATIVE_AUTOGRAD_NODE = True
 
 
 class _DropConnectAddFn(torch.autograd.Function):
@@ -191,7 +196,10 @@ def drop_connect_add(
     fmt = _format(x)
     if not training or p == 0.0:
         return torch.add(x, _same_format(shortcut, fmt)).contiguous(memory_format=fmt)
-    scale = drop_scale(x.shape[0], p, x.device, x.dtype, generator)
     if EAGER_FAST_PATH and plain_eager(x, shortcut):
-        return _DropConnectAddFn.apply(x, shortcut, scale)
-    return dc_fwd(x, shortcut, scale)
+        prims = select(OP, x)
+        native_node = getattr(prims, "dc_add_train", None) if NATIVE_AUTOGRAD_NODE else None
+        if native_node is not None:
+            return native_node(x, shortcut, p, generator)
+        return _DropConnectAddFn.apply(x, shortcut, drop_scale(x.shape[0], p, x.device, x.dtype, generator))
+    return dc_fwd(x, shortcut, drop_scale(x.shape[0], p, x.device, x.dtype, generator))

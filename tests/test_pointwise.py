@@ -89,3 +89,34 @@ def test_conv_bn_act_train_without_affine_and_grad_flags():
     geo = ([1, 1], [0, 0], 1)
     assert torch.autograd.gradcheck(
         lambda w_: ConvBNActTrain.apply(x, w_, None, None, geo, 1e-5, "relu")[0], (w,))
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("fmt_name", ["nchw", "nhwc"])
+def test_kept_intermediates_match_recomputation_bitwise(case, dtype, fmt_name, monkeypatch):
+    """The cpu route (act pass in place over y, g kept for the last backward pass) gives
+    exactly the results of the route that writes a new output and evaluates act' twice."""
+    from effnet_kernels.ops import depthwise as dw_ops
+
+    require_backend(OP, "cpu", "cpu", dtype)
+    fmt = torch.channels_last if fmt_name == "nhwc" else torch.contiguous_format
+    n, cin, cout, h, w_, k, stride, padding = case
+    gen = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(n, cin, h, w_, generator=gen), torch.randn(cout, cin, k, k, generator=gen),
+              torch.rand(cout, generator=gen) + 0.5, torch.randn(cout, generator=gen),
+              torch.zeros(cout), torch.ones(cout)]
+    oh, ow = (h + 2 * padding - k) // stride + 1, (w_ + 2 * padding - k) // stride + 1
+    dy = torch.randn(n, cout, oh, ow, generator=gen)
+
+    def fused(x, w, g, b, rm, rv):
+        return conv_bn_act_train(x, w, g, b, rm, rv, stride=stride, padding=padding, groups=1,
+                                 momentum=0.1, eps=1e-3, act="silu")
+
+    got = {}
+    for keep in (True, False):
+        monkeypatch.setattr(dw_ops, "KEEP_INTERMEDIATES", keep)
+        with use_backend("cpu"):
+            got[keep] = _run(fused, inputs, dy, dtype, fmt)
+    for key, value in got[True].items():
+        assert torch.equal(value, got[False][key]), key

@@ -11,9 +11,11 @@ costs less memory than x, which the weight gradient needs anyway, and skips the 
 The conv itself is PyTorch's; a 1x1 conv on channels_last CPU tensors runs as one GEMM
 into the output cache (nn/gemm_conv.py). The BatchNorm + activation around it runs
 on the depthwise op's backend primitives with a 1x1 unit kernel (depthwise_conv(y, 1) is
-y): one statistics pass and one act(y * scale + shift) pass forward; one reduction pass
-and one pass writing dL/dy backward, each fused over the whole channel vector, instead
-of the half-dozen elementwise passes of eager BatchNorm + SiLU.
+y): one statistics pass and one act(y * scale + shift) pass forward (in place over y where
+y is not kept); one reduction pass and one pass writing dL/dy backward, each fused over the
+whole channel vector, instead of the half-dozen elementwise passes of eager BatchNorm + SiLU.
+On the cpu backend in float32/float64 the reduction keeps g = dout * act'(z) for the last
+pass (ops/depthwise.py, keeps_intermediates), so act' is evaluated once.
 
 BN math (per channel, M = N*H*W, xhat = (y - mean) * invstd, z = gamma * xhat + beta):
   g      = dout * act'(z)
@@ -32,6 +34,7 @@ from ..backends import select
 from ..ops.activations import act_code
 from ..ops.bn_math import as_dtype, vector_math
 from ..ops.depthwise import OP as DEPTHWISE_OP
+from ..ops.depthwise import keeps_intermediates
 from ..ops.geometry import memory_format_of
 from .gemm_conv import gemm_conv1x1, gemm_conv1x1_backward, gemm_conv_eligible
 
@@ -75,8 +78,13 @@ class ConvBNActTrain(torch.autograd.Function):
         h, w = y.shape[2:]
         mean, var = prims.dw_stats(y, unit, 1, 0, 0, h, w)
         _, scale, shift = vector_math(prims).bn_affine(mean, var, gamma, beta, eps)
-        out = prims.dw_forward(y, unit, scale, shift, 1, 0, 0, h, w, code)
         ctx.keep_y = y.numel() < x.numel()
+        if not ctx.keep_y and keeps_intermediates(prims, y) and y.is_contiguous(
+                memory_format=torch.channels_last):
+            # y is this call's own temporary: the act pass may overwrite it.
+            out = prims.dw_affine_act_(y, scale, shift, code)
+        else:
+            out = prims.dw_forward(y, unit, scale, shift, 1, 0, 0, h, w, code)
         ctx.save_for_backward(x, weight, gamma, beta, mean, var, y if ctx.keep_y else None)
         ctx.geo, ctx.act, ctx.eps = geo, code, eps
         ctx.mark_non_differentiable(mean, var)
@@ -91,12 +99,18 @@ class ConvBNActTrain(torch.autograd.Function):
         prims, unit = select(DEPTHWISE_OP, y), _unit_kernel(y)
         bn = vector_math(prims)
         invstd, scale, shift = bn.bn_affine(mean, var, gamma, beta, ctx.eps)
-        sum_g, sum_g_yc = prims.dw_backward_reduce(dout, y, unit, scale, shift, mean, 1, 0, 0,
-                                                   ctx.act)
+        act = ctx.act
+        if keeps_intermediates(prims, y):  # keep g = dout * act'(z); the last pass skips act'
+            sum_g, sum_g_yc, dout = prims.dw_backward_reduce_stash(
+                dout, y, unit, scale, shift, mean, 1, 0, 0, act)
+            act = act_code("identity")
+        else:
+            sum_g, sum_g_yc = prims.dw_backward_reduce(dout, y, unit, scale, shift, mean, 1, 0,
+                                                       0, act)
         coef_b, coef_c, dgamma = bn.bn_backward_coefs(scale, invstd, sum_g, sum_g_yc,
                                                       y.numel() // y.shape[1], True)
         dy, _ = prims.dw_backward(dout, y, unit, scale, shift, mean, coef_b, coef_c, 1, 0, 0,
-                                  ctx.act)
+                                  act)
         dx, dw = _conv_backward(dy, x, weight, ctx.geo, ctx.needs_input_grad[0],
                                 ctx.needs_input_grad[1])
         dgamma = as_dtype(dgamma, gamma.dtype) \

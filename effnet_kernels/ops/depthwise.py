@@ -77,7 +77,7 @@ def _forward_math(x, weight, bn_weight, bn_bias, running_mean, running_var, stri
                 _pool_sums(out) if pool else None)
     prims = select(OP, x)
     y = None
-    if training and _keeps_intermediates(prims, x):
+    if training and keeps_intermediates(prims, x):
         mean, var, y = prims.dw_stats_stash(x, weight, stride, pad_top, pad_left, out_h, out_w)
     elif training:
         mean, var = prims.dw_stats(x, weight, stride, pad_top, pad_left, out_h, out_w)
@@ -98,7 +98,7 @@ def _forward_math(x, weight, bn_weight, bn_bias, running_mean, running_var, stri
 KEEP_INTERMEDIATES = True
 
 
-def _keeps_intermediates(prims, x: Tensor) -> bool:
+def keeps_intermediates(prims, x: Tensor) -> bool:
     """Whether prims can keep y (forward) and g (backward) between two passes for x: a
     backend with the stash primitives, and float storage (y and g stay exact)."""
     return (KEEP_INTERMEDIATES and x.dtype in (torch.float32, torch.float64)
@@ -166,7 +166,7 @@ def _backward_math(dy, x, weight, bn_weight, bn_bias, mean, var, stride, pad_top
     bn = vector_math(prims)
     invstd, scale, shift = bn.bn_affine(mean, var, bn_weight, bn_bias, eps)
     count = dy.shape[0] * dy.shape[2] * dy.shape[3]
-    if _keeps_intermediates(prims, x):
+    if keeps_intermediates(prims, x):
         # g = dy * act'(z) is kept; g * identity' = g exactly, so the last pass skips act'.
         sum_g, sum_g_yc, dy = prims.dw_backward_reduce_stash(
             dy, x, weight, scale, shift, mean, stride, pad_top, pad_left, act

@@ -55,6 +55,17 @@ constexpr int64_t kMaxGroups = 64;
 
 // ---- argument checks ------------------------------------------------------------
 
+void check_act(int64_t act) {
+  TORCH_CHECK(act >= 0 && act <= 2, "act must be 0 (identity), 1 (relu) or 2 (silu), got ", act);
+}
+
+// The *_stash primitives keep an intermediate in x's dtype, which is exact only for float
+// storage; `keeps` names the primitive and what it keeps.
+void check_keepable(const at::Tensor& x, const char* keeps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, keeps,
+              " in x's dtype and needs float32 or float64 x, got ", x.scalar_type());
+}
+
 at::MemoryFormat check_input(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
                              int64_t pad_top, int64_t pad_left, int64_t act) {
   EFFNET_CHECK_DEVICE(x, at::kCPU);
@@ -73,7 +84,7 @@ at::MemoryFormat check_input(const at::Tensor& x, const at::Tensor& weight, int6
   TORCH_CHECK(stride == 1 || stride == 2, "stride must be 1 or 2, got ", stride);
   TORCH_CHECK(pad_top >= 0 && pad_left >= 0, "pad_top and pad_left must be >= 0, got ", pad_top,
               ", ", pad_left);
-  TORCH_CHECK(act >= 0 && act <= 2, "act must be 0 (identity), 1 (relu) or 2 (silu), got ", act);
+  check_act(act);
   return fmt;
 }
 
@@ -165,9 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_impl(const at::Tensor& x,
   at::Tensor mean = at::empty({g.C}, acc_opts), var = at::empty({g.C}, acc_opts);
   at::Tensor y;
   if (stash) {
-    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-                "dw_stats_stash keeps y in x's dtype and needs float32 or float64 x, got ",
-                x.scalar_type());
+    check_keepable(x, "dw_stats_stash keeps y");
     y = empty_cl(x, g.OH, g.OW);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_stats", [&] {
@@ -274,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor> affine_act_impl(at::Tensor& y, const at::Tens
               "y must be the channels_last tensor of dw_stats_stash");
   TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble,
               "y must be float32 or float64, got ", y.scalar_type());
-  TORCH_CHECK(act >= 0 && act <= 2, "act must be 0 (identity), 1 (relu) or 2 (silu), got ", act);
+  check_act(act);
   const Geo g{y.size(0), y.size(1), y.size(2), y.size(3), y.size(2), y.size(3), 1, 1, 0, 0, act};
   const auto sc = per_channel(scale, "scale", y), sh = per_channel(shift, "shift", y);
   at::Tensor pooled;
@@ -339,9 +348,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_impl(
   at::Tensor sum_g = at::empty({g.C}, acc_opts), sum_g_yc = at::empty({g.C}, acc_opts);
   at::Tensor grad;
   if (stash) {
-    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-                "dw_backward_reduce_stash keeps g in x's dtype and needs float32 or float64 x, "
-                "got ", x.scalar_type());
+    check_keepable(x, "dw_backward_reduce_stash keeps g");
     grad = empty_cl(x, g.OH, g.OW);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_backward_reduce", [&] {

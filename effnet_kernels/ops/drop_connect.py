@@ -193,13 +193,13 @@ def drop_connect_add(
     if (not training or p == 0.0) and x.stride() == shortcut.stride() and (
             x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         return torch.add(x, shortcut)  # the common eval case: one add, nothing to convert
-    fmt = _format(x)
     if not training or p == 0.0:
+        fmt = _format(x)
         return torch.add(x, _same_format(shortcut, fmt)).contiguous(memory_format=fmt)
-    if EAGER_FAST_PATH and plain_eager(x, shortcut):
-        prims = select(OP, x)
-        native_node = getattr(prims, "dc_add_train", None) if NATIVE_AUTOGRAD_NODE else None
-        if native_node is not None:
+    eager = EAGER_FAST_PATH and plain_eager(x, shortcut)
+    if eager and NATIVE_AUTOGRAD_NODE:
+        native_node = getattr(select(OP, x), "dc_add_train", None)
+        if native_node is not None:  # draws the mask itself and picks the format in C++
             return native_node(x, shortcut, p, generator)
-        return _DropConnectAddFn.apply(x, shortcut, drop_scale(x.shape[0], p, x.device, x.dtype, generator))
-    return dc_fwd(x, shortcut, drop_scale(x.shape[0], p, x.device, x.dtype, generator))
+    scale = drop_scale(x.shape[0], p, x.device, x.dtype, generator)
+    return _DropConnectAddFn.apply(x, shortcut, scale) if eager else dc_fwd(x, shortcut, scale)

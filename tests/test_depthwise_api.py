@@ -244,6 +244,10 @@ def test_stash_primitives_reject_what_they_cannot_keep():
         cpu.dw_backward_reduce_stash(x, x, w, vec, vec, vec, 1, 1, 1, 2)
     with pytest.raises(RuntimeError, match="y must be the channels_last tensor"):
         cpu.dw_affine_act_(torch.randn(2, 4, 6, 6), vec, vec, 2)
+    x32, w32 = x.float(), w.float()
+    with pytest.raises(RuntimeError, match="y must be the channels_last Float tensor of shape"):
+        cpu.dw_backward(x32, x32, w32, vec, vec, vec, vec, vec, 1, 1, 1, 0,
+                        y=torch.randn(2, 4, 5, 5))
     with pytest.raises(RuntimeError, match="scale must have 4 elements"):
         cpu.dw_affine_act_(torch.randn(2, 4, 6, 6).to(memory_format=torch.channels_last),
                            torch.ones(3), vec, 2)

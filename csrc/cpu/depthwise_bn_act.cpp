@@ -11,12 +11,14 @@
 //                       squeeze-excite pool as an epilogue of the forward pass
 //   dw_backward_reduce  g = dy * act'(z);  sum_g[c] = sum g,  sum_g_yc[c] = sum g (y - mean)
 //   dw_backward_reduce_stash  the same, keeping g (float storage) for dw_backward(g, ...,
-//                       act = identity), which then skips act'
+//                       act = identity), which then skips act', and with keep_y also y,
+//                       which dw_backward(..., y=y) then reads instead of a second conv
 //   dw_backward         dyc = scale * g + coef_b + coef_c * (y - mean)
 //                       dx = conv_transpose(dyc, weight),  dweight = corr(x, dyc)
 //
-// Every pass but dw_affine_act_ recomputes y from x (design.md §4); y is never saved for
-// backward. Kernels run on channels_last data
+// Every pass but dw_affine_act_ and a dw_backward given the kept y recomputes y from x
+// (design.md §4); y is never saved for backward, only kept from one primitive to the
+// next within a forward or a backward call. Kernels run on channels_last data
 // (NCHW inputs are converted on entry and outputs converted back) and accumulate in
 // float (double for float64). The row kernels live in depthwise_kernels.h, compiled
 // once per ISA (AVX-512, AVX2, baseline) in isa_*.cpp and picked at runtime (isa.h);
@@ -34,6 +36,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -141,12 +144,11 @@ at::Tensor to_format(const at::Tensor& t, at::MemoryFormat fmt) { return t.conti
 // sums, merged in group order (deterministic for any thread count).
 int64_t group_count(int64_t units) { return std::min(units, kMaxGroups); }
 
-// Runs body(group, unit_begin, unit_end) over the groups of `units` in parallel.
+// Runs body(GroupRange) once per thread, over that thread's share of the `groups`
+// groups of `units` work units.
 template <class F>
 void run_groups(int64_t units, int64_t groups, F&& body) {
-  at::parallel_for(0, groups, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) body(i, units * i / groups, units * (i + 1) / groups);
-  });
+  at::parallel_for(0, groups, 1, [&](int64_t b, int64_t e) { body(GroupRange{units, groups, b, e}); });
 }
 
 // Input-row blocks per image for the backward pass: enough units to balance threads,
@@ -189,8 +191,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_impl(const at::Tensor& x,
     std::vector<double> part(groups * width, 0.0);
     const auto kernel = EFFNET_PICK_ISA(cpu_dw, stats_rows<X>);
     X* y_out = stash ? y.data_ptr<X>() : nullptr;
-    run_groups(g.N * g.OH, groups, [&](int64_t i, int64_t r0, int64_t r1) {
-      kernel(g, xc.const_data_ptr<X>(), p, r0, r1, part.data() + i * width, y_out);
+    run_groups(g.N * g.OH, groups, [&](const GroupRange& range) {
+      kernel(g, xc.const_data_ptr<X>(), p, range, part.data(), y_out);
     });
     std::vector<double> total(width, 0.0);
     for (int64_t i = 0; i < groups; ++i) {
@@ -333,11 +335,12 @@ std::tuple<at::Tensor, at::Tensor> dw_forward_pool(const at::Tensor& x, const at
 
 namespace {
 
-// sum_g, sum_g_yc (and, with stash, g = dy * act'(z) in x's dtype, channels_last).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_impl(
+// sum_g, sum_g_yc (and, with stash, g = dy * act'(z) in x's dtype, channels_last, and
+// with keep_y also y = the conv output).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> reduce_impl(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
     const at::Tensor& shift, const at::Tensor& mean, int64_t stride, int64_t pad_top,
-    int64_t pad_left, int64_t act, bool stash) {
+    int64_t pad_left, int64_t act, bool stash, bool keep_y) {
   check_input(x, weight, stride, pad_top, pad_left, act);
   const auto dyc = grad_output(dy, x);
   const Geo g = make_geo(x, weight, stride, pad_top, pad_left, dy.size(2), dy.size(3), act);
@@ -347,9 +350,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_impl(
   const auto acc_opts = x.options().dtype(acc_type_of(x.scalar_type()));
   at::Tensor sum_g = at::empty({g.C}, acc_opts), sum_g_yc = at::empty({g.C}, acc_opts);
   at::Tensor grad;
+  std::optional<at::Tensor> y;
   if (stash) {
     check_keepable(x, "dw_backward_reduce_stash keeps g");
     grad = empty_cl(x, g.OH, g.OW);
+    if (keep_y) y = empty_cl(x, g.OH, g.OW);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_backward_reduce", [&] {
     using X = scalar_t;
@@ -360,9 +365,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_impl(
     std::vector<double> part(groups * 2 * g.C, 0.0);
     const auto kernel = EFFNET_PICK_ISA(cpu_dw, reduce_rows<X>);
     X* g_out = stash ? grad.data_ptr<X>() : nullptr;
-    run_groups(g.N * g.OH, groups, [&](int64_t i, int64_t r0, int64_t r1) {
-      kernel(g, xc.const_data_ptr<X>(), dyc.const_data_ptr<X>(), p, r0, r1,
-             part.data() + i * 2 * g.C, g_out);
+    X* y_out = y ? y->data_ptr<X>() : nullptr;
+    run_groups(g.N * g.OH, groups, [&](const GroupRange& range) {
+      kernel(g, xc.const_data_ptr<X>(), dyc.const_data_ptr<X>(), p, range, part.data(), g_out,
+             y_out);
     });
     A* s1 = sum_g.data_ptr<A>();
     A* s2 = sum_g_yc.data_ptr<A>();
@@ -373,7 +379,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_impl(
       s2[c] = A(b);
     }
   });
-  return {sum_g, sum_g_yc, grad};
+  return {sum_g, sum_g_yc, grad, y};
 }
 
 }  // namespace
@@ -382,27 +388,39 @@ std::tuple<at::Tensor, at::Tensor> dw_backward_reduce(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
     const at::Tensor& shift, const at::Tensor& mean, int64_t stride, int64_t pad_top,
     int64_t pad_left, int64_t act) {
-  auto [sum_g, sum_g_yc, grad] = reduce_impl(dy, x, weight, scale, shift, mean, stride, pad_top,
-                                             pad_left, act, false);
+  auto [sum_g, sum_g_yc, grad, y] = reduce_impl(dy, x, weight, scale, shift, mean, stride,
+                                                pad_top, pad_left, act, false, false);
   return {sum_g, sum_g_yc};
 }
 
 // dw_backward_reduce that also returns g = dy * act'(z) (float storage): dw_backward(g, ...,
-// act = identity) then skips the activation derivative, the costliest part of its sweep.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_backward_reduce_stash(
-    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-    const at::Tensor& shift, const at::Tensor& mean, int64_t stride, int64_t pad_top,
-    int64_t pad_left, int64_t act) {
-  return reduce_impl(dy, x, weight, scale, shift, mean, stride, pad_top, pad_left, act, true);
+// act = identity) then skips the activation derivative, the costliest part of its sweep;
+// with keep_y also y, so that dw_backward(..., y=y) skips its conv too (None otherwise).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>>
+dw_backward_reduce_stash(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                         const at::Tensor& scale, const at::Tensor& shift,
+                         const at::Tensor& mean, int64_t stride, int64_t pad_top,
+                         int64_t pad_left, int64_t act, bool keep_y) {
+  return reduce_impl(dy, x, weight, scale, shift, mean, stride, pad_top, pad_left, act, true,
+                     keep_y);
 }
 
 std::tuple<at::Tensor, at::Tensor> dw_backward(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
     const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& coef_b,
-    const at::Tensor& coef_c, int64_t stride, int64_t pad_top, int64_t pad_left, int64_t act) {
+    const at::Tensor& coef_c, int64_t stride, int64_t pad_top, int64_t pad_left, int64_t act,
+    const std::optional<at::Tensor>& y) {
   const auto fmt = check_input(x, weight, stride, pad_top, pad_left, act);
   const auto dyc = grad_output(dy, x);
   const Geo g = make_geo(x, weight, stride, pad_top, pad_left, dy.size(2), dy.size(3), act);
+  if (y) {
+    check_keepable(x, "dw_backward reads a kept y");
+    TORCH_CHECK(y->sizes() == dyc.sizes() && y->scalar_type() == x.scalar_type() &&
+                    y->device().is_cpu() && y->is_contiguous(at::MemoryFormat::ChannelsLast),
+                "y must be the channels_last ", x.scalar_type(), " tensor of shape ",
+                dyc.sizes(), " that dw_backward_reduce_stash kept, got ", y->scalar_type(),
+                " of shape ", y->sizes());
+  }
   const auto sc = per_channel(scale, "scale", x), sh = per_channel(shift, "shift", x);
   const auto mu = per_channel(mean, "mean", x);
   const auto cb = per_channel(coef_b, "coef_b", x), cc = per_channel(coef_c, "coef_c", x);
@@ -419,9 +437,10 @@ std::tuple<at::Tensor, at::Tensor> dw_backward(
     const int64_t groups = group_count(g.N * blocks);
     std::vector<double> part(groups * width, 0.0);
     const auto kernel = EFFNET_PICK_ISA(cpu_dw, backward_units<X>);
-    run_groups(g.N * blocks, groups, [&](int64_t i, int64_t u0, int64_t u1) {
-      kernel(g, xc.const_data_ptr<X>(), dyc.const_data_ptr<X>(), p, dx.data_ptr<X>(), blocks, u0,
-             u1, part.data() + i * width);
+    run_groups(g.N * blocks, groups, [&](const GroupRange& range) {
+      kernel(g, xc.const_data_ptr<X>(), dyc.const_data_ptr<X>(),
+             y ? y->const_data_ptr<X>() : nullptr, p, dx.data_ptr<X>(), blocks, range,
+             part.data());
     });
     X* dw = dweight.data_ptr<X>();
     for (int64_t c = 0; c < g.C; ++c) {
@@ -468,15 +487,15 @@ EFFNET_BINDINGS(bind_cpu_depthwise) {
           py::arg("mean"), py::arg("stride"), py::arg("pad_top"), py::arg("pad_left"),
           py::arg("act"));
   cpu.def("dw_backward_reduce_stash", &dw_backward_reduce_stash,
-          "(sum_g, sum_g_yc, g): dw_backward_reduce that also keeps g = dy * act'(z) "
-          "(float32/64)",
+          "(sum_g, sum_g_yc, g, y): dw_backward_reduce that also keeps g = dy * act'(z) "
+          "and, with keep_y, y = depthwise_conv(x, weight) (None without; float32/64)",
           py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("shift"),
           py::arg("mean"), py::arg("stride"), py::arg("pad_top"), py::arg("pad_left"),
-          py::arg("act"));
+          py::arg("act"), py::arg("keep_y") = false);
   cpu.def("dw_backward", &dw_backward, "(dx, dweight) of the fused depthwise op", py::arg("dy"),
           py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("shift"), py::arg("mean"),
           py::arg("coef_b"), py::arg("coef_c"), py::arg("stride"), py::arg("pad_top"),
-          py::arg("pad_left"), py::arg("act"));
+          py::arg("pad_left"), py::arg("act"), py::arg("y") = py::none());
   cpu.def("dw_simd_isa", []() { return std::string(effnet::cpu::isa_name()); },
           "instruction set the depthwise kernels dispatched to (avx512, avx2, base)");
 }

@@ -6,8 +6,10 @@
 //
 // Layout: x is NHWC, so one image row is W * C values with the channel fastest; every
 // inner loop runs over a vector of channels at one pixel. Weights arrive transposed to
-// wt[kh][kw][c] (accumulation type A). Out-of-image rows read a shared row of zeros;
-// out-of-image columns are skipped by a [lo, hi) range of valid kw taps.
+// wt[kh][kw][c] (accumulation type A). The conv reads input rows through zero-padded
+// copies (RowSource) and the dx gather reads zero-padded dyc rows, so their blocks of 8
+// pixels never test a border; out-of-image rows read a shared row of zeros. The dweight
+// sums skip out-of-image columns by a [lo, hi) range of valid kw taps.
 //
 // Work units (chosen by the driver): output rows r = n * OH + oh for the three forward-
 // style passes, (image, block of input rows) for the backward pass. Per-channel sums are
@@ -68,38 +70,60 @@ inline void store_row(const A* src, X* dst, int64_t n) {
   });
 }
 
-// Input rows of x as A pointers. Float storage is read in place; half types are
-// converted into a cache of K rows (slot ih % K is unique among K consecutive rows).
+// Whether the conv passes read x through zero-padded row copies: every block of output
+// pixels then reads its whole window without border tests. Worth the copy for 5x5 and 7x7
+// kernels and for narrow rows, where border blocks are most of the work; wide rows of a
+// 3x3 conv (memory-bound, two border blocks in many) and unit kernels read float storage
+// in place (measured on B0's layers: the copy costs more than the border blocks there).
+inline bool padded_rows(const Geo& g) { return g.K >= 5 || (g.K == 3 && g.W <= 32); }
+
+// Columns [-pl, W + right_pad) of a padded row: enough for the last block of 8 output
+// pixels (blocks start at multiples of 8, see for_pixel_tiles) to read its whole window.
+inline int64_t row_right_pad(const Geo& g) {
+  const int64_t last_col = (((g.OW - 1) / 8) * 8 + 7) * g.S - g.pl + g.K - 1;
+  return std::max<int64_t>(0, last_col + 1 - g.W);
+}
+
+// Input rows of x as A pointers, valid at columns [-pl, W + right_pad) when padded_rows(g)
+// (zeros outside the image), else at [0, W). Padded rows and rows of half types (converted
+// to A) are copied into a cache of K rows (slot ih % K is unique among K consecutive
+// rows), so each input row is copied once per run of consecutive output rows; unpadded
+// float rows are read in place. Rows outside the image are a row of zeros.
 template <typename X, typename A>
 class RowSource {
  public:
   RowSource(const X* x, const Geo& g)
-      : x_(x), H_(g.H), K_(g.K), WC_(g.W * g.C), zero_(WC_, A(0)) {
-    if constexpr (!std::is_same_v<X, A>) {
-      cache_.resize(K_ * WC_);
+      : x_(x), H_(g.H), K_(g.K), WC_(g.W * g.C), copy_(!std::is_same_v<X, A> || padded_rows(g)),
+        lead_(padded_rows(g) ? g.pl * g.C : 0),
+        span_(padded_rows(g) ? (g.pl + g.W + row_right_pad(g)) * g.C : WC_), zero_(span_, A(0)) {
+    if (copy_) {
+      cache_.assign(K_ * span_, A(0));
       tag_.assign(K_, -1);
     }
   }
 
+  const A* zeros() const { return zero_.data() + lead_; }
+
   const A* row(int64_t n, int64_t ih) {
-    if (ih < 0 || ih >= H_) return zero_.data();
+    if (ih < 0 || ih >= H_) return zeros();
     const X* src = x_ + (n * H_ + ih) * WC_;
     if constexpr (std::is_same_v<X, A>) {
-      return src;
-    } else {
-      const int64_t slot = ih % K_;
-      A* dst = cache_.data() + slot * WC_;
-      if (tag_[slot] != n * H_ + ih) {
-        load_row(src, dst, WC_);
-        tag_[slot] = n * H_ + ih;
-      }
-      return dst;
+      if (!copy_) return src;
     }
+    const int64_t slot = ih % K_;
+    A* dst = cache_.data() + slot * span_ + lead_;
+    if (tag_[slot] != n * H_ + ih) {
+      load_row(src, dst, WC_);
+      tag_[slot] = n * H_ + ih;
+    }
+    return dst;
   }
 
  private:
   const X* x_;
   int64_t H_, K_, WC_;
+  bool copy_;
+  int64_t lead_, span_;
   std::vector<A> zero_, cache_;
   std::vector<int64_t> tag_;
 };
@@ -136,19 +160,23 @@ class RowView {
   std::vector<A> buf_;
 };
 
+// rows[kh] = input row oh * S - pt + kh of image n for kh < K, and rows[K] = a row of zeros
+// (for the columns outside the image); rows holds K + 1 pointers.
 template <int K, typename X, typename A>
 inline void gather_rows(RowSource<X, A>& src, const Geo& g, int64_t n, int64_t oh, const A** rows) {
   for (int kh = 0; kh < K; ++kh) rows[kh] = src.row(n, oh * g.S - g.pt + kh);
+  rows[K] = src.zeros();
 }
 
 // Output pixels [t0, t1) of one row are processed as tiles: every channel vector sweeps
 // the tile before the next tile starts, so the tile's K input rows, dy and output
 // (about K + 2 rows of C values per pixel) stay in L1 instead of being streamed from L2
-// once per channel vector (C / lanes times per row).
+// once per channel vector (C / lanes times per row). Tiles are whole blocks of 8 pixels
+// (kBlock, the conv loops' unit).
 template <typename A, class F>
 inline void for_pixel_tiles(int64_t n, int64_t C, int K, F&& f) {
   const int64_t per_pixel = std::max<int64_t>(1, C * int64_t(sizeof(A)) * (K + 2));
-  const int64_t tile = std::max<int64_t>(8, (int64_t(24) << 10) / per_pixel);
+  const int64_t tile = std::max<int64_t>(8, (int64_t(24) << 10) / per_pixel / 8 * 8);
   for (int64_t t0 = 0; t0 < n; t0 += tile) f(t0, std::min(n, t0 + tile));
 }
 
@@ -156,8 +184,8 @@ inline void for_pixel_tiles(int64_t n, int64_t C, int K, F&& f) {
 // o = 0..3 at stride S, where x is the input vector at row kh, column iw0 + o * S + kw:
 // each input vector of the K rows is loaded once and handed to every output it feeds
 // (3 * S + K loads per row instead of 4 * K). For a fixed output the taps arrive in
-// (kh, kw) order, and for a fixed tap in output order, as in the one-pixel loops, so
-// blocked and one-pixel results are bitwise the same.
+// (kh, kw) order, as in the one-pixel loops. Used by the dweight sums, whose K * K
+// accumulators are the independent chains.
 template <int K, int S, class V, class F>
 inline void for_taps4(const ElemOf<V>* const* rows, int64_t iw0, int64_t C, int64_t c, F&& f) {
 #pragma GCC unroll 7
@@ -175,68 +203,100 @@ inline void for_taps4(const ElemOf<V>* const* rows, int64_t iw0, int64_t C, int6
   }
 }
 
-// The conv at four consecutive interior output pixels (input column iw0 for the first).
-template <int K, int S, class V>
-inline void conv4(const ElemOf<V>* const* rows, const V* w, int64_t iw0, int64_t C, int64_t c,
-                  V* acc) {
-  acc[0] = acc[1] = acc[2] = acc[3] = V{};
-  for_taps4<K, S, V>(rows, iw0, C, c,
-                     [&](int kh, int kw, int o, V x) { acc[o] += x * w[kh * K + kw]; });
-}
+// Output pixels per block of the conv and dx loops: eight accumulators are eight
+// independent FMA chains (two FMA ports times four cycles of latency), and only one
+// kernel row of weights (K vectors) is live at a time, so nothing spills.
+constexpr int kBlock = 8;
 
-// Output pixels [first, last] whose K taps all lie inside the row: ow * S - pl >= 0 and
-// ow * S - pl + K <= W (last = -1 when there are none).
-struct InteriorSpan {
-  int64_t first, last;
+// The input vectors of one kernel row of a block's window, left to right: consecutive
+// pixels C values apart (interior blocks) ...
+template <class V>
+struct ColumnRun {
+  const ElemOf<V>* p;
+  int64_t step;
+  V next() {
+    const V v = vload<V>(p);
+    p += step;
+    return v;
+  }
 };
 
-template <int K>
-inline InteriorSpan interior_span(const Geo& g) {
-  return {(g.pl + g.S - 1) / g.S, g.W - K + g.pl >= 0 ? (g.W - K + g.pl) / g.S : -1};
+// ... or one pointer per column, the zero row standing in for columns outside the image
+// (blocks that touch the left or right border).
+template <class V>
+struct ColumnList {
+  const ElemOf<V>* const* col;
+  int64_t c;
+  int j = 0;
+  V next() { return vload<V>(col[j++] + c); }
+};
+
+// acc[o] = sum over (kh, kw), in that order, of w[kh][kw] * x[kh][o * S + kw] for the
+// kBlock outputs o of a block, where x[kh][j] is the j-th vector of columns(kh) and the
+// weights w[kh][kw] are at wc + (kh * K + kw) * C.
+template <int K, int S, class V, class Columns>
+inline void conv_pixels(const ElemOf<V>* wc, int64_t C, Columns&& columns, V* acc) {
+  constexpr int B = kBlock, J = (B - 1) * S + K;
+#pragma GCC unroll 8
+  for (int o = 0; o < B; ++o) acc[o] = V{};
+#pragma GCC unroll 7
+  for (int kh = 0; kh < K; ++kh) {
+    V w[K];
+#pragma GCC unroll 7
+    for (int kw = 0; kw < K; ++kw, wc += C) w[kw] = vload<V>(wc);
+    auto cols = columns(kh);
+#pragma GCC unroll 32
+    for (int j = 0; j < J; ++j) {
+      const V x = cols.next();
+#pragma GCC unroll 8
+      for (int o = 0; o < B; ++o) {
+        const int kw = j - o * S;
+        if (kw >= 0 && kw < K) acc[o] += x * w[kw];
+      }
+    }
+  }
 }
 
-// One channel vector of output pixels [ow0, ow1) of a conv row: calls f(ow, y).
-// The K*K weight vectors stay in registers; interior pixels run fully unrolled, four at a
-// time where they can, and the left/right border pixels only visit the taps kw in
-// [lo, hi) inside the image.
+// One channel vector of output pixels [ow0, ow1) of a conv row at stride S: calls
+// f(ow, y). Pixels go in blocks of kBlock; a block whose window leaves the readable
+// columns of the rows (RowSource) reads zeros there (rows[K] is a row of zeros), and the
+// outputs of a block past ow1 are dropped.
+template <int K, int S, class V, class F>
+inline void conv_row_blocks(const ElemOf<V>* const* rows, const ElemOf<V>* wt, const Geo& g,
+                            int64_t c, int64_t ow0, int64_t ow1, F&& f) {
+  using E = ElemOf<V>;
+  constexpr int B = kBlock, J = (B - 1) * S + K;
+  const int64_t C = g.C;
+  const int64_t lo = padded_rows(g) ? -g.pl : 0;
+  const int64_t hi = padded_rows(g) ? g.W + row_right_pad(g) : g.W;
+  for (int64_t ow = ow0; ow < ow1; ow += B) {
+    V acc[B];
+    const int64_t iw0 = ow * S - g.pl;
+    if (iw0 >= lo && iw0 + J <= hi) {
+      conv_pixels<K, S, V>(wt + c, C, [&](int kh) { return ColumnRun<V>{rows[kh] + iw0 * C + c, C}; },
+                           acc);
+    } else {
+      const E* cols[K][J];
+      for (int kh = 0; kh < K; ++kh) {
+        for (int j = 0; j < J; ++j) {
+          const int64_t iw = iw0 + j;
+          cols[kh][j] = iw >= 0 && iw < g.W ? rows[kh] + iw * C : rows[K];
+        }
+      }
+      conv_pixels<K, S, V>(wt + c, C, [&](int kh) { return ColumnList<V>{cols[kh], c}; }, acc);
+    }
+    const int64_t n = std::min<int64_t>(B, ow1 - ow);
+    for (int o = 0; o < n; ++o) f(ow + o, acc[o]);
+  }
+}
+
 template <int K, class V, class F>
 inline void conv_block(const ElemOf<V>* const* rows, const ElemOf<V>* wt, const Geo& g,
                        int64_t c, int64_t ow0, int64_t ow1, F&& f) {
-  const int64_t C = g.C;
-  V w[K * K];
-  for (int t = 0; t < K * K; ++t) w[t] = vload<V>(wt + t * C + c);
-  const InteriorSpan in = interior_span<K>(g);
-  for (int64_t ow = ow0; ow < ow1;) {
-    if (ow >= in.first && ow + 3 <= in.last && ow + 4 <= ow1) {
-      V acc[4];
-      if (g.S == 1) {
-        conv4<K, 1, V>(rows, w, ow - g.pl, C, c, acc);
-      } else {
-        conv4<K, 2, V>(rows, w, ow * 2 - g.pl, C, c, acc);
-      }
-      for (int o = 0; o < 4; ++o) f(ow + o, acc[o]);
-      ow += 4;
-      continue;
-    }
-    const int64_t iw0 = ow * g.S - g.pl;
-    const int64_t lo = std::max<int64_t>(0, -iw0), hi = std::min<int64_t>(K, g.W - iw0);
-    V acc{};
-    if (lo == 0 && hi == K) {
-#pragma GCC unroll 7
-      for (int kh = 0; kh < K; ++kh) {
-        const ElemOf<V>* r = rows[kh] + iw0 * C + c;
-#pragma GCC unroll 7
-        for (int kw = 0; kw < K; ++kw) acc += vload<V>(r + kw * C) * w[kh * K + kw];
-      }
-    } else {
-      for (int kh = 0; kh < K; ++kh) {
-        for (int64_t kw = lo; kw < hi; ++kw) {
-          acc += vload<V>(rows[kh] + (iw0 + kw) * C + c) * vload<V>(wt + (kh * K + kw) * C + c);
-        }
-      }
-    }
-    f(ow, acc);
-    ++ow;
+  if (g.S == 1) {
+    conv_row_blocks<K, 1, V>(rows, wt, g, c, ow0, ow1, f);
+  } else {
+    conv_row_blocks<K, 2, V>(rows, wt, g, c, ow0, ow1, f);
   }
 }
 
@@ -290,10 +350,10 @@ void forward_row(const Geo& g, const A* const* rows, const Params<A>& p, A* out)
 }
 
 // sg[c] = sum_ow g, sgy[c] = sum_ow g (y - mean), g = dy * act'(y * scale + shift); g
-// itself is stored to g_out[ow][c] when g_out is given.
+// itself is stored to g_out[ow][c] when g_out is given, and y to y_out[ow][c] when y_out is.
 template <int K, typename A>
 void reduce_row(const Geo& g, const A* const* rows, const A* dy, const Params<A>& p, A* sg,
-                A* sgy, A* g_out) {
+                A* sgy, A* g_out, A* y_out) {
   std::fill(sg, sg + g.C, A(0));
   std::fill(sgy, sgy + g.C, A(0));
   for_pixel_tiles<A>(g.OW, g.C, K, [&](int64_t t0, int64_t t1) {
@@ -306,6 +366,7 @@ void reduce_row(const Geo& g, const A* const* rows, const A* dy, const Params<A>
         s1 += gv;
         s2 += gv * (y - mu);
         if (g_out != nullptr) vstore(g_out + ow * g.C + c, gv);
+        if (y_out != nullptr) vstore(y_out + ow * g.C + c, y);
       });
       vstore(sg + c, s1);
       vstore(sgy + c, s2);
@@ -329,6 +390,23 @@ void dyc_row(const Geo& g, const A* const* rows, const A* dy, const Params<A>& p
   });
 }
 
+// dyc_row from a kept y row (reduce_rows' y_out) instead of the conv: elementwise.
+template <typename A>
+void dyc_row_kept(const Geo& g, const A* y, const A* dy, const Params<A>& p, A* dyc) {
+  for_pixel_tiles<A>(g.OW, g.C, 0, [&](int64_t t0, int64_t t1) {
+    for_channel_vectors<A>(g.C, [&](int64_t c, auto proto) {
+      using V = decltype(proto);
+      const V sc = vload<V>(p.scale + c), sh = vload<V>(p.shift + c), mu = vload<V>(p.mean + c);
+      const V cb = vload<V>(p.coef_b + c), cc = vload<V>(p.coef_c + c);
+      for (int64_t ow = t0; ow < t1; ++ow) {
+        const V yv = vload<V>(y + ow * g.C + c);
+        const V gv = vload<V>(dy + ow * g.C + c) * act_backward(yv * sc + sh, g.act);
+        vstore(dyc + ow * g.C + c, sc * gv + cb + cc * (yv - mu));
+      }
+    });
+  });
+}
+
 // dweight taps of four consecutive interior output pixels ow.. (input column iw0 for the
 // first): acc[kh][kw] += x * dyc[ow + o] for every tap.
 template <int K, int S, class V>
@@ -341,44 +419,38 @@ inline void dweight4(const ElemOf<V>* const* rows, const ElemOf<V>* dyc, int64_t
 }
 
 // acc[kh][kw][c] += sum_ow x[kh][ow * S - pl + kw][c] * dyc[ow][c] for one output row, in
-// A (the caller flushes acc into its double partials every few rows). Interior pixels
-// accumulate in registers; border taps go through a small array.
+// A (the caller flushes acc into its double partials every few rows). Pixels go four at a
+// time with the sums in registers wherever their window is readable: always for padded
+// rows (RowSource), where the zero columns add nothing, and a last group past OW reads
+// the dyc ring's zero columns; otherwise border pixels visit their valid taps only.
 template <int K, typename A>
 void dweight_row(const Geo& g, const A* const* rows, const A* dyc, A* acc_row) {
   const int64_t C = g.C;
-  const InteriorSpan in = interior_span<K>(g);
+  const bool padded = padded_rows(g);
+  const int64_t lo = padded ? -g.pl : 0, hi = padded ? g.W + row_right_pad(g) : g.W;
   for_pixel_tiles<A>(g.OW, C, K, [&](int64_t t0, int64_t t1) {
     for_channel_vectors<A>(C, [&](int64_t c, auto proto) {
       using V = decltype(proto);
       V acc[K * K];
-      V edge[K * K] = {};
+      V edge[K * K] = {};  // taps at runtime indices: kept apart so acc stays in registers
       for (int t = 0; t < K * K; ++t) acc[t] = vload<V>(acc_row + t * C + c);
       for (int64_t ow = t0; ow < t1; ++ow) {
-        if (ow >= in.first && ow + 3 <= in.last && ow + 4 <= t1) {
+        const int64_t iw0 = ow * g.S - g.pl;
+        const bool room = ow + 4 <= t1 || (padded && t1 == g.OW);
+        if (room && iw0 >= lo && iw0 + 3 * g.S + K <= hi) {
           if (g.S == 1) {
-            dweight4<K, 1, V>(rows, dyc, ow, ow - g.pl, C, c, acc);
+            dweight4<K, 1, V>(rows, dyc, ow, iw0, C, c, acc);
           } else {
-            dweight4<K, 2, V>(rows, dyc, ow, ow * 2 - g.pl, C, c, acc);
+            dweight4<K, 2, V>(rows, dyc, ow, iw0, C, c, acc);
           }
           ow += 3;
           continue;
         }
-        const int64_t iw0 = ow * g.S - g.pl;
-        const int64_t lo = std::max<int64_t>(0, -iw0), hi = std::min<int64_t>(K, g.W - iw0);
+        const int64_t klo = std::max<int64_t>(0, -iw0), khi = std::min<int64_t>(K, g.W - iw0);
         const V d = vload<V>(dyc + ow * C + c);
-        if (lo == 0 && hi == K) {
-#pragma GCC unroll 7
-          for (int kh = 0; kh < K; ++kh) {
-#pragma GCC unroll 7
-            for (int kw = 0; kw < K; ++kw) {
-              acc[kh * K + kw] += vload<V>(rows[kh] + (iw0 + kw) * C + c) * d;
-            }
-          }
-        } else {
-          for (int kh = 0; kh < K; ++kh) {
-            for (int64_t kw = lo; kw < hi; ++kw) {
-              edge[kh * K + kw] += vload<V>(rows[kh] + (iw0 + kw) * C + c) * d;
-            }
+        for (int kh = 0; kh < K; ++kh) {
+          for (int64_t kw = klo; kw < khi; ++kw) {
+            edge[kh * K + kw] += vload<V>(rows[kh] + (iw0 + kw) * C + c) * d;
           }
         }
       }
@@ -414,24 +486,30 @@ void unit_backward_row(const Geo& g, const A* x, const A* dy, const Params<A>& p
   });
 }
 
-// Four consecutive interior input pixels of the stride-1 dx gather, base = iw + pl for
-// the first: dyc columns base - K + 1 ... base + 3 are loaded once per row and feed every
-// output they reach, visited so that each output sums its taps in ascending kw order (the
-// order of the one-pixel path).
+// kBlock consecutive input pixels of the stride-1 dx gather, base = iw + pl for the
+// first: acc[o] = sum over (kh, kw), in that order, of dyc[kh][base + o - kw] * w[kh][kw].
+// Each kernel row's dyc columns base - K + 1 ... base + kBlock - 1 are loaded once,
+// right to left, and feed every output they reach; one kernel row of weights is live
+// at a time (the layout of conv_pixels).
 template <int K, class V>
-inline void dx4(const ElemOf<V>* const* drows, const V* w, int64_t base, int64_t C, int64_t c,
-                V* acc) {
-  acc[0] = acc[1] = acc[2] = acc[3] = V{};
+inline void dx_pixels(const ElemOf<V>* const* drows, const ElemOf<V>* wc, int64_t base,
+                      int64_t C, int64_t c, V* acc) {
+  constexpr int B = kBlock, J = B + K - 1;
+#pragma GCC unroll 8
+  for (int o = 0; o < B; ++o) acc[o] = V{};
 #pragma GCC unroll 7
   for (int kh = 0; kh < K; ++kh) {
-    const ElemOf<V>* r = drows[kh] + (base - (K - 1)) * C + c;
+    V w[K];
+#pragma GCC unroll 7
+    for (int kw = 0; kw < K; ++kw, wc += C) w[kw] = vload<V>(wc);
+    const ElemOf<V>* r = drows[kh] + (base + B - 1) * C + c;
 #pragma GCC unroll 16
-    for (int m = K + 2; m >= 0; --m) {
-      const V v = vload<V>(r + m * C);
-#pragma GCC unroll 4
-      for (int o = 0; o < 4; ++o) {
-        const int kw = K - 1 + o - m;
-        if (kw >= 0 && kw < K) acc[o] += v * w[kh * K + kw];
+    for (int m = 0; m < J; ++m, r -= C) {
+      const V v = vload<V>(r);
+#pragma GCC unroll 8
+      for (int o = 0; o < B; ++o) {
+        const int kw = o - (B - 1) + m;
+        if (kw >= 0 && kw < K) acc[o] += v * w[kw];
       }
     }
   }
@@ -439,33 +517,20 @@ inline void dx4(const ElemOf<V>* const* drows, const V* w, int64_t base, int64_t
 
 // dx[iw][c] = sum of dyc[oh][ow][c] * wt[kh][kw][c] over oh = ih + pt - kh,
 // ow = iw + pl - kw (stride 1; the transposed conv as a gather). drows[kh] are dyc rows
-// with K - 1 zero columns on both sides, and a zero row stands in for rows outside the
-// output, so every tap is in bounds: no border cases.
+// with K - 1 zero columns on the left and K - 1 + kBlock on the right, and a zero row
+// stands in for rows outside the output, so every tap of every block is in bounds: no
+// border cases (a block's outputs past the tile are dropped).
 template <int K, typename A>
 void dx_row(const Geo& g, const A* const* drows, const A* wt, A* dx) {
   const int64_t C = g.C;
   for_pixel_tiles<A>(g.W, C, K, [&](int64_t t0, int64_t t1) {
     for_channel_vectors<A>(C, [&](int64_t c, auto proto) {
       using V = decltype(proto);
-      V w[K * K];
-      for (int t = 0; t < K * K; ++t) w[t] = vload<V>(wt + t * C + c);
-      int64_t iw = t0;
-      for (; iw + 4 <= t1; iw += 4) {
-        V acc4[4];
-        dx4<K, V>(drows, w, iw + g.pl, C, c, acc4);
-        for (int o = 0; o < 4; ++o) vstore(dx + (iw + o) * C + c, acc4[o]);
-      }
-      for (; iw < t1; ++iw) {
-        const int64_t base = iw + g.pl;  // ow = base - kw
-        V acc{};
-#pragma GCC unroll 7
-        for (int kh = 0; kh < K; ++kh) {
-#pragma GCC unroll 7
-          for (int kw = 0; kw < K; ++kw) {
-            acc += vload<V>(drows[kh] + (base - kw) * C + c) * w[kh * K + kw];
-          }
-        }
-        vstore(dx + iw * C + c, acc);
+      for (int64_t iw = t0; iw < t1; iw += kBlock) {
+        V acc[kBlock];
+        dx_pixels<K, V>(drows, wt + c, iw + g.pl, C, c, acc);
+        const int64_t n = std::min<int64_t>(kBlock, t1 - iw);
+        for (int o = 0; o < n; ++o) vstore(dx + (iw + o) * C + c, acc[o]);
       }
     });
   });
@@ -545,21 +610,24 @@ void dx_row_stride2(const Geo& g, const A* const* drows, const A* wt, A* dx) {
 // storage only, where y in storage is y in A), y itself is kept there, row r at
 // y_out + r * OW * C, for affine_act_rows to finish in place instead of a second conv.
 template <typename X>
-void stats_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, int64_t r0, int64_t r1,
-                double* acc, X* y_out) {
+void stats_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, const GroupRange& groups,
+                double* part, X* y_out) {
   using A = AccOf<X>;
   with_kernel_size(g.K, [&]<int K>() {
     RowSource<X, A> src(x, g);
     std::vector<A> y(g.OW * g.C), mean(g.C), m2(g.C);
-    const A* rows[K];
-    for (int64_t r = r0; r < r1; ++r) {
-      gather_rows<K>(src, g, r / g.OH, r % g.OH, rows);
-      A* yrow = y.data();
-      if constexpr (std::is_same_v<X, A>) {
-        if (y_out != nullptr) yrow = y_out + r * g.OW * g.C;
+    const A* rows[K + 1];
+    for (int64_t i = groups.first; i < groups.last; ++i) {
+      double* acc = part + i * (1 + 2 * g.C);
+      for (int64_t r = groups.begin(i); r < groups.end(i); ++r) {
+        gather_rows<K>(src, g, r / g.OH, r % g.OH, rows);
+        A* yrow = y.data();
+        if constexpr (std::is_same_v<X, A>) {
+          if (y_out != nullptr) yrow = y_out + r * g.OW * g.C;
+        }
+        moments_row<K>(g, rows, p.wt, yrow, mean.data(), m2.data());
+        chan_merge(acc, g.C, double(g.OW), mean.data(), m2.data());
       }
-      moments_row<K>(g, rows, p.wt, yrow, mean.data(), m2.data());
-      chan_merge(acc, g.C, double(g.OW), mean.data(), m2.data());
     }
   });
 }
@@ -584,7 +652,7 @@ void forward_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, X* out, i
   with_kernel_size(g.K, [&]<int K>() {
     RowSource<X, A> src(x, g);
     RowView<X, A> view(g.OW * g.C);
-    const A* rows[K];
+    const A* rows[K + 1];
     for (int64_t r = r0; r < r1; ++r) {
       gather_rows<K>(src, g, r / g.OH, r % g.OH, rows);
       X* orow = out + r * g.OW * g.C;
@@ -627,23 +695,28 @@ void affine_act_rows(const Geo& g, X* y, const Params<AccOf<X>>& p, int64_t r0, 
 // g_out (float storage only), g is also kept there (row r at g_out + r * OW * C): pass 4
 // then takes g as its dy with the identity act (g * 1 is exact) instead of recomputing act'.
 template <typename X>
-void reduce_rows(const Geo& g, const X* x, const X* dy, const Params<AccOf<X>>& p, int64_t r0,
-                 int64_t r1, double* acc, X* g_out) {
+void reduce_rows(const Geo& g, const X* x, const X* dy, const Params<AccOf<X>>& p,
+                 const GroupRange& groups, double* part, X* g_out, X* y_out) {
   using A = AccOf<X>;
   with_kernel_size(g.K, [&]<int K>() {
     RowSource<X, A> src(x, g);
     RowView<X, A> view(g.OW * g.C);
     std::vector<A> sums(2 * g.C);
-    const A* rows[K];
-    for (int64_t r = r0; r < r1; ++r) {
-      gather_rows<K>(src, g, r / g.OH, r % g.OH, rows);
-      const A* dyrow = view.read(dy + r * g.OW * g.C, g.OW * g.C);
-      A* grow = nullptr;
-      if constexpr (std::is_same_v<X, A>) {
-        if (g_out != nullptr) grow = g_out + r * g.OW * g.C;
+    const A* rows[K + 1];
+    for (int64_t i = groups.first; i < groups.last; ++i) {
+      double* acc = part + i * 2 * g.C;
+      for (int64_t r = groups.begin(i); r < groups.end(i); ++r) {
+        gather_rows<K>(src, g, r / g.OH, r % g.OH, rows);
+        const A* dyrow = view.read(dy + r * g.OW * g.C, g.OW * g.C);
+        A* grow = nullptr;
+        A* yrow = nullptr;
+        if constexpr (std::is_same_v<X, A>) {
+          if (g_out != nullptr) grow = g_out + r * g.OW * g.C;
+          if (y_out != nullptr) yrow = y_out + r * g.OW * g.C;
+        }
+        reduce_row<K>(g, rows, dyrow, p, sums.data(), sums.data() + g.C, grow, yrow);
+        for (int64_t c = 0; c < 2 * g.C; ++c) acc[c] += double(sums[c]);
       }
-      reduce_row<K>(g, rows, dyrow, p, sums.data(), sums.data() + g.C, grow);
-      for (int64_t c = 0; c < 2 * g.C; ++c) acc[c] += double(sums[c]);
     }
   });
 }
@@ -651,7 +724,7 @@ void reduce_rows(const Geo& g, const X* x, const X* dy, const Params<AccOf<X>>& 
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
 // Scratch of one thread for pass 4. Ring rows hold OW dyc pixels between K - 1 zero
-// pixels on each side (the zero columns are never written), zero_row stands in for dyc
+// pixels on the left and K - 1 + kBlock on the right (the zero columns are never written), zero_row stands in for dyc
 // rows outside the output, dweight sums taps in A between flushes into the caller's
 // double partials, every kFlushRows summed rows (which bounds the float sums).
 template <typename X, typename A>
@@ -660,7 +733,7 @@ struct BackwardScratch {
 
   BackwardScratch(const X* x, const Geo& g)
       : src(x, g), dy(g.OW * g.C), dx(g.W * g.C), k(g.K), pad((g.K - 1) * g.C),
-        stride((g.OW + 2 * (g.K - 1)) * g.C), ring(g.K * stride), zero_row(stride),
+        stride((g.OW + 2 * (g.K - 1) + kBlock) * g.C), ring(g.K * stride), zero_row(stride),
         dweight(g.K * g.K * g.C) {}
   A* ring_row(int64_t oh) { return ring.data() + (oh % k) * stride + pad; }
   const A* zero() const { return zero_row.data() + pad; }
@@ -689,8 +762,8 @@ struct BackwardScratch {
 // holding input row max(oh * S - pt, 0)).
 // dyc rows live in a ring of K rows; oh uses slot oh % K.
 template <int K, typename X, typename A>
-void backward_block(const Geo& g, BackwardScratch<X, A>& s, const X* dy, const Params<A>& p,
-                    X* dx, int64_t n, int64_t i0, int64_t i1, double* dw) {
+void backward_block(const Geo& g, BackwardScratch<X, A>& s, const X* dy, const X* y_kept,
+                    const Params<A>& p, X* dx, int64_t n, int64_t i0, int64_t i1, double* dw) {
   const int64_t OWC = g.OW * g.C, WC = g.W * g.C;
   if constexpr (K == 1) {
     if (g.S == 1 && g.pt == 0 && g.pl == 0) {
@@ -707,14 +780,23 @@ void backward_block(const Geo& g, BackwardScratch<X, A>& s, const X* dy, const P
     }
   }
   int64_t next = std::max<int64_t>(0, -floor_div(-(i0 + g.pt - (K - 1)), g.S));
-  const A* rows[K];
+  const A* rows[K + 1];
   const A* drows[K];
   for (int64_t ih = i0; ih < i1; ++ih) {
     const int64_t need = std::min(g.OH, floor_div(ih + g.pt, g.S) + 1);
     for (; next < need; ++next) {
       A* drow = s.ring_row(next);
       gather_rows<K>(s.src, g, n, next, rows);
-      dyc_row<K>(g, rows, s.dy.read(dy + (n * g.OH + next) * OWC, OWC), p, drow);
+      const A* dyrow = s.dy.read(dy + (n * g.OH + next) * OWC, OWC);
+      if constexpr (std::is_same_v<X, A>) {
+        if (y_kept != nullptr) {
+          dyc_row_kept(g, y_kept + (n * g.OH + next) * OWC, dyrow, p, drow);
+        } else {
+          dyc_row<K>(g, rows, dyrow, p, drow);
+        }
+      } else {
+        dyc_row<K>(g, rows, dyrow, p, drow);
+      }
       const int64_t owner = std::max<int64_t>(next * g.S - g.pt, 0);
       if (owner >= i0 && owner < i1) {
         dweight_row<K>(g, rows, drow, s.dweight.data());
@@ -737,16 +819,22 @@ void backward_block(const Geo& g, BackwardScratch<X, A>& s, const X* dy, const P
   s.flush(dw);
 }
 
-// Pass 4 over units [u0, u1); unit u is block u % blocks of image u / blocks.
+// Pass 4 over the units of `groups`; unit u is block u % blocks of image u / blocks.
+// With y_kept (float storage: reduce_rows' y_out), dyc comes from it instead of the conv.
 template <typename X>
-void backward_units(const Geo& g, const X* x, const X* dy, const Params<AccOf<X>>& p, X* dx,
-                    int64_t blocks, int64_t u0, int64_t u1, double* dw) {
+void backward_units(const Geo& g, const X* x, const X* dy, const X* y_kept,
+                    const Params<AccOf<X>>& p, X* dx, int64_t blocks, const GroupRange& groups,
+                    double* part) {
   using A = AccOf<X>;
   with_kernel_size(g.K, [&]<int K>() {
     BackwardScratch<X, A> scratch(x, g);
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t n = u / blocks, b = u % blocks;
-      backward_block<K>(g, scratch, dy, p, dx, n, b * g.H / blocks, (b + 1) * g.H / blocks, dw);
+    for (int64_t i = groups.first; i < groups.last; ++i) {
+      double* dw = part + i * g.K * g.K * g.C;
+      for (int64_t u = groups.begin(i); u < groups.end(i); ++u) {
+        const int64_t n = u / blocks, b = u % blocks;
+        backward_block<K>(g, scratch, dy, y_kept, p, dx, n, b * g.H / blocks,
+                          (b + 1) * g.H / blocks, dw);
+      }
     }
   });
 }

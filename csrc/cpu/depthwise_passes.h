@@ -63,25 +63,40 @@ inline void chan_merge(double* acc, int64_t C, double nb, const A* mean_b, const
   acc[0] = n;
 }
 
+// Groups [first, last) of `count` groups of `units` work units: group i covers units
+// [begin(i), end(i)) and writes its own partial sums, which the caller merges in group
+// order (deterministic for any thread count). A pass call takes a range of groups, so
+// one thread's scratch (row caches) serves all of its groups.
+struct GroupRange {
+  int64_t units, count, first, last;
+  int64_t begin(int64_t i) const { return units * i / count; }
+  int64_t end(int64_t i) const { return units * (i + 1) / count; }
+};
+
 // The four passes over work units (output rows, or image x input-row blocks for backward):
-//   stats_rows      per-row mean/M2 of y, Chan-merged into acc = [count, mean[C], m2[C]]
-//                   (and y kept in y_out, when given: float storage)
+//   stats_rows      per-row mean/M2 of y, Chan-merged into group i's partial
+//                   part + i * (1 + 2C) = [count, mean[C], m2[C]] (and y kept in y_out,
+//                   when given: float storage)
 //   forward_rows    out = act(y * scale + shift) (+ per-row sums of out, when asked)
 //   affine_act_rows forward_rows on a kept y, in place, no conv
-//   reduce_rows     acc += [sum g, sum g * (y - mean)] (and g kept in g_out, when given)
-//   backward_units  dx rows and dweight sums (acc, [kh][kw][c]) of the blocks [u0, u1)
+//   reduce_rows     part + i * 2C += [sum g, sum g * (y - mean)] (and g, y kept in
+//                   g_out, y_out, when given: float storage)
+//   backward_units  dx rows and dweight sums (part + i * K * K * C, [kh][kw][c]) of
+//                   the input-row blocks of group i (y from y_kept instead of the conv,
+//                   when given: float storage)
 // HEAD is `template <typename X>` for the declarations, `template` for an instantiation.
 #define EFFNET_DW_PASSES(HEAD, X)                                                              \
-  HEAD void stats_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, int64_t r0,        \
-                       int64_t r1, double* acc, X* y_out);                                     \
+  HEAD void stats_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p,                    \
+                       const GroupRange& groups, double* part, X* y_out);                      \
   HEAD void forward_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, X* out,          \
                          int64_t r0, int64_t r1, AccOf<X>* row_sums);                          \
   HEAD void affine_act_rows(const Geo& g, X* y, const Params<AccOf<X>>& p, int64_t r0,         \
                             int64_t r1, AccOf<X>* row_sums);                                   \
   HEAD void reduce_rows(const Geo& g, const X* x, const X* dy, const Params<AccOf<X>>& p,      \
-                        int64_t r0, int64_t r1, double* acc, X* g_out);                        \
-  HEAD void backward_units(const Geo& g, const X* x, const X* dy, const Params<AccOf<X>>& p,   \
-                           X* dx, int64_t blocks, int64_t u0, int64_t u1, double* dw);
+                        const GroupRange& groups, double* part, X* g_out, X* y_out);           \
+  HEAD void backward_units(const Geo& g, const X* x, const X* dy, const X* y_kept,             \
+                           const Params<AccOf<X>>& p, X* dx, int64_t blocks,                   \
+                           const GroupRange& groups, double* part);
 
 // Declarations per ISA namespace (avx512, avx2, base); an ISA file instantiates them with
 // EFFNET_DW_INSTANTIATE_PASSES() after including depthwise_kernels.h in that namespace.

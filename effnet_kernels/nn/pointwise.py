@@ -101,7 +101,7 @@ class ConvBNActTrain(torch.autograd.Function):
         invstd, scale, shift = bn.bn_affine(mean, var, gamma, beta, ctx.eps)
         act = ctx.act
         if keeps_intermediates(prims, y):  # keep g = dout * act'(z); the last pass skips act'
-            sum_g, sum_g_yc, dout = prims.dw_backward_reduce_stash(
+            sum_g, sum_g_yc, dout, _ = prims.dw_backward_reduce_stash(
                 dout, y, unit, scale, shift, mean, 1, 0, 0, act)
             act = act_code("identity")
         else:

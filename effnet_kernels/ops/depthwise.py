@@ -8,9 +8,11 @@ one pass for dx and dweight. The op saves x, mean and var only (design.md §4).
 Backends whose primitives can keep an intermediate between two passes (cpu, float32 and
 float64: `dw_stats_stash`, `dw_backward_reduce_stash`) skip a recomputation within one
 call: the stats pass writes y into the output buffer and the second pass applies the
-affine and act to it in place; the reduce pass keeps g, and the dx/dweight pass takes g
-as its dy with the identity act. Nothing more is saved for backward, and the results are
-bitwise those of the recomputing route.
+affine and act to it in place; the reduce pass keeps g and y, and the dx/dweight pass
+takes g as its dy with the identity act and reads y instead of recomputing the conv
+(k > 1; a unit kernel's y is one multiply). Nothing more is saved for backward (g and y
+are workspace of the backward call), and the results are bitwise those of the
+recomputing route.
 
 Two opaque ops, `dw_bn_act_fwd` and `dw_bn_act_bwd`, so torch.compile and torch.export
 see one node each; the autograd formula connecting them is registered once here. The
@@ -166,11 +168,12 @@ def _backward_math(dy, x, weight, bn_weight, bn_bias, mean, var, stride, pad_top
     bn = vector_math(prims)
     invstd, scale, shift = bn.bn_affine(mean, var, bn_weight, bn_bias, eps)
     count = dy.shape[0] * dy.shape[2] * dy.shape[3]
+    kept_y = None
     if keeps_intermediates(prims, x):
         # g = dy * act'(z) is kept; g * identity' = g exactly, so the last pass skips act'.
-        sum_g, sum_g_yc, dy = prims.dw_backward_reduce_stash(
-            dy, x, weight, scale, shift, mean, stride, pad_top, pad_left, act
-        )
+        sum_g, sum_g_yc, dy, kept_y = prims.dw_backward_reduce_stash(
+            dy, x, weight, scale, shift, mean, stride, pad_top, pad_left, act,
+            keep_y=weight.shape[-1] > 1)
         act = act_code("identity")
     else:
         sum_g, sum_g_yc = prims.dw_backward_reduce(
@@ -179,8 +182,8 @@ def _backward_math(dy, x, weight, bn_weight, bn_bias, mean, var, stride, pad_top
     coef_b, coef_c, dgamma = bn.bn_backward_coefs(scale, invstd, sum_g, sum_g_yc, count,
                                                   training)
     dx, dweight = prims.dw_backward(
-        dy, x, weight, scale, shift, mean, coef_b, coef_c, stride, pad_top, pad_left, act
-    )
+        dy, x, weight, scale, shift, mean, coef_b, coef_c, stride, pad_top, pad_left, act,
+        **({} if kept_y is None else {"y": kept_y}))
     return (dx.contiguous(memory_format=fmt), dweight, as_dtype(dgamma, bn_weight.dtype),
             as_dtype(sum_g, bn_bias.dtype))
 

@@ -70,6 +70,11 @@ inline void store_row(const A* src, X* dst, int64_t n) {
   });
 }
 
+// Output pixels per block of the conv and dx loops: eight accumulators are eight
+// independent FMA chains (two FMA ports times four cycles of latency), and only one
+// kernel row of weights (K vectors) is live at a time, so nothing spills.
+constexpr int kBlock = 8;
+
 // Whether the conv passes read x through zero-padded row copies: every block of output
 // pixels then reads its whole window without border tests. Worth the copy for 5x5 and 7x7
 // kernels and for narrow rows, where border blocks are most of the work; wide rows of a
@@ -77,15 +82,26 @@ inline void store_row(const A* src, X* dst, int64_t n) {
 // in place (measured on B0's layers: the copy costs more than the border blocks there).
 inline bool padded_rows(const Geo& g) { return g.K >= 5 || (g.K == 3 && g.W <= 32); }
 
-// Columns [-pl, W + right_pad) of a padded row: enough for the last block of 8 output
-// pixels (blocks start at multiples of 8, see for_pixel_tiles) to read its whole window.
+// Columns [-pl, W + right_pad) of a padded row: enough for the last block of kBlock
+// output pixels (blocks start at multiples of kBlock, see for_pixel_tiles) to read its
+// whole window.
 inline int64_t row_right_pad(const Geo& g) {
-  const int64_t last_col = (((g.OW - 1) / 8) * 8 + 7) * g.S - g.pl + g.K - 1;
+  const int64_t last_col = (((g.OW - 1) / kBlock) * kBlock + kBlock - 1) * g.S - g.pl + g.K - 1;
   return std::max<int64_t>(0, last_col + 1 - g.W);
 }
 
-// Input rows of x as A pointers, valid at columns [-pl, W + right_pad) when padded_rows(g)
-// (zeros outside the image), else at [0, W). Padded rows and rows of half types (converted
+// The columns [lo, hi) that RowSource's rows can be read at.
+struct ColumnRange {
+  int64_t lo, hi;
+};
+
+inline ColumnRange readable_columns(const Geo& g) {
+  if (padded_rows(g)) return {-g.pl, g.W + row_right_pad(g)};
+  return {0, g.W};
+}
+
+// Input rows of x as A pointers, readable at readable_columns(g) (zeros outside the
+// image). Padded rows and rows of half types (converted
 // to A) are copied into a cache of K rows (slot ih % K is unique among K consecutive
 // rows), so each input row is copied once per run of consecutive output rows; unpadded
 // float rows are read in place. Rows outside the image are a row of zeros.
@@ -94,8 +110,8 @@ class RowSource {
  public:
   RowSource(const X* x, const Geo& g)
       : x_(x), H_(g.H), K_(g.K), WC_(g.W * g.C), copy_(!std::is_same_v<X, A> || padded_rows(g)),
-        lead_(padded_rows(g) ? g.pl * g.C : 0),
-        span_(padded_rows(g) ? (g.pl + g.W + row_right_pad(g)) * g.C : WC_), zero_(span_, A(0)) {
+        lead_(-readable_columns(g).lo * g.C),
+        span_((readable_columns(g).hi - readable_columns(g).lo) * g.C), zero_(span_, A(0)) {
     if (copy_) {
       cache_.assign(K_ * span_, A(0));
       tag_.assign(K_, -1);
@@ -171,12 +187,13 @@ inline void gather_rows(RowSource<X, A>& src, const Geo& g, int64_t n, int64_t o
 // Output pixels [t0, t1) of one row are processed as tiles: every channel vector sweeps
 // the tile before the next tile starts, so the tile's K input rows, dy and output
 // (about K + 2 rows of C values per pixel) stay in L1 instead of being streamed from L2
-// once per channel vector (C / lanes times per row). Tiles are whole blocks of 8 pixels
-// (kBlock, the conv loops' unit).
+// once per channel vector (C / lanes times per row). Tiles are whole blocks of kBlock
+// pixels (the conv loops' unit).
 template <typename A, class F>
 inline void for_pixel_tiles(int64_t n, int64_t C, int K, F&& f) {
   const int64_t per_pixel = std::max<int64_t>(1, C * int64_t(sizeof(A)) * (K + 2));
-  const int64_t tile = std::max<int64_t>(8, (int64_t(24) << 10) / per_pixel / 8 * 8);
+  const int64_t tile =
+      std::max<int64_t>(kBlock, (int64_t(24) << 10) / per_pixel / kBlock * kBlock);
   for (int64_t t0 = 0; t0 < n; t0 += tile) f(t0, std::min(n, t0 + tile));
 }
 
@@ -202,11 +219,6 @@ inline void for_taps4(const ElemOf<V>* const* rows, int64_t iw0, int64_t C, int6
     }
   }
 }
-
-// Output pixels per block of the conv and dx loops: eight accumulators are eight
-// independent FMA chains (two FMA ports times four cycles of latency), and only one
-// kernel row of weights (K vectors) is live at a time, so nothing spills.
-constexpr int kBlock = 8;
 
 // The input vectors of one kernel row of a block's window, left to right: consecutive
 // pixels C values apart (interior blocks) ...
@@ -267,12 +279,11 @@ inline void conv_row_blocks(const ElemOf<V>* const* rows, const ElemOf<V>* wt, c
   using E = ElemOf<V>;
   constexpr int B = kBlock, J = (B - 1) * S + K;
   const int64_t C = g.C;
-  const int64_t lo = padded_rows(g) ? -g.pl : 0;
-  const int64_t hi = padded_rows(g) ? g.W + row_right_pad(g) : g.W;
+  const ColumnRange readable = readable_columns(g);
   for (int64_t ow = ow0; ow < ow1; ow += B) {
     V acc[B];
     const int64_t iw0 = ow * S - g.pl;
-    if (iw0 >= lo && iw0 + J <= hi) {
+    if (iw0 >= readable.lo && iw0 + J <= readable.hi) {
       conv_pixels<K, S, V>(wt + c, C, [&](int kh) { return ColumnRun<V>{rows[kh] + iw0 * C + c, C}; },
                            acc);
     } else {
@@ -374,7 +385,15 @@ void reduce_row(const Geo& g, const A* const* rows, const A* dy, const Params<A>
   });
 }
 
-// dyc = scale * g + coef_b + coef_c * (y - mean), the gradient w.r.t. y, for one row.
+// dyc = scale * g + coef_b + coef_c * (y - mean) with g = dy * act'(y * scale + shift): the
+// gradient w.r.t. y at one pixel (one channel vector).
+template <class V>
+inline V dyc_value(V dy, V y, V sc, V sh, V mu, V cb, V cc, int64_t act) {
+  const V gv = dy * act_backward(y * sc + sh, act);
+  return sc * gv + cb + cc * (y - mu);
+}
+
+// dyc_value for one row, y recomputed by the conv.
 template <int K, typename A>
 void dyc_row(const Geo& g, const A* const* rows, const A* dy, const Params<A>& p, A* dyc) {
   for_pixel_tiles<A>(g.OW, g.C, K, [&](int64_t t0, int64_t t1) {
@@ -383,8 +402,8 @@ void dyc_row(const Geo& g, const A* const* rows, const A* dy, const Params<A>& p
       const V sc = vload<V>(p.scale + c), sh = vload<V>(p.shift + c), mu = vload<V>(p.mean + c);
       const V cb = vload<V>(p.coef_b + c), cc = vload<V>(p.coef_c + c);
       conv_block<K, V>(rows, p.wt, g, c, t0, t1, [&](int64_t ow, V y) {
-        const V gv = vload<V>(dy + ow * g.C + c) * act_backward(y * sc + sh, g.act);
-        vstore(dyc + ow * g.C + c, sc * gv + cb + cc * (y - mu));
+        vstore(dyc + ow * g.C + c, dyc_value(vload<V>(dy + ow * g.C + c), y, sc, sh, mu, cb, cc,
+                                             g.act));
       });
     });
   });
@@ -399,9 +418,8 @@ void dyc_row_kept(const Geo& g, const A* y, const A* dy, const Params<A>& p, A* 
       const V sc = vload<V>(p.scale + c), sh = vload<V>(p.shift + c), mu = vload<V>(p.mean + c);
       const V cb = vload<V>(p.coef_b + c), cc = vload<V>(p.coef_c + c);
       for (int64_t ow = t0; ow < t1; ++ow) {
-        const V yv = vload<V>(y + ow * g.C + c);
-        const V gv = vload<V>(dy + ow * g.C + c) * act_backward(yv * sc + sh, g.act);
-        vstore(dyc + ow * g.C + c, sc * gv + cb + cc * (yv - mu));
+        vstore(dyc + ow * g.C + c, dyc_value(vload<V>(dy + ow * g.C + c), vload<V>(y + ow * g.C + c),
+                                             sc, sh, mu, cb, cc, g.act));
       }
     });
   });
@@ -427,7 +445,7 @@ template <int K, typename A>
 void dweight_row(const Geo& g, const A* const* rows, const A* dyc, A* acc_row) {
   const int64_t C = g.C;
   const bool padded = padded_rows(g);
-  const int64_t lo = padded ? -g.pl : 0, hi = padded ? g.W + row_right_pad(g) : g.W;
+  const ColumnRange readable = readable_columns(g);
   for_pixel_tiles<A>(g.OW, C, K, [&](int64_t t0, int64_t t1) {
     for_channel_vectors<A>(C, [&](int64_t c, auto proto) {
       using V = decltype(proto);
@@ -437,7 +455,7 @@ void dweight_row(const Geo& g, const A* const* rows, const A* dyc, A* acc_row) {
       for (int64_t ow = t0; ow < t1; ++ow) {
         const int64_t iw0 = ow * g.S - g.pl;
         const bool room = ow + 4 <= t1 || (padded && t1 == g.OW);
-        if (room && iw0 >= lo && iw0 + 3 * g.S + K <= hi) {
+        if (room && iw0 >= readable.lo && iw0 + 3 * g.S + K <= readable.hi) {
           if (g.S == 1) {
             dweight4<K, 1, V>(rows, dyc, ow, iw0, C, c, acc);
           } else {
@@ -475,9 +493,7 @@ void unit_backward_row(const Geo& g, const A* x, const A* dy, const Params<A>& p
       V acc = vload<V>(acc_dw + c);
       for (int64_t ow = t0; ow < t1; ++ow) {
         const V xv = vload<V>(x + ow * g.C + c);
-        const V y = xv * w;
-        const V gv = vload<V>(dy + ow * g.C + c) * act_backward(y * sc + sh, g.act);
-        const V d = sc * gv + cb + cc * (y - mu);
+        const V d = dyc_value(vload<V>(dy + ow * g.C + c), xv * w, sc, sh, mu, cb, cc, g.act);
         vstore(dx + ow * g.C + c, d * w);
         acc += xv * d;
       }
@@ -788,12 +804,12 @@ void backward_block(const Geo& g, BackwardScratch<X, A>& s, const X* dy, const X
       A* drow = s.ring_row(next);
       gather_rows<K>(s.src, g, n, next, rows);
       const A* dyrow = s.dy.read(dy + (n * g.OH + next) * OWC, OWC);
+      const A* yrow = nullptr;
       if constexpr (std::is_same_v<X, A>) {
-        if (y_kept != nullptr) {
-          dyc_row_kept(g, y_kept + (n * g.OH + next) * OWC, dyrow, p, drow);
-        } else {
-          dyc_row<K>(g, rows, dyrow, p, drow);
-        }
+        if (y_kept != nullptr) yrow = y_kept + (n * g.OH + next) * OWC;
+      }
+      if (yrow != nullptr) {
+        dyc_row_kept(g, yrow, dyrow, p, drow);
       } else {
         dyc_row<K>(g, rows, dyrow, p, drow);
       }

@@ -21,6 +21,7 @@ CASES = [  # (N, Cin, Cout, H, W, kernel, stride, padding)
     (2, 5, 12, 7, 9, 1, 1, 0),
     (3, 8, 3, 6, 5, 1, 1, 0),
     (1, 4, 6, 9, 8, 3, 2, 1),
+    (2, 64, 80, 5, 4, 1, 1, 0),  # KEEP_Y_MIN_MACS: y is kept, not recomputed
 ]
 
 
@@ -72,6 +73,25 @@ def test_conv_bn_act_train_parity(backend, device, case, act, fmt_name):
                 if not (p := parity(key, got[key], same[key], truth[key], torch.float32)).ok]
     assert not failures, "; ".join(failures)
     assert got["out"].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("cin,cout,keeps", [(8, 48, False), (64, 96, True), (96, 16, True)])
+def test_conv_output_kept_only_where_recomputing_is_costly(cin, cout, keeps):
+    """y is saved for backward where the conv costs >= KEEP_Y_MIN_MACS multiply-adds per
+    output element or y is smaller than x; otherwise only x is saved and y recomputed."""
+    from effnet_kernels.nn.pointwise import KEEP_Y_MIN_MACS
+
+    assert (cin >= KEEP_Y_MIN_MACS or cout < cin) == keeps
+    x = torch.randn(2, cin, 4, 4).requires_grad_()
+    w = torch.randn(cout, cin, 1, 1).requires_grad_()
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t,
+                                                  lambda t: t):
+        out = conv_bn_act_train(x, w, None, None, None, None, stride=1, padding=0, groups=1,
+                                momentum=0.1, eps=1e-5, act="silu")
+    assert (torch.Size([2, cout, 4, 4]) in shapes) == keeps
+    out.sum().backward()
+    assert x.grad is not None and w.grad is not None
 
 
 def test_conv_bn_act_train_without_affine_and_grad_flags():

@@ -7,9 +7,9 @@
 // Layout: x is NHWC, so one image row is W * C values with the channel fastest; every
 // inner loop runs over a vector of channels at one pixel. Weights arrive transposed to
 // wt[kh][kw][c] (accumulation type A). The conv reads input rows through zero-padded
-// copies (RowSource) and the dx gather reads zero-padded dyc rows, so their blocks of 8
+// copies (RowSource) and the dx gathers read zero-padded dyc rows, so their blocks of 8
 // pixels never test a border; out-of-image rows read a shared row of zeros. The dweight
-// sums skip out-of-image columns by a [lo, hi) range of valid kw taps.
+// sums read x like the conv (border blocks of unpadded rows through per-column pointers).
 //
 // Work units (chosen by the driver): output rows r = n * OH + oh for the three forward-
 // style passes, (image, block of input rows) for the backward pass. Per-channel sums are
@@ -197,29 +197,6 @@ inline void for_pixel_tiles(int64_t n, int64_t C, int K, F&& f) {
   for (int64_t t0 = 0; t0 < n; t0 += tile) f(t0, std::min(n, t0 + tile));
 }
 
-// Calls f(kh, kw, o, x) for the taps (kh, kw) of four consecutive interior output pixels
-// o = 0..3 at stride S, where x is the input vector at row kh, column iw0 + o * S + kw:
-// each input vector of the K rows is loaded once and handed to every output it feeds
-// (3 * S + K loads per row instead of 4 * K). For a fixed output the taps arrive in
-// (kh, kw) order, as in the one-pixel loops. Used by the dweight sums, whose K * K
-// accumulators are the independent chains.
-template <int K, int S, class V, class F>
-inline void for_taps4(const ElemOf<V>* const* rows, int64_t iw0, int64_t C, int64_t c, F&& f) {
-#pragma GCC unroll 7
-  for (int kh = 0; kh < K; ++kh) {
-    const ElemOf<V>* r = rows[kh] + iw0 * C + c;
-#pragma GCC unroll 16
-    for (int j = 0; j < 3 * S + K; ++j) {
-      const V v = vload<V>(r + j * C);
-#pragma GCC unroll 4
-      for (int o = 0; o < 4; ++o) {
-        const int kw = j - o * S;
-        if (kw >= 0 && kw < K) f(kh, kw, o, v);
-      }
-    }
-  }
-}
-
 // The input vectors of one kernel row of a block's window, left to right: consecutive
 // pixels C values apart (interior blocks) ...
 template <class V>
@@ -243,29 +220,59 @@ struct ColumnList {
   V next() { return vload<V>(col[j++] + c); }
 };
 
+// Calls f(o, kw, x) for the taps of one kernel row over a block of kBlock output pixels
+// o at stride S, where x is the j-th input vector of the row's columns `col` and
+// kw = j - o * S: each input vector is loaded once and fed to every tap it meets (for a
+// fixed o, kw ascends).
+template <int K, int S, class Col, class F>
+inline void for_row_taps(Col col, F&& f) {
+  constexpr int J = (kBlock - 1) * S + K;
+#pragma GCC unroll 32
+  for (int j = 0; j < J; ++j) {
+    const auto x = col.next();
+#pragma GCC unroll 8
+    for (int o = 0; o < kBlock; ++o) {
+      const int kw = j - o * S;
+      if (kw >= 0 && kw < K) f(o, kw, x);
+    }
+  }
+}
+
+// Calls f(columns) for one block of kBlock output pixels at stride S whose window starts
+// at input column iw0, with columns(kh) the window's input vectors of kernel row kh (of
+// channel vector c): a ColumnRun where the window lies in the readable columns, else a
+// ColumnList with the zero row (rows[K]) for the columns outside the image.
+template <int K, int S, class V, class F>
+inline void with_block_columns(const ElemOf<V>* const* rows, const Geo& g,
+                               const ColumnRange& readable, int64_t iw0, int64_t c, F&& f) {
+  constexpr int J = (kBlock - 1) * S + K;
+  if (iw0 >= readable.lo && iw0 + J <= readable.hi) {
+    f([&](int kh) { return ColumnRun<V>{rows[kh] + iw0 * g.C + c, g.C}; });
+    return;
+  }
+  const ElemOf<V>* cols[K][J];
+  for (int kh = 0; kh < K; ++kh) {
+    for (int j = 0; j < J; ++j) {
+      const int64_t iw = iw0 + j;
+      cols[kh][j] = iw >= 0 && iw < g.W ? rows[kh] + iw * g.C : rows[K];
+    }
+  }
+  f([&](int kh) { return ColumnList<V>{cols[kh], c}; });
+}
+
 // acc[o] = sum over (kh, kw), in that order, of w[kh][kw] * x[kh][o * S + kw] for the
 // kBlock outputs o of a block, where x[kh][j] is the j-th vector of columns(kh) and the
 // weights w[kh][kw] are at wc + (kh * K + kw) * C.
 template <int K, int S, class V, class Columns>
 inline void conv_pixels(const ElemOf<V>* wc, int64_t C, Columns&& columns, V* acc) {
-  constexpr int B = kBlock, J = (B - 1) * S + K;
 #pragma GCC unroll 8
-  for (int o = 0; o < B; ++o) acc[o] = V{};
+  for (int o = 0; o < kBlock; ++o) acc[o] = V{};
 #pragma GCC unroll 7
   for (int kh = 0; kh < K; ++kh) {
     V w[K];
 #pragma GCC unroll 7
     for (int kw = 0; kw < K; ++kw, wc += C) w[kw] = vload<V>(wc);
-    auto cols = columns(kh);
-#pragma GCC unroll 32
-    for (int j = 0; j < J; ++j) {
-      const V x = cols.next();
-#pragma GCC unroll 8
-      for (int o = 0; o < B; ++o) {
-        const int kw = j - o * S;
-        if (kw >= 0 && kw < K) acc[o] += x * w[kw];
-      }
-    }
+    for_row_taps<K, S>(columns(kh), [&](int o, int kw, V x) { acc[o] += x * w[kw]; });
   }
 }
 
@@ -276,26 +283,13 @@ inline void conv_pixels(const ElemOf<V>* wc, int64_t C, Columns&& columns, V* ac
 template <int K, int S, class V, class F>
 inline void conv_row_blocks(const ElemOf<V>* const* rows, const ElemOf<V>* wt, const Geo& g,
                             int64_t c, int64_t ow0, int64_t ow1, F&& f) {
-  using E = ElemOf<V>;
-  constexpr int B = kBlock, J = (B - 1) * S + K;
-  const int64_t C = g.C;
+  constexpr int B = kBlock;
   const ColumnRange readable = readable_columns(g);
   for (int64_t ow = ow0; ow < ow1; ow += B) {
     V acc[B];
-    const int64_t iw0 = ow * S - g.pl;
-    if (iw0 >= readable.lo && iw0 + J <= readable.hi) {
-      conv_pixels<K, S, V>(wt + c, C, [&](int kh) { return ColumnRun<V>{rows[kh] + iw0 * C + c, C}; },
-                           acc);
-    } else {
-      const E* cols[K][J];
-      for (int kh = 0; kh < K; ++kh) {
-        for (int j = 0; j < J; ++j) {
-          const int64_t iw = iw0 + j;
-          cols[kh][j] = iw >= 0 && iw < g.W ? rows[kh] + iw * C : rows[K];
-        }
-      }
-      conv_pixels<K, S, V>(wt + c, C, [&](int kh) { return ColumnList<V>{cols[kh], c}; }, acc);
-    }
+    with_block_columns<K, S, V>(rows, g, readable, ow * S - g.pl, c, [&](auto&& columns) {
+      conv_pixels<K, S, V>(wt + c, g.C, columns, acc);
+    });
     const int64_t n = std::min<int64_t>(B, ow1 - ow);
     for (int o = 0; o < n; ++o) f(ow + o, acc[o]);
   }
@@ -425,63 +419,84 @@ void dyc_row_kept(const Geo& g, const A* y, const A* dy, const Params<A>& p, A* 
   });
 }
 
-// dweight taps of four consecutive interior output pixels ow.. (input column iw0 for the
-// first): acc[kh][kw] += x * dyc[ow + o] for every tap.
-template <int K, int S, class V>
-inline void dweight4(const ElemOf<V>* const* rows, const ElemOf<V>* dyc, int64_t ow, int64_t iw0,
-                     int64_t C, int64_t c, V* acc) {
-  V d[4];
-  for (int o = 0; o < 4; ++o) d[o] = vload<V>(dyc + (ow + o) * C + c);
-  for_taps4<K, S, V>(rows, iw0, C, c,
-                     [&](int kh, int kw, int o, V x) { acc[kh * K + kw] += x * d[o]; });
+// The dweight sums go over groups of kDweightRows<K> kernel rows (the last group may be
+// shorter), each tap of a group with `dweight_sets` independent partial sums: at least
+// 8 FMA chains (two FMA ports times four cycles of latency) in registers, and each block's
+// dyc vectors loaded once per group.
+template <int K>
+inline constexpr int kDweightRows = K == 1 ? 1 : (K == 3 ? 3 : 2);
+inline constexpr int dweight_sets(int taps) { return taps >= 8 ? 1 : (8 + taps - 1) / taps; }
+
+// The dweight sums of kernel rows KH0 .. KH0 + R - 1 over one block of kBlock output
+// pixels at stride S: part[r][o % NS][kw] += x[r][o * S + kw] * d[o], x[r] the block's
+// input columns of row KH0 + r (columns(kh), see with_block_columns).
+template <int K, int S, int KH0, int R, int NS, class V, class Columns>
+inline void dweight_pixels(Columns&& columns, const V* d, V (*part)[NS][K]) {
+#pragma GCC unroll 7
+  for (int r = 0; r < R; ++r) {
+    for_row_taps<K, S>(columns(KH0 + r), [&](int o, int kw, V x) { part[r][o % NS][kw] += x * d[o]; });
+  }
+}
+
+// acc[kh][kw] += sum over the pixels [t0, t1) of one channel vector c of the group of kernel
+// rows from KH0 (then the next group): partial sums in registers over the whole range,
+// pixels in blocks of kBlock. The dyc ring's zero columns past OW stand in for a last
+// block's missing pixels; a block whose window leaves the readable columns reads the
+// zero row there.
+template <int K, int S, int KH0, class V>
+inline void dweight_rows(const Geo& g, const ElemOf<V>* const* rows, const ElemOf<V>* dyc,
+                         const ColumnRange& readable, int64_t c, int64_t t0, int64_t t1,
+                         ElemOf<V>* acc_row) {
+  constexpr int B = kBlock;
+  constexpr int R = std::min(kDweightRows<K>, K - KH0), NS = dweight_sets(R * K);
+  const int64_t C = g.C;
+  V part[R][NS][K] = {};
+  for (int64_t ow = t0; ow < t1; ow += B) {
+    V d[B];
+#pragma GCC unroll 8
+    for (int o = 0; o < B; ++o) d[o] = vload<V>(dyc + (ow + o) * C + c);
+    with_block_columns<K, S, V>(rows, g, readable, ow * S - g.pl, c, [&](auto&& columns) {
+      dweight_pixels<K, S, KH0, R, NS>(columns, d, part);
+    });
+  }
+#pragma GCC unroll 7
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 7
+    for (int kw = 0; kw < K; ++kw) {
+      V sum = part[r][0][kw];
+#pragma GCC unroll 8
+      for (int s = 1; s < NS; ++s) sum += part[r][s][kw];
+      ElemOf<V>* a = acc_row + ((KH0 + r) * K + kw) * C + c;
+      vstore(a, vload<V>(a) + sum);
+    }
+  }
+  if constexpr (KH0 + R < K) dweight_rows<K, S, KH0 + R, V>(g, rows, dyc, readable, c, t0, t1, acc_row);
 }
 
 // acc[kh][kw][c] += sum_ow x[kh][ow * S - pl + kw][c] * dyc[ow][c] for one output row, in
-// A (the caller flushes acc into its double partials every few rows). Pixels go four at a
-// time with the sums in registers wherever their window is readable: always for padded
-// rows (RowSource), where the zero columns add nothing, and a last group past OW reads
-// the dyc ring's zero columns; otherwise border pixels visit their valid taps only.
-template <int K, typename A>
-void dweight_row(const Geo& g, const A* const* rows, const A* dyc, A* acc_row) {
-  const int64_t C = g.C;
-  const bool padded = padded_rows(g);
+// A (the caller flushes acc into its double partials every few rows).
+template <int K, int S, typename A>
+void dweight_row_stride(const Geo& g, const A* const* rows, const A* dyc, A* acc_row) {
   const ColumnRange readable = readable_columns(g);
-  for_pixel_tiles<A>(g.OW, C, K, [&](int64_t t0, int64_t t1) {
-    for_channel_vectors<A>(C, [&](int64_t c, auto proto) {
-      using V = decltype(proto);
-      V acc[K * K];
-      V edge[K * K] = {};  // taps at runtime indices: kept apart so acc stays in registers
-      for (int t = 0; t < K * K; ++t) acc[t] = vload<V>(acc_row + t * C + c);
-      for (int64_t ow = t0; ow < t1; ++ow) {
-        const int64_t iw0 = ow * g.S - g.pl;
-        const bool room = ow + 4 <= t1 || (padded && t1 == g.OW);
-        if (room && iw0 >= readable.lo && iw0 + 3 * g.S + K <= readable.hi) {
-          if (g.S == 1) {
-            dweight4<K, 1, V>(rows, dyc, ow, iw0, C, c, acc);
-          } else {
-            dweight4<K, 2, V>(rows, dyc, ow, iw0, C, c, acc);
-          }
-          ow += 3;
-          continue;
-        }
-        const int64_t klo = std::max<int64_t>(0, -iw0), khi = std::min<int64_t>(K, g.W - iw0);
-        const V d = vload<V>(dyc + ow * C + c);
-        for (int kh = 0; kh < K; ++kh) {
-          for (int64_t kw = klo; kw < khi; ++kw) {
-            edge[kh * K + kw] += vload<V>(rows[kh] + (iw0 + kw) * C + c) * d;
-          }
-        }
-      }
-#pragma GCC unroll 7
-      for (int t = 0; t < K * K; ++t) vstore(acc_row + t * C + c, acc[t] + edge[t]);
+  for_pixel_tiles<A>(g.OW, g.C, K, [&](int64_t t0, int64_t t1) {
+    for_channel_vectors<A>(g.C, [&](int64_t c, auto proto) {
+      dweight_rows<K, S, 0, decltype(proto)>(g, rows, dyc, readable, c, t0, t1, acc_row);
     });
   });
 }
 
+template <int K, typename A>
+void dweight_row(const Geo& g, const A* const* rows, const A* dyc, A* acc_row) {
+  if (g.S == 1) {
+    dweight_row_stride<K, 1>(g, rows, dyc, acc_row);
+  } else {
+    dweight_row_stride<K, 2>(g, rows, dyc, acc_row);
+  }
+}
+
 // Unit kernel (K = 1, stride 1, no padding: the pointwise BN + act of nn/pointwise.py)
 // in one sweep of a row, no dyc ring: y = x * w, dyc as in dyc_row, dx = w * dyc, and
-// acc_dw[c] += x * dyc (the same sums, in the same order, as dyc_row + dweight_row +
-// dx_row would form).
+// acc_dw[c] += x * dyc.
 template <typename A>
 void unit_backward_row(const Geo& g, const A* x, const A* dy, const Params<A>& p, A* dx,
                        A* acc_dw) {
@@ -552,72 +567,67 @@ void dx_row(const Geo& g, const A* const* drows, const A* wt, A* dx) {
   });
 }
 
-// Sum over the stride-2 taps of one input pixel: rows kh = PR, PR + 2, ... and columns
-// kw = PC, PC + 2, ... (the taps whose parity matches the pixel), all inside the image.
-template <int K, int PR, int PC, class V>
-inline V stride2_taps(const ElemOf<V>* const* drows, const V* w, int64_t base, int64_t C,
-                      int64_t c) {
-  V acc{};
+// kBlock consecutive input pixels of the stride-2 dx gather, the first at column
+// base = iw + pl = 2 * m0 + R: pixel o receives dyc[kh][ow] * w[kh][kw] for the kernel
+// rows kh = PR, PR + 2, ... of the input row's parity and the taps kw of its column's
+// parity, ow = (base + o - kw) / 2. Each kernel row's dyc columns are loaded once, right
+// to left, and feed every pixel they reach (kw ascending for a fixed pixel).
+template <int K, int R, int PR, class V>
+inline void dx_pixels_stride2(const ElemOf<V>* const* drows, const ElemOf<V>* wc, int64_t m0,
+                              int64_t C, int64_t c, V* acc) {
+  constexpr int B = kBlock;
+  constexpr int QHI = (R + B - 1) / 2;                 // column offset of (o = B - 1, kw = 0)
+  constexpr int QLO = -((K - 1 - R) / 2);              // column offset of (o = 0, kw = K - 1)
+#pragma GCC unroll 8
+  for (int o = 0; o < B; ++o) acc[o] = V{};
 #pragma GCC unroll 4
   for (int kh = PR; kh < K; kh += 2) {
-#pragma GCC unroll 4
-    for (int kw = PC; kw < K; kw += 2) {
-      acc += vload<V>(drows[kh] + ((base - kw) >> 1) * C + c) * w[kh * K + kw];
+    V w[K];
+#pragma GCC unroll 7
+    for (int kw = 0; kw < K; ++kw) w[kw] = vload<V>(wc + (kh * K + kw) * C);
+    const ElemOf<V>* r = drows[kh] + (m0 + QHI) * C + c;
+#pragma GCC unroll 16
+    for (int q = QHI; q >= QLO; --q, r -= C) {
+      const V v = vload<V>(r);
+#pragma GCC unroll 8
+      for (int o = 0; o < B; ++o) {
+        const int kw = R + o - 2 * q;
+        if (kw >= 0 && kw < K) acc[o] += v * w[kw];
+      }
     }
   }
-  return acc;
 }
 
-// dx_row for stride 2: input column iw + pl = base receives the taps kw of base's parity
-// (ow = (base - kw) / 2) from the dyc rows of the input row's parity, so each pixel
-// visits about a quarter of the K x K taps. Rows whose taps are all present and interior
-// columns run a fully unrolled gather per parity; border pixels test each tap.
+// dx_row for stride 2: dx[iw][c] = sum of dyc[oh][ow][c] * wt[kh][kw][c] over
+// 2 * oh = ih + pt - kh, 2 * ow = iw + pl - kw. drows[kh] are the dyc rows of the kernel
+// rows kh = pr, pr + 2, ... (the input row's parity; the zero row where oh is outside the
+// output), with the dyc ring's zero columns around them, so blocks need no border tests.
 template <int K, typename A>
-void dx_row_stride2(const Geo& g, const A* const* drows, const A* wt, A* dx) {
+void dx_row_stride2(const Geo& g, const A* const* drows, int pr, const A* wt, A* dx) {
   const int64_t C = g.C;
-  int row_par = -1;
-  bool full_rows = true;
-  for (int kh = 0; kh < K; ++kh) {
-    if (drows[kh] != nullptr && row_par < 0) row_par = kh & 1;
-  }
-  for (int kh = 0; kh < K; ++kh) {
-    if ((kh & 1) == row_par && drows[kh] == nullptr) full_rows = false;
-  }
-  if (row_par < 0) full_rows = false;
-  for_pixel_tiles<A>(g.W, C, K, [&](int64_t t0, int64_t t1) {
-    for_channel_vectors<A>(C, [&](int64_t c, auto proto) {
-      using V = decltype(proto);
-      V w[K * K];
-      for (int t = 0; t < K * K; ++t) w[t] = vload<V>(wt + t * C + c);
-      auto row_loop = [&]<int PR>() {
-        for (int64_t iw = t0; iw < t1; ++iw) {
+  auto row = [&]<int PR>() {
+    for_pixel_tiles<A>(g.W, C, K, [&](int64_t t0, int64_t t1) {
+      for_channel_vectors<A>(C, [&](int64_t c, auto proto) {
+        using V = decltype(proto);
+        for (int64_t iw = t0; iw < t1; iw += kBlock) {
+          V acc[kBlock];
           const int64_t base = iw + g.pl;
-          const int par = int(base & 1);
-          V acc{};
-          if (full_rows && base >= (par == 0 ? K - 1 : K - 2) && (base - par) / 2 < g.OW) {
-            acc = par == 0 ? stride2_taps<K, PR, 0, V>(drows, w, base, C, c)
-                           : stride2_taps<K, PR, 1, V>(drows, w, base, C, c);
+          if (base & 1) {
+            dx_pixels_stride2<K, 1, PR, V>(drows, wt + c, base >> 1, C, c, acc);
           } else {
-            for (int kh = 0; kh < K; ++kh) {
-              if (drows[kh] == nullptr) continue;
-              for (int kw = par; kw < K; kw += 2) {
-                const int64_t num = base - kw;
-                if (num >= 0 && (num >> 1) < g.OW) {
-                  acc += vload<V>(drows[kh] + (num >> 1) * C + c) * w[kh * K + kw];
-                }
-              }
-            }
+            dx_pixels_stride2<K, 0, PR, V>(drows, wt + c, base >> 1, C, c, acc);
           }
-          vstore(dx + iw * C + c, acc);
+          const int64_t n = std::min<int64_t>(kBlock, t1 - iw);
+          for (int o = 0; o < n; ++o) vstore(dx + (iw + o) * C + c, acc[o]);
         }
-      };
-      if (row_par == 1) {
-        row_loop.template operator()<1>();
-      } else {
-        row_loop.template operator()<0>();
-      }
+      });
     });
-  });
+  };
+  if (pr == 1) {
+    row.template operator()<1>();
+  } else {
+    row.template operator()<0>();
+  }
 }
 
 // ---- passes over work units (templated on the storage type X) ------------------------
@@ -819,16 +829,16 @@ void backward_block(const Geo& g, BackwardScratch<X, A>& s, const X* dy, const X
         s.row_summed(dw);
       }
     }
-    for (int kh = 0; kh < K; ++kh) {
+    for (int kh = 0; kh < K; ++kh) {  // rows of the wrong parity (stride 2) are not read
       const int64_t num = ih + g.pt - kh;
       const bool ok = num >= 0 && num % g.S == 0 && num / g.S < g.OH;
-      drows[kh] = ok ? s.ring_row(num / g.S) : (g.S == 1 ? s.zero() : nullptr);
+      drows[kh] = ok ? s.ring_row(num / g.S) : s.zero();
     }
     X* dxrow = dx + (n * g.H + ih) * WC;
     if (g.S == 1) {
       dx_row<K>(g, drows, p.wt, s.dx.target(dxrow));
     } else {
-      dx_row_stride2<K>(g, drows, p.wt, s.dx.target(dxrow));
+      dx_row_stride2<K>(g, drows, int((ih + g.pt) & 1), p.wt, s.dx.target(dxrow));
     }
     s.dx.commit(dxrow, WC);
   }

@@ -1,12 +1,17 @@
-"""Training-mode conv + BatchNorm + activation that saves only the conv input.
+"""Training-mode conv + BatchNorm + activation that saves the conv input, not its output
+(unless recomputing the output is costly).
 
 Plain autograd would save the conv output y (for BN) and the BN output z (for the
 activation): two tensors of the conv's output size. For MBConv's 1x1 expand conv those
 are the widest tensors of the block, while its input is 1/6 of that width. Following
 design.md §4 this function saves x, the weight and the per-channel mean / biased var,
-and recomputes y = conv(x) in backward (one extra conv, no extra memory). A conv whose
-output is smaller than its input (MBConv's projection) saves y as well instead: that
-costs less memory than x, which the weight gradient needs anyway, and skips the conv.
+and recomputes y = conv(x) in backward (one extra conv, no extra memory) where that conv
+is cheap. It saves y as well instead where the conv's output is smaller than its input
+(MBConv's projection: y costs less memory than x, which the weight gradient needs
+anyway) or where recomputing costs many FLOPs per byte y would take (at least
+KEEP_Y_MIN_MACS multiply-adds per element of y, Cin / groups * kh * kw; on B0 the expand
+convs with 80-192 input channels and the head: 2/3 of the recomputed GEMM FLOPs, for
+4 MB per image of kept y).
 
 The conv itself is PyTorch's; a 1x1 conv on channels_last CPU tensors runs as one GEMM
 into the output cache (nn/gemm_conv.py). The BatchNorm + activation around it runs
@@ -56,6 +61,15 @@ def _conv_backward(dy, x, weight, geo, need_dx, need_dweight):
     return dx, dweight
 
 
+# Multiply-adds per output element from which the training conv keeps its output for
+# backward instead of recomputing it (see the module docstring).
+KEEP_Y_MIN_MACS = 64
+
+
+def _keeps_output(x: Tensor, y: Tensor, weight: Tensor) -> bool:
+    return y.numel() < x.numel() or weight[0].numel() >= KEEP_Y_MIN_MACS
+
+
 # (channels, dtype, device) -> the (C, 1, 1, 1) ones kernel: made once, read-only.
 _UNIT_KERNELS: dict[tuple, Tensor] = {}
 
@@ -78,7 +92,7 @@ class ConvBNActTrain(torch.autograd.Function):
         h, w = y.shape[2:]
         mean, var = prims.dw_stats(y, unit, 1, 0, 0, h, w)
         _, scale, shift = vector_math(prims).bn_affine(mean, var, gamma, beta, eps)
-        ctx.keep_y = y.numel() < x.numel()
+        ctx.keep_y = _keeps_output(x, y, weight)
         if not ctx.keep_y and keeps_intermediates(prims, y) and y.is_contiguous(
                 memory_format=torch.channels_last):
             # y is this call's own temporary: the act pass may overwrite it.

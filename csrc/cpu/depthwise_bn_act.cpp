@@ -151,6 +151,17 @@ void run_groups(int64_t units, int64_t groups, F&& body) {
   at::parallel_for(0, groups, 1, [&](int64_t b, int64_t e) { body(GroupRange{units, groups, b, e}); });
 }
 
+// total[j] = sum over groups i, in group order, of part[i * width + j]: the partials merged
+// row by row (contiguous, vectorized) instead of element by element across the groups.
+std::vector<double> sum_groups(const std::vector<double>& part, int64_t groups, int64_t width) {
+  std::vector<double> total(width, 0.0);
+  for (int64_t i = 0; i < groups; ++i) {
+    const double* pi = part.data() + i * width;
+    for (int64_t j = 0; j < width; ++j) total[j] += pi[j];
+  }
+  return total;
+}
+
 // Input-row blocks per image for the backward pass: enough units to balance threads,
 // blocks of at least 8 rows to keep the recomputed halo small.
 int64_t backward_blocks(const Geo& g) {
@@ -372,11 +383,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> reduce
     });
     A* s1 = sum_g.data_ptr<A>();
     A* s2 = sum_g_yc.data_ptr<A>();
+    const auto total = sum_groups(part, groups, 2 * g.C);
     for (int64_t c = 0; c < g.C; ++c) {
-      double a = 0, b = 0;
-      for (int64_t i = 0; i < groups; ++i) a += part[i * 2 * g.C + c], b += part[i * 2 * g.C + g.C + c];
-      s1[c] = A(a);
-      s2[c] = A(b);
+      s1[c] = A(total[c]);
+      s2[c] = A(total[g.C + c]);
     }
   });
   return {sum_g, sum_g_yc, grad, y};
@@ -442,13 +452,10 @@ std::tuple<at::Tensor, at::Tensor> dw_backward(
              y ? y->const_data_ptr<X>() : nullptr, p, dx.data_ptr<X>(), blocks, range,
              part.data());
     });
+    const auto total = sum_groups(part, groups, width);
     X* dw = dweight.data_ptr<X>();
     for (int64_t c = 0; c < g.C; ++c) {
-      for (int64_t t = 0; t < g.K * g.K; ++t) {
-        double s = 0;
-        for (int64_t i = 0; i < groups; ++i) s += part[i * width + t * g.C + c];
-        dw[c * g.K * g.K + t] = static_cast<X>(s);
-      }
+      for (int64_t t = 0; t < g.K * g.K; ++t) dw[c * g.K * g.K + t] = static_cast<X>(total[t * g.C + c]);
     }
   });
   return {to_format(dx, fmt), dweight};

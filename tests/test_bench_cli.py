@@ -161,3 +161,25 @@ def test_top_level_aten_ops_counts_each_dispatch_once():
     counts = top_level_aten_ops(lambda: torch.nn.functional.linear(x, x).relu().add(1))
     # linear runs t / addmm inside itself: counted once, as aten::linear
     assert counts == {"aten::linear": 1, "aten::relu": 1, "aten::add": 1}
+
+
+def test_depthwise_passes_bench_calls_every_primitive():
+    """benchmarks/bench_depthwise_passes.py: its callables run every CPU primitive it times
+    (a tiny stride-2 layer; the script itself only adds the timing loop)."""
+    import importlib.util
+    import pathlib
+
+    from effnet_kernels._ext import ext_module
+    from effnet_kernels.shapes import DepthwiseShape
+
+    if ext_module() is None:
+        pytest.skip("the C++ extension is not built")
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_depthwise_passes.py"
+    spec = importlib.util.spec_from_file_location("bench_depthwise_passes", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for kernel in (1, 5):
+        fns = bench.pass_callables(ext_module().cpu, DepthwiseShape("tiny", 2, 8, 9, 9, kernel, 2))
+        assert set(fns) == set(bench.PASSES)
+        for fn in fns.values():
+            fn()

@@ -1,0 +1,85 @@
+"""Time of each CPU primitive of the fused depthwise op, per EfficientNet layer.
+
+    python benchmarks/bench_depthwise_passes.py                        # B0 layers, batch 8
+    python benchmarks/bench_depthwise_passes.py --variant b3 --batch 4 --threads 1
+
+Where a training call of effnet_kernels.functional.depthwise_conv_bn_act goes on the cpu
+backend (float32, channels_last, SiLU), pass by pass (ops/depthwise.py):
+  forward   stats      dw_stats_stash: conv + per-channel batch statistics, keeps y
+            affine     dw_affine_act_: act(y * scale + shift) in place over the kept y
+  backward  reduce     dw_backward_reduce_stash: conv + sums of g and g * (y - mean),
+                       keeps g and y
+            dx_dw      dw_backward: dx and dweight from the kept g and y
+and, for comparison, the eval forward (`eval`: dw_forward, one conv pass). The passes of
+one layer are timed interleaved (medians); the inputs are random, the BN vectors fixed.
+To compare two builds, alternate processes: this machine's speed drifts within minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from effnet_kernels._ext import ext_module
+from effnet_kernels.bench.providers import op_shapes
+from effnet_kernels.bench.timing import measure_interleaved, set_threads
+from effnet_kernels.ops.activations import act_code
+
+CPU = torch.device("cpu")
+PASSES = ("stats", "affine", "reduce", "dx_dw", "eval")
+
+
+def pass_callables(prims, shape) -> dict:
+    """name -> zero-arg callable running that primitive once on the layer's shape."""
+    n, c, h, w, k, s = shape.n, shape.c, shape.h, shape.w, shape.kernel, shape.stride
+    gen = torch.Generator().manual_seed(0)
+    pad = k // 2
+    oh, ow = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
+    x = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c, 1, k, k, generator=gen)
+    dy = torch.randn(n, c, oh, ow, generator=gen).contiguous(memory_format=torch.channels_last)
+    scale, shift, mean = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen), \
+        torch.randn(c, generator=gen)
+    coef_b, coef_c = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+    silu, identity = act_code("silu"), act_code("identity")
+    geo = (s, pad, pad)
+    _, _, y = prims.dw_stats_stash(x, weight, *geo, oh, ow)
+    _, _, g, kept_y = prims.dw_backward_reduce_stash(dy, x, weight, scale, shift, mean, *geo, silu,
+                                                     keep_y=k > 1)
+    kept = {} if kept_y is None else {"y": kept_y}
+    return {
+        "stats": lambda: prims.dw_stats_stash(x, weight, *geo, oh, ow),
+        "affine": lambda: prims.dw_affine_act_(y, scale, shift, silu),
+        "reduce": lambda: prims.dw_backward_reduce_stash(dy, x, weight, scale, shift, mean, *geo,
+                                                         silu, keep_y=k > 1),
+        "dx_dw": lambda: prims.dw_backward(g, x, weight, scale, shift, mean, coef_b, coef_c,
+                                           *geo, identity, **kept),
+        "eval": lambda: prims.dw_forward(x, weight, scale, shift, *geo, oh, ow, silu),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", default="b0")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=9)
+    args = ap.parse_args()
+    threads = set_threads(args.threads)
+    prims = ext_module().cpu
+    print(f"threads {threads}, ISA {prims.dw_simd_isa()}, float32 channels_last, ms per call")
+    print("| layer | shape (N, C, H, W) | k | s | " + " | ".join(PASSES) + " | train total |")
+    print("|---|---|---|---|" + "---|" * (len(PASSES) + 1))
+    for shape in op_shapes("depthwise", args.variant, args.batch):
+        t = measure_interleaved(pass_callables(prims, shape), CPU, warmup=2, rounds=args.rounds,
+                                min_sample_ms=5.0)
+        ms = {p: t[p].median_ms for p in PASSES}
+        train = sum(ms[p] for p in PASSES if p != "eval")
+        print(f"| {shape.name} | {(shape.n, shape.c, shape.h, shape.w)} | {shape.kernel} | "
+              f"{shape.stride} | " + " | ".join(f"{ms[p]:.2f}" for p in PASSES)
+              + f" | {train:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

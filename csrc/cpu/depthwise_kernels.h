@@ -538,31 +538,17 @@ void unit_backward_row(const Geo& g, const A* x, const A* dy, const Params<A>& p
 
 // kBlock consecutive input pixels of the stride-1 dx gather, base = iw + pl for the
 // first: acc[o] = sum over (kh, kw), in that order, of dyc[kh][base + o - kw] * w[kh][kw].
-// Each kernel row's dyc columns base - K + 1 ... base + kBlock - 1 are loaded once,
-// right to left, and feed every output they reach; one kernel row of weights is live
-// at a time (the layout of conv_pixels).
+// That is conv_pixels over each kernel row's dyc columns read right to left: its j-th
+// column, base + kBlock - 1 - j, feeds tap kw = j - o' of its output o' = kBlock - 1 - o.
 template <int K, class V>
 inline void dx_pixels(const ElemOf<V>* const* drows, const ElemOf<V>* wc, int64_t base,
                       int64_t C, int64_t c, V* acc) {
-  constexpr int B = kBlock, J = B + K - 1;
+  V flipped[kBlock];
+  conv_pixels<K, 1, V>(
+      wc, C, [&](int kh) { return ColumnRun<V>{drows[kh] + (base + kBlock - 1) * C + c, -C}; },
+      flipped);
 #pragma GCC unroll 8
-  for (int o = 0; o < B; ++o) acc[o] = V{};
-#pragma GCC unroll 7
-  for (int kh = 0; kh < K; ++kh) {
-    V w[K];
-#pragma GCC unroll 7
-    for (int kw = 0; kw < K; ++kw, wc += C) w[kw] = vload<V>(wc);
-    const ElemOf<V>* r = drows[kh] + (base + B - 1) * C + c;
-#pragma GCC unroll 16
-    for (int m = 0; m < J; ++m, r -= C) {
-      const V v = vload<V>(r);
-#pragma GCC unroll 8
-      for (int o = 0; o < B; ++o) {
-        const int kw = o - (B - 1) + m;
-        if (kw >= 0 && kw < K) acc[o] += v * w[kw];
-      }
-    }
-  }
+  for (int o = 0; o < kBlock; ++o) acc[o] = flipped[kBlock - 1 - o];
 }
 
 // dx[iw][c] = sum of dyc[oh][ow][c] * wt[kh][kw][c] over oh = ih + pt - kh,

@@ -43,10 +43,12 @@ def _reference(x, weight, bias, act, dtype):
     return ACTS[act](y)
 
 
-# (n, cin, cout, h, w): odd channel counts exercise the vector tails; the last two have
-# enough output tiles (65536 / cout rows each) to split tiles over threads.
+# (n, cin, cout, h, w): odd channel counts exercise the vector tails; the last four have
+# enough output tiles (65536 / cout rows each) to split tiles over threads: 3x8x512x10x20
+# rounds 5 tiles up to 6 (a multiple of the threads), and 2x400x400x24x24 has a shared
+# weight above the tiled path's limit (one GEMM, then the epilogue; tiled per sample).
 SHAPES = [(2, 5, 7, 3, 4), (1, 16, 96, 5, 5), (3, 24, 33, 7, 1), (4, 8, 512, 16, 16),
-          (2, 40, 1024, 9, 13)]
+          (2, 40, 1024, 9, 13), (3, 8, 512, 10, 20), (2, 400, 400, 24, 24)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

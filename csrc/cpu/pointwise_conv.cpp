@@ -11,8 +11,9 @@
 // widest activation of the block (read + write), which costs as much as the GEMM itself on
 // B0's expand convs. Here the output rows are cut into tiles of about kTileFloats values;
 // each parallel task runs one single-threaded GEMM into its tile and applies bias + act
-// while the tile is still in L2. With too few tiles to feed every thread, one multi-threaded
-// GEMM covers all rows and the epilogue runs as a separate parallel loop. The GEMM is
+// while the tile is still in L2. With too few tiles to feed every thread, or a shared W so
+// large that re-reading it per tile costs more than a second pass over y, one
+// multi-threaded GEMM covers all rows and the epilogue runs as a separate parallel loop. The GEMM is
 // the BLAS sgemm_ that libtorch_cpu ships (MKL on x86 wheels), looked up at runtime:
 // without it `pw_conv_available()` is false and Python keeps ATen's path. float32 only.
 // The output comes from the output cache (output_cache.h). No autograd (eval only).
@@ -57,6 +58,9 @@ SgemmFn sgemm() {
 
 // Output values per tile: 256 KiB of float, so a tile and its slice of x stay in L2.
 constexpr int64_t kTileFloats = int64_t(1) << 16;
+// Largest shared W (Cout * Cin floats, 512 KiB) for the tiled path; above it (B0's 7x7
+// expand convs and head) the whole GEMM runs first, then the epilogue.
+constexpr int64_t kMaxTiledWeightFloats = int64_t(1) << 17;
 
 // y = x w^T for row-major x (rows, cin), w (cout, cin), y (rows, cout). Column-major BLAS
 // sees the same memory transposed: y^T (cout x rows) = op(A) B with A = w read as the
@@ -114,10 +118,22 @@ at::Tensor pw_conv_act(const at::Tensor& x, const at::Tensor& weight,
   // Tiles never cross a sample boundary when each sample has its own weights.
   const int64_t span = per_sample ? hw : n * hw;  // rows sharing one weight matrix
   const int64_t groups = per_sample ? n : 1;
-  const int64_t tile = std::min(std::max<int64_t>(kTileFloats / cout, 16), span);
-  const int64_t tiles_per_group = (span + tile - 1) / tile;
+  int64_t tile = std::min(std::max<int64_t>(kTileFloats / cout, 16), span);
+  int64_t tiles_per_group = (span + tile - 1) / tile;
+  const int64_t threads = at::get_num_threads();
+  if (groups * tiles_per_group > threads) {
+    // Round the tile count up to a multiple of the threads: 7 equal tiles on 2 threads
+    // leave one idle for an eighth of the time.
+    const int64_t total = (groups * tiles_per_group + threads - 1) / threads * threads;
+    tiles_per_group = (total + groups - 1) / groups;
+    tile = (span + tiles_per_group - 1) / tiles_per_group;
+    tiles_per_group = (span + tile - 1) / tile;
+  }
   const int64_t tiles = groups * tiles_per_group;
-  if (tiles >= 2 * at::get_num_threads()) {
+  // Each tile's GEMM reads all of W; past kMaxTiledWeightFloats that traffic outweighs
+  // the second pass over y, and one multi-threaded GEMM is faster.
+  const bool tiled = tiles >= 2 * threads && (per_sample || cin * cout <= kMaxTiledWeightFloats);
+  if (tiled) {
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t g = t / tiles_per_group;

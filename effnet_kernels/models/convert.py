@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..nn.activations import act_name
 from ..nn.conv_bn_act import conv_bn_act
+from ..nn.eval_plan import eval_block
 from ..nn.mbconv import DepthwiseSeparable, MBConv, check_conv, dw_se_projection, read_se
 from ..ops.drop_connect import drop_connect_add
 from .stem_head import fuse_stem_and_head
@@ -93,13 +94,17 @@ class TorchvisionMBConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut, layers = x, self.block
-        i = 0
-        if self.has_expand:
-            x = conv_bn_act(x, layers[0][0], layers[0][1], self.acts[0])
-            i = 1
-        dw, se, proj = layers[i], layers[i + 1], layers[i + 2]
-        x = dw_se_projection(x, (dw[0], dw[1], self.acts[1]), (se.fc1, se.fc2, self.acts[2]),
-                             (proj[0], proj[1], "identity"))
+        expand = (layers[0][0], layers[0][1], self.acts[0]) if self.has_expand else None
+        dw, se, proj = layers[-3], layers[-2], layers[-1]
+        depthwise = (dw[0], dw[1], self.acts[1])
+        se_parts = (se.fc1, se.fc2, self.acts[2])
+        projection = (proj[0], proj[1], "identity")
+        out = eval_block(self, x, expand, depthwise, se_parts, projection, self.use_res_connect)
+        if out is not None:
+            return out
+        if expand is not None:
+            x = conv_bn_act(x, *expand)
+        x = dw_se_projection(x, depthwise, se_parts, projection)
         if self.use_res_connect:
             x = drop_connect_add(x, shortcut, self.stochastic_depth.p, training=self.training)
         return x

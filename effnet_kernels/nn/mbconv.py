@@ -30,6 +30,7 @@ from ..ops.squeeze_excite import squeeze_excite
 from .activations import act_name
 from .batchnorm import is_plain_batchnorm
 from .conv_bn_act import SameConv2d, conv_bn_act, dw_bn_act, is_same_conv
+from .eval_plan import eval_block
 from .eval_tail import dw_se_project, eval_tail_applies
 from .squeeze_excite import SqueezeExcite
 
@@ -209,10 +210,15 @@ class MBConv(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
+        expand = (self.conv_pw, self.bn1, self.acts[0])
+        depthwise = (self.conv_dw, self.bn2, self.acts[1])
+        projection = (self.conv_pwl, self.bn3, "identity")
+        out = eval_block(self, x, expand, depthwise, _se_parts(self), projection, self.has_skip)
+        if out is not None:
+            return out
         shortcut = x
-        x = conv_bn_act(x, self.conv_pw, self.bn1, self.acts[0])
-        x = dw_se_projection(x, (self.conv_dw, self.bn2, self.acts[1]), _se_parts(self),
-                             (self.conv_pwl, self.bn3, "identity"))
+        x = conv_bn_act(x, *expand)
+        x = dw_se_projection(x, depthwise, _se_parts(self), projection)
         if self.has_skip:
             x = drop_connect_add(x, shortcut, _drop_prob(self), training=self.training)
         return x
@@ -257,9 +263,13 @@ class DepthwiseSeparable(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
+        depthwise = (self.conv_dw, self.bn1, self.acts[0])
+        projection = (self.conv_pw, self.bn2, self.acts[1])
+        out = eval_block(self, x, None, depthwise, _se_parts(self), projection, self.has_skip)
+        if out is not None:
+            return out
         shortcut = x
-        x = dw_se_projection(x, (self.conv_dw, self.bn1, self.acts[0]), _se_parts(self),
-                             (self.conv_pw, self.bn2, self.acts[1]))
+        x = dw_se_projection(x, depthwise, _se_parts(self), projection)
         if self.has_skip:
             x = drop_connect_add(x, shortcut, _drop_prob(self), training=self.training)
         return x

@@ -1,0 +1,255 @@
+"""A fused block's eval forward on CPU as a few compiled calls, with everything that does
+not depend on the input prepared once.
+
+    e    = act(x @ W1'^T + b1')              expand conv, BN folded (pw_conv_act)
+    y    = act(dwconv(e) * s + t), sums      depthwise, BN as scale/shift, SE pool sums
+                                             from the kernel's epilogue (dw_forward_pool)
+    gate = sigmoid(act(sums/HW @ Wr^T + br) @ We^T + be)          two addmm on (N, C)
+    out  = act(y_n @ (W2' * gate[n])^T + b2')  projection, BN folded, gate in the weights
+                                             (on y * gate when H * W < Cout)
+    out += x                                 residual (eval: drop-connect is the identity)
+
+The module route (nn/mbconv.py) computes the same thing with the same primitives, but
+every call re-derives the folded weights' memo keys, the BN scale/shift, the checks and
+the backend choice per op, and allocates a separate residual sum: measured 0.2-0.4 ms of
+host time per block (B0, batch 1) and up to 0.9 ms per block at batch 8. Here the folded
+weights, the depthwise scale/shift and the transposed SE matrices are computed once per
+block and kept while every source tensor is the same object with the same version
+counter (as in nn/eval_fold.py); optimizer steps, running-statistics updates and
+load_state_dict change a version, and the plan is rebuilt on the next call.
+
+Applies to eval calls that record no autograd graph, on CPU float32 channels_last input,
+with the cpu backend serving the depthwise op (a forced backend keeps the module route)
+and every BatchNorm in eval with running statistics. Results are bitwise those of the
+module route (tested).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .._ext import ext_module
+from ..backends import select
+from ..ops.activations import act_code
+from ..ops.bn_math import vector_math
+from ..ops.depthwise import KERNEL_SIZES
+from ..ops.depthwise import OP as DW_OP
+from ..ops.eager import plain_eager
+from ..ops.geometry import conv_geometry
+from .conv_bn_act import is_same_conv
+from .eval_fold import fold_conv_bn
+
+# Switch for in-process A/B measurements and the parity tests; the module route is
+# always correct.
+ENABLED = True
+
+
+@dataclass(frozen=True)
+class _Plan:
+    expand: tuple | None      # (weight (Cout, Cin, 1, 1), bias, act code) or None
+    dw_weight: Tensor
+    dw_scale: Tensor
+    dw_shift: Tensor
+    dw_stride: int
+    dw_padding: int | str
+    dw_act: int
+    se: tuple | None          # (Wr^T, br, We^T, be, act code) or None
+    proj_weight: Tensor       # (Cout, Cin, 1, 1), BN folded
+    proj_rows: Tensor         # the same as (1, Cout, Cin), for per-sample gating
+    proj_bias: Tensor
+    proj_act: int
+    skip: bool
+
+
+# block -> (settings, watched sources, plan); entries go with the block.
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CONV_BN_SOURCES = (("_parameters", "weight"), ("_parameters", "bias"))
+_BN_SOURCES = (("_parameters", "weight"), ("_parameters", "bias"),
+               ("_buffers", "running_mean"), ("_buffers", "running_var"))
+
+
+def _slots(expand, depthwise, se, projection) -> list:
+    """(dict, key) of every source tensor, read from the modules' own dicts: per call this
+    costs a dict lookup each instead of nn.Module.__getattr__."""
+    slots = []
+    for part in (expand, depthwise, projection):
+        if part is not None:
+            slots += [(getattr(part[0], d), k) for d, k in _CONV_BN_SOURCES]
+            slots += [(getattr(part[1], d), k) for d, k in _BN_SOURCES]
+    if se is not None:
+        slots += [(getattr(m, d), k) for m in se[:2] for d, k in _CONV_BN_SOURCES]
+    return slots
+
+
+def _sources(expand, depthwise, se, projection) -> tuple:
+    return tuple(d.get(k) for d, k in _slots(expand, depthwise, se, projection))
+
+
+def _watch(slots: list) -> tuple | None:
+    """(dict, key, tensor, version, data pointer) per slot; None when some tensor is an
+    inference tensor (no version counter: nothing to watch)."""
+    watched = []
+    for d, k in slots:
+        t = d.get(k)
+        if t is not None and t.is_inference():
+            return None
+        watched.append((d, k, t, None if t is None else t._version,
+                        None if t is None else t.data_ptr()))
+    return tuple(watched)
+
+
+def _unchanged(watched: tuple) -> bool:
+    for d, k, t, version, ptr in watched:
+        now = d.get(k)
+        if now is not t or (t is not None and (t._version != version or t.data_ptr() != ptr)):
+            return False
+    return True
+
+
+def _parts_apply(x: Tensor, expand, depthwise, se, projection) -> bool:
+    """The per-call conditions that do not depend on the prepared tensors."""
+    if not (ENABLED and type(x) is Tensor and x.device.type == "cpu"
+            and x.dtype == torch.float32 and x.dim() == 4 and x.numel() > 0
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    if torch.is_autocast_enabled("cpu") or not plain_eager(x):
+        return False
+    prims = _cpu_prims()
+    if prims is None or select(DW_OP, x) is not prims:
+        return False
+    for part in (expand, depthwise, projection):
+        if part is not None and (part[1].training or part[1]._buffers.get("running_mean") is None
+                                 or part[1]._buffers.get("running_var") is None):
+            return False
+    return True
+
+
+@functools.cache
+def _cpu_prims():
+    """The extension's cpu primitives when they include the epilogue GEMM, else None."""
+    ext = ext_module()
+    return ext.cpu if ext is not None and ext.cpu.pw_conv_available() else None
+
+
+def _build(expand, depthwise, se, projection, skip: bool) -> _Plan | None:
+    """The prepared tensors, or None when some part is not what the plan computes."""
+    for part in (expand, projection):
+        if part is not None:
+            conv = part[0]
+            if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1 \
+                    or conv.padding not in ((0, 0), "valid") or conv.dilation != (1, 1):
+                return None
+    conv, bn, act = depthwise
+    if conv.groups != conv.in_channels or conv.dilation != (1, 1) \
+            or len(set(conv.stride)) != 1 or conv.stride[0] not in (1, 2) \
+            or len(set(conv.kernel_size)) != 1 or conv.kernel_size[0] not in KERNEL_SIZES:
+        return None
+    padding = "same" if is_same_conv(conv) else conv.padding
+    if padding != "same":
+        if isinstance(padding, str) or len(set(padding)) != 1:
+            return None
+        padding = padding[0]
+    tensors = _sources(expand, depthwise, se, projection)
+    if any(t is not None and t.dtype != torch.float32 for t in tensors):
+        return None
+    prims = ext_module().cpu
+    with torch.inference_mode(False), torch.no_grad():
+        ones = bn.running_mean.new_ones(conv.in_channels)
+        bn_weight = ones if bn.weight is None else bn.weight
+        bn_bias = torch.zeros_like(ones) if bn.bias is None else bn.bias
+        _, scale, shift = vector_math(prims).bn_affine(bn.running_mean, bn.running_var,
+                                                      bn_weight, bn_bias, bn.eps)
+        folded_expand = None
+        if expand is not None:
+            folded_expand = (*fold_conv_bn(expand[0], expand[1]), act_code(expand[2]))
+        se_mats = None
+        if se is not None:
+            reduce, excite, se_act = se
+            se_mats = (reduce.weight.flatten(1).t(), _bias(reduce), excite.weight.flatten(1).t(),
+                       _bias(excite), act_code(se_act))
+        proj_weight, proj_bias = fold_conv_bn(projection[0], projection[1])
+        return _Plan(folded_expand, conv.weight.detach(), scale, shift, conv.stride[0], padding,
+                     act_code(act), se_mats, proj_weight, proj_weight.flatten(1).unsqueeze(0),
+                     proj_bias, act_code(projection[2]), skip)
+
+
+def _bias(conv: nn.Conv2d) -> Tensor:
+    return conv.weight.new_zeros(conv.out_channels) if conv.bias is None else conv.bias.detach()
+
+
+def _plan_for(block: nn.Module, expand, depthwise, se, projection, skip) -> _Plan | None:
+    parts = (expand, depthwise, projection)
+    settings = (skip, se[2] if se is not None else None,
+                *((p[2], p[1].eps) for p in parts if p is not None))
+    entry = _PLANS.get(block)
+    if entry is not None and entry[0] == settings and _unchanged(entry[1]):
+        return entry[2]
+    slots = _slots(expand, depthwise, se, projection)
+    plan = _build(expand, depthwise, se, projection, skip)
+    watched = _watch(slots)
+    if watched is not None:
+        _PLANS[block] = (settings, watched, plan)
+    return plan
+
+
+def eval_block(block: nn.Module, x: Tensor, expand: tuple | None, depthwise: tuple,
+               se: tuple | None, projection: tuple, skip: bool) -> Tensor | None:
+    """The block's eval output through its plan, or None where the plan does not apply
+    (the caller then runs its module route). Parts as in nn/mbconv.py: (conv, bn, act)
+    for expand (None: no expansion), depthwise and projection; (conv_reduce, conv_expand,
+    act) for SE (None: no SE)."""
+    if not _parts_apply(x, expand, depthwise, se, projection):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or any(
+            t is not None and t.requires_grad for t in _sources(expand, depthwise, se, projection))):
+        return None
+    plan = _plan_for(block, expand, depthwise, se, projection, skip)
+    if plan is None:
+        return None
+    with torch.no_grad():
+        return _run(plan, x)
+
+
+def _run(plan: _Plan, x: Tensor) -> Tensor:
+    prims = _cpu_prims()
+    h = x
+    if plan.expand is not None:
+        h = prims.pw_conv_act(x, *plan.expand)
+    k = plan.dw_weight.shape[-1]
+    geo = conv_geometry(h.shape[2], h.shape[3], k, plan.dw_stride, plan.dw_padding)
+    if geo.out_h < 1 or geo.out_w < 1:
+        raise ValueError(f"x spatial size {tuple(h.shape[2:])} is too small for kernel size {k}")
+    weight, bias = plan.proj_weight, plan.proj_bias
+    if plan.se is None:
+        y = prims.dw_forward(h, plan.dw_weight, plan.dw_scale, plan.dw_shift, *geo, plan.dw_act)
+        out = prims.pw_conv_act(y.contiguous(memory_format=torch.channels_last), weight, bias,
+                                plan.proj_act)
+    else:
+        y, sums = prims.dw_forward_pool(h, plan.dw_weight, plan.dw_scale, plan.dw_shift, *geo,
+                                        plan.dw_act)
+        y = y.contiguous(memory_format=torch.channels_last)
+        reduce_t, reduce_b, excite_t, excite_b, se_act = plan.se
+        hidden = torch.addmm(reduce_b, torch.div(sums, geo.out_h * geo.out_w), reduce_t)
+        gate = torch.addmm(excite_b, _act_(hidden, se_act), excite_t).sigmoid_()
+        cout = weight.shape[0]
+        if geo.out_h * geo.out_w >= cout:  # the gate goes into per-sample weights
+            gated = torch.mul(plan.proj_rows, gate.unsqueeze(1))
+            out = prims.pw_conv_act(y, gated, bias, plan.proj_act)
+        else:  # late small stages: per-sample weights would outweigh the activation
+            out = prims.pw_conv_act(prims.se_scale(y, gate), weight, bias, plan.proj_act)
+    if plan.skip:
+        out.add_(x)  # out is this call's own buffer
+    return out
+
+
+def _act_(t: Tensor, code: int) -> Tensor:
+    if code == 2:
+        return torch.nn.functional.silu(t, inplace=True)
+    if code == 1:
+        return t.relu_()
+    return t

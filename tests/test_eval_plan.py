@@ -1,0 +1,177 @@
+"""The prepared CPU eval forward of fused blocks (nn/eval_plan.py): bitwise the module
+route's output on timm (plain and SAME-padded) and torchvision blocks, parity with the
+original blocks against float64, when it applies and when it steps aside, and that it
+follows in-place changes of every kind of source tensor."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from model_cases import randomize_bn
+
+import effnet_kernels as ek
+from effnet_kernels import use_backend
+from effnet_kernels.nn import eval_plan
+from effnet_kernels.testing import assert_parity
+
+timm = pytest.importorskip("timm")
+torchvision = pytest.importorskip("torchvision")
+EXT = ek._ext.ext_module()
+pytestmark = pytest.mark.skipif(EXT is None or not EXT.cpu.pw_conv_available(),
+                                reason="compiled extension with BLAS sgemm not available")
+CL = torch.channels_last
+
+
+def _model(source: str, name: str):
+    if source == "timm":
+        model = timm.create_model(name, num_classes=10)
+    else:
+        model = getattr(torchvision.models, name)(weights=None, num_classes=10)
+    return randomize_bn(model).eval()
+
+
+def _blocks(model):
+    """(name, block) of every fused block of a converted model."""
+    return [(n, m) for n, m in model.named_modules() if type(m).__name__ in
+            ("MBConv", "DepthwiseSeparable", "TorchvisionMBConv")]
+
+
+@pytest.fixture
+def plan_calls(monkeypatch):
+    """Counts the calls that ran through a plan."""
+    calls = []
+    run = eval_plan._run
+
+    def spy(plan, x):
+        calls.append(plan)
+        return run(plan, x)
+    monkeypatch.setattr(eval_plan, "_run", spy)
+    return calls
+
+
+def _module_route(model, x):
+    eval_plan.ENABLED = False
+    try:
+        return model(x)
+    finally:
+        eval_plan.ENABLED = True
+
+
+@pytest.mark.parametrize("source,name,hw", [("timm", "efficientnet_b0", 64),
+                                            ("timm", "tf_efficientnet_b2", 45),
+                                            ("torchvision", "efficientnet_b0", 40)])
+def test_model_matches_module_route_and_original(source, name, hw, plan_calls):
+    """Every block (with and without expansion, residual, gated and SE-scaled projection,
+    SAME padding on odd sizes) runs through its plan; the logits are bitwise those of the
+    module route and within the parity rule of the original model."""
+    original = _model(source, name).to(memory_format=CL)
+    fused = copy.deepcopy(original)
+    ek.convert(fused)
+    x = torch.randn(2, 3, hw, hw, generator=torch.Generator().manual_seed(0))
+    x = x.contiguous(memory_format=CL)
+    with torch.no_grad():
+        got = fused(x)
+        assert len(plan_calls) == len(_blocks(fused))
+        same_route = _module_route(fused, x)
+        same = original(x)
+        truth = copy.deepcopy(original).double()(x.double())
+    torch.testing.assert_close(got, same_route, rtol=0, atol=0)
+    assert_parity(f"{name} eval logits", got, same, truth, torch.float32)
+
+
+def _block_and_input(hw=8, seed=1):
+    original = _model("timm", "efficientnet_b0").blocks[1][1]  # MBConv 24 -> 24, residual
+    fused = ek.nn.MBConv.from_timm(copy.deepcopy(original)).eval()
+    x = torch.randn(2, 24, hw, hw, generator=torch.Generator().manual_seed(seed))
+    return fused, original, x.contiguous(memory_format=CL)
+
+
+@pytest.mark.parametrize("case", ["nchw", "bfloat16", "grad", "training", "reference",
+                                  "non_contiguous", "empty"])
+def test_steps_aside_where_it_does_not_apply(case, plan_calls):
+    """Inputs and modes the plan does not compute take the module route, with the same
+    results as before."""
+    fused, original, x = _block_and_input()
+    ctx = torch.no_grad()
+    if case == "nchw":
+        x = x.contiguous()
+    elif case == "bfloat16":
+        fused, original, x = fused.bfloat16(), original.bfloat16(), x.bfloat16()
+    elif case == "grad":
+        ctx = torch.enable_grad()
+    elif case == "training":
+        fused.train()
+        original.train()
+    elif case == "reference":
+        ctx = use_backend("reference")
+    elif case == "non_contiguous":
+        x = torch.cat([x, x], dim=3)[..., ::2]
+    elif case == "empty":
+        x = x[:0]
+    with ctx:
+        got = fused(x)
+    assert plan_calls == []
+    if case == "grad":
+        assert got.requires_grad
+    with torch.no_grad():
+        same = original(x)
+        if case == "training":
+            return  # batch statistics: the original's pass updated its own running stats
+        truth = copy.deepcopy(original).double()(x.double())
+    assert_parity(case, got, same, truth, x.dtype)
+
+
+@pytest.mark.parametrize("change", ["weight", "bn_stats", "se_bias", "load_state_dict",
+                                    "train_step"])
+def test_plan_follows_in_place_changes(change, plan_calls):
+    """An in-place write to any source (weights, BN running stats, SE bias, a state_dict
+    load, a training step's optimizer update and running-stat update) rebuilds the plan."""
+    fused, original, x = _block_and_input()
+    with torch.no_grad():
+        fused(x)
+        fused(x)
+    assert len(plan_calls) == 2 and plan_calls[0] is plan_calls[1]  # kept between calls
+    if change == "weight":
+        with torch.no_grad():
+            fused.conv_pwl.weight.mul_(1.5)
+    elif change == "bn_stats":
+        with torch.no_grad():
+            fused.bn2.running_var.mul_(2.0)
+    elif change == "se_bias":
+        with torch.no_grad():
+            fused.se.conv_expand.bias.add_(0.5)
+    elif change == "load_state_dict":
+        state = {k: v * 1.1 if v.is_floating_point() else v
+                 for k, v in fused.state_dict().items()}
+        fused.load_state_dict(state)
+    elif change == "train_step":
+        opt = torch.optim.SGD(fused.parameters(), lr=0.1)
+        fused.train()
+        fused(x.clone().requires_grad_()).square().mean().backward()
+        opt.step()
+        fused.eval()
+    with torch.no_grad():
+        got = fused(x)
+        same_route = _module_route(fused, x)
+    assert plan_calls[-1] is not plan_calls[0]
+    torch.testing.assert_close(got, same_route, rtol=0, atol=0)
+
+
+def test_inference_tensors_are_planned_per_call(plan_calls):
+    """Weights loaded under inference_mode have no version counter: no memo, a plan per
+    call, the module route's results."""
+    fused, _, x = _block_and_input()
+    with torch.inference_mode():
+        for module in fused.modules():
+            for name, t in list(module._parameters.items()) + list(module._buffers.items()):
+                if t is not None:
+                    setattr(module, name, torch.nn.Parameter(t.detach().clone(), False)
+                            if isinstance(t, torch.nn.Parameter) else t.clone())
+        got = fused(x)
+        again = fused(x)
+        same_route = _module_route(fused, x)
+    assert len(plan_calls) == 2 and plan_calls[0] is not plan_calls[1]
+    torch.testing.assert_close(got, same_route, rtol=0, atol=0)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)

@@ -10,7 +10,9 @@
 The unfused order writes y, reads it for the pool, reads it again and writes a scaled copy,
 and reads that for the projection; here y is written once and read once. The gated weights
 cost N * Cout * Cin, so where H * W < Cout (late 7x7 stages) the projection runs on the
-SE-scaled y instead, as before.
+SE-scaled y instead, as before. Whole blocks on float32 channels_last input take
+nn/eval_plan.py first (the same primitives with the per-call preparation done once); this
+route serves the other dtypes and layouts.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from effnet_kernels._ext import ext_module
 from effnet_kernels.bench.providers import op_shapes
 from effnet_kernels.bench.timing import measure_interleaved, set_threads
 from effnet_kernels.ops.activations import act_code
+from effnet_kernels.ops.depthwise import backward_keeps_y
 
 CPU = torch.device("cpu")
 PASSES = ("stats", "affine", "reduce", "dx_dw", "eval")
@@ -45,14 +46,15 @@ def pass_callables(prims, shape) -> dict:
     silu, identity = act_code("silu"), act_code("identity")
     geo = (s, pad, pad)
     _, _, y = prims.dw_stats_stash(x, weight, *geo, oh, ow)
+    keep_y = backward_keeps_y(weight, dy)
     _, _, g, kept_y = prims.dw_backward_reduce_stash(dy, x, weight, scale, shift, mean, *geo, silu,
-                                                     keep_y=k > 1)
+                                                     keep_y=keep_y)
     kept = {} if kept_y is None else {"y": kept_y}
     return {
         "stats": lambda: prims.dw_stats_stash(x, weight, *geo, oh, ow),
         "affine": lambda: prims.dw_affine_act_(y, scale, shift, silu),
         "reduce": lambda: prims.dw_backward_reduce_stash(dy, x, weight, scale, shift, mean, *geo,
-                                                         silu, keep_y=k > 1),
+                                                         silu, keep_y=keep_y),
         "dx_dw": lambda: prims.dw_backward(g, x, weight, scale, shift, mean, coef_b, coef_c,
                                            *geo, identity, **kept),
         "eval": lambda: prims.dw_forward(x, weight, scale, shift, *geo, oh, ow, silu),

@@ -100,14 +100,19 @@ def test_parity_both_routes(backend, fast, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", ODD_CASES, ids=str)
 def test_kept_intermediates_match_recomputation_bitwise(case, dtype, fmt, monkeypatch):
-    """The cpu route that keeps y and g between passes gives exactly the recomputed results."""
+    """The cpu route that keeps y and g between passes gives exactly the recomputed results,
+    whether the backward keeps y too (always, never, or by the 3x3 size rule) or not."""
     from effnet_kernels.ops import depthwise as dw_ops
 
     require_backend(OP, "cpu", "cpu", dtype)
     inputs = make_inputs(case, dtype)
+    routes = {"g and y": (True, True, 1 << 60), "g only": (True, False, 1 << 60),
+              "3x3 rule": (True, True, 0), False: (False, True, 1 << 60)}
     got = {}
-    for keep in (True, False):
-        monkeypatch.setattr(dw_ops, "KEEP_INTERMEDIATES", keep)
+    for keep, (intermediates, keep_y, max_3x3) in routes.items():
+        monkeypatch.setattr(dw_ops, "KEEP_INTERMEDIATES", intermediates)
+        monkeypatch.setattr(dw_ops, "KEEP_Y_IN_BACKWARD", keep_y)
+        monkeypatch.setattr(dw_ops, "KEEP_Y_MAX_BYTES_3X3", max_3x3)
         with use_backend("cpu"):
             got[keep] = run(fused, case, inputs, training=True, dtype=dtype, fmt=FORMATS[fmt])
             x = inputs["x"].to(dtype).contiguous(memory_format=FORMATS[fmt])
@@ -116,5 +121,16 @@ def test_kept_intermediates_match_recomputation_bitwise(case, dtype, fmt, monkey
                 x, inputs["weight"].to(dtype), inputs["bn_weight"].to(pdt),
                 inputs["bn_bias"].to(pdt), None, None, stride=case.stride, padding=case.padding,
                 training=True, act=case.act, return_pool_sums=True)[1]
-    for key, value in got[True].items():
-        assert torch.equal(value, got[False][key]), key
+    for route in routes:
+        for key, value in got[route].items():
+            assert torch.equal(value, got[False][key]), (route, key)
+
+
+def test_backward_keeps_y_except_for_large_3x3_outputs():
+    from effnet_kernels.ops.depthwise import KEEP_Y_MAX_BYTES_3X3, backward_keeps_y
+
+    big = torch.empty(KEEP_Y_MAX_BYTES_3X3 // 4)
+    small = torch.empty(16)
+    for k, dy, keeps in ((1, small, False), (3, small, True), (3, big, False), (5, big, True),
+                         (7, small, True)):
+        assert backward_keeps_y(torch.empty(1, 1, k, k), dy) is keeps, (k, dy.numel())

@@ -294,3 +294,45 @@ def test_module_matches_timm_and_reuses_params():
         SqueezeExcite.from_modules(se.conv_reduce, se.conv_expand, nn.GELU())
     with pytest.raises(ValueError, match="must invert"):
         SqueezeExcite.from_modules(se.conv_reduce, nn.Conv2d(4, 15, 1))
+
+
+class _CpuWithoutOneCall:
+    """The cpu primitives minus se_forward / se_backward: the op's Python composition."""
+
+    def __getattr__(self, name):
+        if name in ("se_forward", "se_backward"):
+            raise AttributeError(name)
+        return getattr(ext_module().cpu, name)
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["pool", "pooled"])
+@pytest.mark.parametrize("act", [0, 1, 2], ids=["identity", "relu", "silu"])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=["f32", "f64", "bf16"])
+def test_cpu_one_call_matches_composition_bitwise(dtype, fmt, act, pooled, monkeypatch):
+    """cpu se_forward / se_backward run the composition's ATen ops in its order: every
+    output and gradient is bitwise the same, in the same layout."""
+    require_backend(OP, "cpu", "cpu", dtype)
+    x, (rw, rb, ew, eb), dy = make_inputs((3, 20, 5, 7, 6))
+    x = x.to(dtype).contiguous(memory_format=FORMATS[fmt])
+    dy = dy.to(dtype).contiguous(memory_format=FORMATS[fmt])
+    params = [p.to(dtype) for p in (rw, rb, ew, eb)]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    sums = x.to(acc).sum((2, 3)) if pooled else None
+    results = []
+    for prims in (ext_module().cpu, _CpuWithoutOneCall()):
+        monkeypatch.setattr(se_ops, "select", lambda op, t, p=prims: p)
+        out, mean, h, gate = se_ops._forward(x, *params, sums, act)
+        grads = se_ops._backward_math(dy, x, mean, h, gate, *params, act)
+        results.append((out, mean, h, gate, *grads))
+    for got, same in zip(*results):
+        assert torch.equal(got, same) and got.stride() == same.stride()
+
+
+def test_cpu_one_call_rejects_unknown_act():
+    require_backend(OP, "cpu", "cpu", torch.float32)
+    x, (rw, rb, ew, eb), _ = make_inputs((1, 4, 2, 2, 2))
+    x = x.float()
+    with pytest.raises(RuntimeError, match="act must be"):
+        ext_module().cpu.se_forward(x, rw.float(), rb.float(), ew.float(), eb.float(), None, 3)

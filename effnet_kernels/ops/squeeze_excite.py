@@ -103,6 +103,10 @@ def se_fwd(
 def _forward(x, reduce_weight, reduce_bias, expand_weight, expand_bias, pooled, act):
     x = dense(x)
     prims = select(OP, x)
+    if hasattr(prims, "se_forward"):  # cpu: the same steps in one compiled call
+        out, mean, h, gate = prims.se_forward(x, reduce_weight, reduce_bias, expand_weight,
+                                              expand_bias, pooled, act)
+        return out.contiguous(memory_format=memory_format_of(x)), mean, h, gate
     acc = acc_dtype(x.dtype)
     sums = prims.se_pool(x) if pooled is None else as_dtype(pooled, acc)
     mean = sums / (x.shape[2] * x.shape[3])
@@ -136,6 +140,10 @@ def _backward_math(dy, x, mean, h, gate, reduce_weight, reduce_bias, expand_weig
     x = dense(x)
     dy = dy.contiguous(memory_format=memory_format_of(x))
     prims = select(OP, x)
+    if hasattr(prims, "se_backward"):  # cpu: the same steps in one compiled call
+        dx, *weight_grads = prims.se_backward(dy, x, mean, h, gate, reduce_weight, reduce_bias,
+                                              expand_weight, expand_bias, act)
+        return (dx.contiguous(memory_format=memory_format_of(x)), *weight_grads)
     acc = mean.dtype
     rw, ew = as_dtype(reduce_weight, acc).flatten(1), as_dtype(expand_weight, acc).flatten(1)
     dgate = prims.se_pool_dy_x(dy, x)                           # (N, C) sum_hw dy * x

@@ -183,3 +183,17 @@ def test_depthwise_passes_bench_calls_every_primitive():
         assert set(fns) == set(bench.PASSES)
         for fn in fns.values():
             fn()
+
+
+def test_round_orders_vary_who_runs_before_whom():
+    """Every provider runs first and runs after each other provider in some round (a cyclic
+    rotation would keep each one behind the same neighbour)."""
+    from effnet_kernels.bench.timing import round_order
+
+    names = ["eager", "converted", "compile", "onnxruntime"]
+    orders = [round_order(names, r) for r in range(10)]
+    assert all(sorted(o) == sorted(names) for o in orders)
+    assert orders == [round_order(names, r) for r in range(10)]  # reproducible
+    assert {o[0] for o in orders} == set(names)
+    before = {(o[i - 1], o[i]) for o in orders for i in range(1, len(o))}
+    assert all((a, b) in before for a in names for b in names if a != b)

@@ -1,8 +1,12 @@
 """Timing primitives: warm-up, interleaved rounds, medians with a p20/p80 spread.
 
-Providers of one case are timed in interleaved rounds (A B C, B C A, C A B, ...): slow
-drifts of a shared, noisy machine (other processes, clocks, thermal state) then hit
-every provider alike instead of whichever happened to run last. Each sample times
+Providers of one case are timed in interleaved rounds, each round in its own order (a
+permutation drawn from a generator seeded with the round number): slow drifts of a
+shared, noisy machine (other processes, clocks, thermal state) then hit every provider
+alike instead of whichever happened to run last, and no provider always runs right after
+the same other one. That matters on CPU: a call finds less of its data in cache after a
+provider that streams hundreds of megabytes (eager EfficientNet) than after a light one,
+and a cyclic rotation (A B C, B C A, C A B) puts B after A in every round but one. Each sample times
 `inner` back-to-back calls, with `inner` chosen from the warm-up so that one sample
 lasts at least `min_sample_ms` (short kernels are otherwise dominated by timer noise).
 On CUDA, samples are bracketed by CUDA events on the current stream and the stream is
@@ -12,6 +16,7 @@ twice.
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -75,6 +80,11 @@ def calibrate(fn: Callable[[], object], device: torch.device, warmup: int, min_s
     return int(min(max_inner, max(1, round(min_sample_ms / max(once, 1e-6)))))
 
 
+def round_order(names: list[str], r: int) -> list[str]:
+    """The providers' order in round r: a permutation fixed by r (reproducible runs)."""
+    return random.Random(r).sample(names, len(names))
+
+
 def measure_interleaved(
     fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 3,
     rounds: int = 10, min_sample_ms: float = 1.0,
@@ -96,7 +106,7 @@ def measure_interleaved(
     names = list(inner)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)] if names else []
+        order = round_order(names, r)
         for name in order:
             if name not in inner:
                 continue

@@ -28,6 +28,11 @@ inline at::MemoryFormat activation_format(const at::Tensor& t, const char* name)
   TORCH_CHECK(false, name, " must be contiguous in NCHW or channels_last format");
 }
 
+// The activation codes of common/math.h's Act: 0 identity, 1 relu, 2 silu.
+inline void check_act(int64_t act) {
+  TORCH_CHECK(act >= 0 && act <= 2, "act must be 0 (identity), 1 (relu) or 2 (silu), got ", act);
+}
+
 // Accumulation dtype: float64 for float64 inputs, float32 otherwise.
 inline at::ScalarType acc_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

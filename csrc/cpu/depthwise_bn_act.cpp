@@ -58,10 +58,6 @@ constexpr int64_t kMaxGroups = 64;
 
 // ---- argument checks ------------------------------------------------------------
 
-void check_act(int64_t act) {
-  TORCH_CHECK(act >= 0 && act <= 2, "act must be 0 (identity), 1 (relu) or 2 (silu), got ", act);
-}
-
 // The *_stash primitives keep an intermediate in x's dtype, which is exact only for float
 // storage; `keeps` names the primitive and what it keeps.
 void check_keepable(const at::Tensor& x, const char* keeps) {

@@ -89,7 +89,7 @@ at::Tensor check_args(const at::Tensor& x, const at::Tensor& weight,
               "weight must be (Cout, ", cin, ", 1, 1) or per sample (", n, ", Cout, ", cin,
               "), got shape ", weight.sizes());
   const int64_t cout = per_sample ? weight.size(1) : weight.size(0);
-  TORCH_CHECK(act >= 0 && act <= 2, "act must be 0 (identity), 1 (relu) or 2 (silu), got ", act);
+  check_act(act);
   if (!bias.has_value()) return at::zeros({cout}, x.options());
   const at::Tensor& b = *bias;
   TORCH_CHECK(b.device().is_cpu(), "bias must be on cpu, got ", b.device());

@@ -345,10 +345,6 @@ at::Tensor act_backward(const at::Tensor& da, const at::Tensor& h, int64_t act) 
   return da;
 }
 
-void check_act(int64_t act) {
-  TORCH_CHECK(act >= 0 && act <= 2, "act must be 0 (identity), 1 (relu) or 2 (silu), got ", act);
-}
-
 // (out, mean, h, gate): mean = sum_hw x / HW (or pooled / HW), h = mean Wr^T + br,
 // gate = sigmoid(act(h) We^T + be), out = x * gate[n, c].
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forward(

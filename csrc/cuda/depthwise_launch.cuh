@@ -192,10 +192,6 @@ void dispatch_act(int64_t act, F&& f) {
   }
 }
 
-inline void check_act(int64_t act) {
-  TORCH_CHECK(act >= 0 && act <= 2, "act must be 0 (identity), 1 (relu) or 2 (silu), got ", act);
-}
-
 // Checked inputs of both backward passes: the problem (from x and dy's output size), dy
 // dense in x's memory format, and the float32 per-channel scale, shift and mean.
 struct BackwardInputs {

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from .._ext import ext_module
 from ..backends import select
-from ..ops.activations import act_code
+from ..ops.activations import act_code, apply_act_
 from ..ops.bn_math import vector_math
 from ..ops.depthwise import KERNEL_SIZES
 from ..ops.depthwise import OP as DW_OP
@@ -58,7 +58,7 @@ class _Plan:
     dw_stride: int
     dw_padding: int | str
     dw_act: int
-    se: tuple | None          # (Wr^T, br, We^T, be, act code) or None
+    se: tuple | None          # (Wr^T, br, We^T, be, act name) or None
     proj_weight: Tensor       # (Cout, Cin, 1, 1), BN folded
     proj_rows: Tensor         # the same as (1, Cout, Cin), for per-sample gating
     proj_bias: Tensor
@@ -136,8 +136,9 @@ def _cpu_prims():
     return ext.cpu if ext is not None and ext.cpu.pw_conv_available() else None
 
 
-def _build(expand, depthwise, se, projection, skip: bool) -> _Plan | None:
-    """The prepared tensors, or None when some part is not what the plan computes."""
+def _build(expand, depthwise, se, projection, skip: bool, slots: list) -> _Plan | None:
+    """The prepared tensors, or None when some part is not what the plan computes; slots
+    as _slots returns them for these parts."""
     for part in (expand, projection):
         if part is not None:
             conv = part[0]
@@ -154,10 +155,9 @@ def _build(expand, depthwise, se, projection, skip: bool) -> _Plan | None:
         if isinstance(padding, str) or len(set(padding)) != 1:
             return None
         padding = padding[0]
-    tensors = _sources(expand, depthwise, se, projection)
-    if any(t is not None and t.dtype != torch.float32 for t in tensors):
+    if any(t is not None and t.dtype != torch.float32 for t in (d.get(k) for d, k in slots)):
         return None
-    prims = ext_module().cpu
+    prims = _cpu_prims()
     with torch.inference_mode(False), torch.no_grad():
         ones = bn.running_mean.new_ones(conv.in_channels)
         bn_weight = ones if bn.weight is None else bn.weight
@@ -171,7 +171,7 @@ def _build(expand, depthwise, se, projection, skip: bool) -> _Plan | None:
         if se is not None:
             reduce, excite, se_act = se
             se_mats = (reduce.weight.flatten(1).t(), _bias(reduce), excite.weight.flatten(1).t(),
-                       _bias(excite), act_code(se_act))
+                       _bias(excite), se_act)
         proj_weight, proj_bias = fold_conv_bn(projection[0], projection[1])
         return _Plan(folded_expand, conv.weight.detach(), scale, shift, conv.stride[0], padding,
                      act_code(act), se_mats, proj_weight, proj_weight.flatten(1).unsqueeze(0),
@@ -190,7 +190,7 @@ def _plan_for(block: nn.Module, expand, depthwise, se, projection, skip) -> _Pla
     if entry is not None and entry[0] == settings and _unchanged(entry[1]):
         return entry[2]
     slots = _slots(expand, depthwise, se, projection)
-    plan = _build(expand, depthwise, se, projection, skip)
+    plan = _build(expand, depthwise, se, projection, skip, slots)
     watched = _watch(slots)
     if watched is not None:
         _PLANS[block] = (settings, watched, plan)
@@ -235,7 +235,7 @@ def _run(plan: _Plan, x: Tensor) -> Tensor:
         y = y.contiguous(memory_format=torch.channels_last)
         reduce_t, reduce_b, excite_t, excite_b, se_act = plan.se
         hidden = torch.addmm(reduce_b, torch.div(sums, geo.out_h * geo.out_w), reduce_t)
-        gate = torch.addmm(excite_b, _act_(hidden, se_act), excite_t).sigmoid_()
+        gate = torch.addmm(excite_b, apply_act_(hidden, se_act), excite_t).sigmoid_()
         cout = weight.shape[0]
         if geo.out_h * geo.out_w >= cout:  # the gate goes into per-sample weights
             gated = torch.mul(plan.proj_rows, gate.unsqueeze(1))
@@ -245,11 +245,3 @@ def _run(plan: _Plan, x: Tensor) -> Tensor:
     if plan.skip:
         out.add_(x)  # out is this call's own buffer
     return out
-
-
-def _act_(t: Tensor, code: int) -> Tensor:
-    if code == 2:
-        return torch.nn.functional.silu(t, inplace=True)
-    if code == 1:
-        return t.relu_()
-    return t

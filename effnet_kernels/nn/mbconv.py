@@ -213,12 +213,13 @@ class MBConv(nn.Module):
         expand = (self.conv_pw, self.bn1, self.acts[0])
         depthwise = (self.conv_dw, self.bn2, self.acts[1])
         projection = (self.conv_pwl, self.bn3, "identity")
-        out = eval_block(self, x, expand, depthwise, _se_parts(self), projection, self.has_skip)
+        se = _se_parts(self)
+        out = eval_block(self, x, expand, depthwise, se, projection, self.has_skip)
         if out is not None:
             return out
         shortcut = x
         x = conv_bn_act(x, *expand)
-        x = dw_se_projection(x, depthwise, _se_parts(self), projection)
+        x = dw_se_projection(x, depthwise, se, projection)
         if self.has_skip:
             x = drop_connect_add(x, shortcut, _drop_prob(self), training=self.training)
         return x
@@ -265,11 +266,12 @@ class DepthwiseSeparable(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         depthwise = (self.conv_dw, self.bn1, self.acts[0])
         projection = (self.conv_pw, self.bn2, self.acts[1])
-        out = eval_block(self, x, None, depthwise, _se_parts(self), projection, self.has_skip)
+        se = _se_parts(self)
+        out = eval_block(self, x, None, depthwise, se, projection, self.has_skip)
         if out is not None:
             return out
         shortcut = x
-        x = dw_se_projection(x, depthwise, _se_parts(self), projection)
+        x = dw_se_projection(x, depthwise, se, projection)
         if self.has_skip:
             x = drop_connect_add(x, shortcut, _drop_prob(self), training=self.training)
         return x

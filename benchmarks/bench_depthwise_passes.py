@@ -13,6 +13,13 @@ backend (float32, channels_last, SiLU), pass by pass (ops/depthwise.py):
 and, for comparison, the eval forward (`eval`: dw_forward, one conv pass). The passes of
 one layer are timed interleaved (medians); the inputs are random, the BN vectors fixed.
 To compare two builds, alternate processes: this machine's speed drifts within minutes.
+
+    python benchmarks/bench_depthwise_passes.py --prefetch both    # with and without
+
+`--prefetch both` times every pass with the row kernels' software prefetch on and off,
+interleaved in one run (`dw_set_prefetch`; it is only ever on for float tensors of 8 MiB
+and more, so smaller layers show the same code twice). `--stage2` adds the 8x96x112x112
+k3 s1 shape of the depthwise target in benchmarks/bench_targets.py.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from effnet_kernels.bench.providers import op_shapes
 from effnet_kernels.bench.timing import measure_interleaved, set_threads
 from effnet_kernels.ops.activations import act_code
 from effnet_kernels.ops.depthwise import backward_keeps_y
+from effnet_kernels.shapes import DepthwiseShape
 
 CPU = torch.device("cpu")
 PASSES = ("stats", "affine", "reduce", "dx_dw", "eval")
@@ -61,26 +69,46 @@ def pass_callables(prims, shape) -> dict:
     }
 
 
+def with_prefetch(prims, fn, enabled: bool):
+    def run():
+        prims.dw_set_prefetch(enabled)
+        return fn()
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", default="b0")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--prefetch", choices=("on", "off", "both"), default="on")
+    ap.add_argument("--stage2", action="store_true", help="also the 8x96x112x112 k3 s1 target")
     args = ap.parse_args()
     threads = set_threads(args.threads)
     prims = ext_module().cpu
-    print(f"threads {threads}, ISA {prims.dw_simd_isa()}, float32 channels_last, ms per call")
+    settings = {"on": (True,), "off": (False,), "both": (True, False)}[args.prefetch]
+    print(f"threads {threads}, ISA {prims.dw_simd_isa()}, float32 channels_last, ms per call"
+          + (", prefetch on / off" if len(settings) == 2 else f", prefetch {args.prefetch}"))
     print("| layer | shape (N, C, H, W) | k | s | " + " | ".join(PASSES) + " | train total |")
     print("|---|---|---|---|" + "---|" * (len(PASSES) + 1))
-    for shape in op_shapes("depthwise", args.variant, args.batch):
-        t = measure_interleaved(pass_callables(prims, shape), CPU, warmup=2, rounds=args.rounds,
-                                min_sample_ms=5.0)
-        ms = {p: t[p].median_ms for p in PASSES}
-        train = sum(ms[p] for p in PASSES if p != "eval")
+    shapes = op_shapes("depthwise", args.variant, args.batch)
+    if args.stage2:
+        shapes.insert(0, DepthwiseShape("b0.stage2", args.batch, 96, 112, 112, 3, 1))
+    for shape in shapes:
+        passes = pass_callables(prims, shape)
+        fns = {(p, on): with_prefetch(prims, passes[p], on) for p in PASSES for on in settings}
+        t = measure_interleaved(fns, CPU, warmup=2, rounds=args.rounds, min_sample_ms=5.0)
+        prims.dw_set_prefetch(True)
+
+        def cell(values):
+            return " / ".join(f"{v:.2f}" for v in values)
+
+        ms = {p: [t[(p, on)].median_ms for on in settings] for p in PASSES}
+        train = [sum(ms[p][i] for p in PASSES if p != "eval") for i in range(len(settings))]
         print(f"| {shape.name} | {(shape.n, shape.c, shape.h, shape.w)} | {shape.kernel} | "
-              f"{shape.stride} | " + " | ".join(f"{ms[p]:.2f}" for p in PASSES)
-              + f" | {train:.2f} |")
+              f"{shape.stride} | " + " | ".join(cell(ms[p]) for p in PASSES)
+              + f" | {cell(train)} |")
 
 
 if __name__ == "__main__":

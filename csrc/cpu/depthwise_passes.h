@@ -29,9 +29,11 @@
 
 namespace effnet::cpu_dw {
 
-// Geometry of one call; x is (N, C, H, W), y is (N, C, OH, OW), kernel K x K.
+// Geometry of one call; x is (N, C, H, W), y is (N, C, OH, OW), kernel K x K. pf is the
+// software prefetch distance of the row kernels in pixels (0: none; see prefetch_read).
 struct Geo {
   int64_t N, C, H, W, OH, OW, K, S, pt, pl, act;
+  int64_t pf = 0;
 };
 
 // Per-channel inputs in the accumulation type; wt is the weight as [kh][kw][c].

@@ -1,7 +1,8 @@
-"""The prepared CPU eval forward of fused blocks (nn/eval_plan.py): bitwise the module
-route's output on timm (plain and SAME-padded) and torchvision blocks, parity with the
-original blocks against float64, when it applies and when it steps aside, and that it
-follows in-place changes of every kind of source tensor."""
+"""The prepared CPU eval forward of fused blocks (nn/eval_plan.py): the module route's
+output on timm (plain and SAME-padded) and torchvision blocks (up to the rounding of the
+squeeze-excite gate, which the plan computes in its own loops), parity with the original
+blocks against float64, when it applies and when it steps aside, and that it follows
+in-place changes of every kind of source tensor."""
 
 from __future__ import annotations
 
@@ -51,6 +52,13 @@ def plan_calls(monkeypatch):
     return calls
 
 
+def _assert_module_route(got, same_route):
+    """The plan's result is the module route's up to the SE gate's float32 rounding (the
+    plan sums the excitation products in another order): far tighter than any stale plan,
+    whose sources differ by 10 % or more in these tests."""
+    torch.testing.assert_close(got, same_route, rtol=1e-5, atol=1e-5)
+
+
 def _module_route(model, x):
     eval_plan.ENABLED = False
     try:
@@ -64,8 +72,8 @@ def _module_route(model, x):
                                             ("torchvision", "efficientnet_b0", 40)])
 def test_model_matches_module_route_and_original(source, name, hw, plan_calls):
     """Every block (with and without expansion, residual, gated and SE-scaled projection,
-    SAME padding on odd sizes) runs through its plan; the logits are bitwise those of the
-    module route and within the parity rule of the original model."""
+    SAME padding on odd sizes) runs through its plan; the logits are the module route's
+    and within the parity rule of the original model."""
     original = _model(source, name).to(memory_format=CL)
     fused = copy.deepcopy(original)
     ek.convert(fused)
@@ -77,7 +85,7 @@ def test_model_matches_module_route_and_original(source, name, hw, plan_calls):
         same_route = _module_route(fused, x)
         same = original(x)
         truth = copy.deepcopy(original).double()(x.double())
-    torch.testing.assert_close(got, same_route, rtol=0, atol=0)
+    _assert_module_route(got, same_route)
     assert_parity(f"{name} eval logits", got, same, truth, torch.float32)
 
 
@@ -156,7 +164,7 @@ def test_plan_follows_in_place_changes(change, plan_calls):
         got = fused(x)
         same_route = _module_route(fused, x)
     assert plan_calls[-1] is not plan_calls[0]
-    torch.testing.assert_close(got, same_route, rtol=0, atol=0)
+    _assert_module_route(got, same_route)
 
 
 def test_inference_tensors_are_planned_per_call(plan_calls):
@@ -173,5 +181,5 @@ def test_inference_tensors_are_planned_per_call(plan_calls):
         again = fused(x)
         same_route = _module_route(fused, x)
     assert len(plan_calls) == 2 and plan_calls[0] is not plan_calls[1]
-    torch.testing.assert_close(got, same_route, rtol=0, atol=0)
+    _assert_module_route(got, same_route)
     torch.testing.assert_close(again, got, rtol=0, atol=0)

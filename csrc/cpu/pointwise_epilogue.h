@@ -1,23 +1,30 @@
-// Epilogue of the CPU 1x1 conv (pointwise_conv.cpp): bias + activation over a tile of
-// GEMM output rows while the tile is still in cache.
+// Epilogues of the CPU 1x1 conv (pointwise_conv.cpp): bias + activation over a tile of
+// GEMM output rows while the tile is still in cache; also the excitation MLP's two
+// layers in the eval plan's squeeze-excite gate (se_gate.cpp).
 //
 //   y[r, c] = act(y[r, c] + bias[c])      r < rows, c < C; y row-major (one NHWC pixel
-//                                          per row, channels fastest), float32
+//   y[r, c] = sigmoid(y[r, c] + bias[c])  per row, channels fastest), float32
 //
 // No include guard on purpose: each isa_*.cpp includes this once, inside its ISA's
 // namespace and `#pragma GCC target`, after vec_math.h (see its header).
 
-template <int ACT>
-inline void bias_act_tile(float* y, int64_t rows, int64_t C, const float* bias) {
+// y[r, c] = f(y[r, c] + bias[c]), f applied to full vectors, then to single lanes.
+template <class F>
+inline void bias_map_rows(float* y, int64_t rows, int64_t C, const float* bias, F&& f) {
   constexpr int L = kLanes<float>;
   using V = Vec<float, L>;
   using S = Vec<float, 1>;
   for (int64_t r = 0; r < rows; ++r) {
     float* row = y + r * C;
     int64_t c = 0;
-    for (; c + L <= C; c += L) vstore(row + c, act_forward(vload<V>(row + c) + vload<V>(bias + c), ACT));
-    for (; c < C; ++c) row[c] = act_forward(S{row[c] + bias[c]}, ACT)[0];
+    for (; c + L <= C; c += L) vstore(row + c, f(vload<V>(row + c) + vload<V>(bias + c)));
+    for (; c < C; ++c) row[c] = f(S{row[c] + bias[c]})[0];
   }
+}
+
+template <int ACT>
+inline void bias_act_tile(float* y, int64_t rows, int64_t C, const float* bias) {
+  bias_map_rows(y, rows, C, bias, [](auto v) { return act_forward(v, ACT); });
 }
 
 void bias_act_rows(float* y, int64_t rows, int64_t C, const float* bias, int64_t act) {
@@ -26,4 +33,8 @@ void bias_act_rows(float* y, int64_t rows, int64_t C, const float* bias, int64_t
     case 2: return bias_act_tile<2>(y, rows, C, bias);
     default: return bias_act_tile<0>(y, rows, C, bias);
   }
+}
+
+void bias_sigmoid_rows(float* y, int64_t rows, int64_t C, const float* bias) {
+  bias_map_rows(y, rows, C, bias, [](auto v) { return vsigmoid(v); });
 }

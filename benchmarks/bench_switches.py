@@ -1,0 +1,122 @@
+"""A converted EfficientNet with one of the library's switches on and off, in one process.
+
+    python benchmarks/bench_switches.py --switch prefetch --mode train     # B0, batch 8 at 224
+    python benchmarks/bench_switches.py --switch eval_plan --batch 4 --resolution 160
+    python benchmarks/bench_switches.py --switch onnxruntime              # converted vs ORT
+
+The two sides run interleaved, each round in its own random order (effnet_kernels.bench.
+timing), on the same model, images and thread count: on this project's shared CPU machine
+the speed drifts by up to x1.5 between runs, so a change is measured against its own
+switch in one process, never against a figure of another run. Switches:
+
+  prefetch     the depthwise row kernels' software prefetch (_C.cpu.dw_set_prefetch)
+  eval_plan    the prepared per-block eval forward (nn/eval_plan.ENABLED) against the
+               module route
+  keep_y       the depthwise backward keeping y between its passes
+               (ops/depthwise.KEEP_Y_IN_BACKWARD) against recomputing it
+  onnxruntime  not a switch: the converted model against onnxruntime (inference only)
+
+CPU, float32, channels_last. Prints the medians, the p20-p80 spread and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import effnet_kernels as ek
+from effnet_kernels._ext import ext_module
+from effnet_kernels.bench.e2e import onnx_infer_fn
+from effnet_kernels.bench.timing import measure_interleaved, set_threads
+from effnet_kernels.nn import eval_plan
+from effnet_kernels.ops import depthwise as dw_ops
+
+CPU = torch.device("cpu")
+
+
+def setter(switch: str):
+    """on -> None: sets the switch (True = the library's default route)."""
+    if switch == "prefetch":
+        prims = ext_module().cpu
+        return lambda on: prims.dw_set_prefetch(on)
+    if switch == "eval_plan":
+        return lambda on: setattr(eval_plan, "ENABLED", on)
+    if switch == "keep_y":
+        return lambda on: setattr(dw_ops, "KEEP_Y_IN_BACKWARD", on)
+    raise ValueError(f"unknown switch {switch!r}")
+
+
+def model_and_data(name: str, batch: int, resolution: int):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name).to(memory_format=torch.channels_last)
+    images = torch.randn(batch, 3, resolution, resolution).contiguous(
+        memory_format=torch.channels_last)
+    labels = torch.randint(0, 1000, (batch,))
+    return model, images, labels
+
+
+def step_fn(model, images, labels, mode: str):
+    if mode == "infer":
+        def infer():
+            model.eval()
+            with torch.no_grad():
+                return model(images)
+        return infer
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def train():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        opt.step()
+        return loss
+    return train
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--switch", required=True,
+                    choices=("prefetch", "eval_plan", "keep_y", "onnxruntime"))
+    ap.add_argument("--mode", choices=("train", "infer"), default="infer")
+    ap.add_argument("--model", default="efficientnet_b0")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--resolution", type=int, default=224)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    threads = set_threads(args.threads)
+    model, images, labels = model_and_data(args.model, args.batch, args.resolution)
+    if args.switch == "onnxruntime":
+        if args.mode != "infer":
+            raise SystemExit("--switch onnxruntime compares inference only (--mode infer)")
+        ort = onnx_infer_fn(model.eval(), images.contiguous(), threads)
+        ek.convert(model)
+        fns = {"converted": step_fn(model, images, labels, "infer"), "onnxruntime": ort}
+    else:
+        ek.convert(model)
+        step, switch = step_fn(model, images, labels, args.mode), setter(args.switch)
+
+        def side(on: bool):
+            def run():
+                switch(on)
+                return step()
+            return run
+        fns = {"on": side(True), "off": side(False)}
+    t = measure_interleaved(fns, CPU, warmup=2, rounds=args.rounds, min_sample_ms=0.0)
+    if args.switch != "onnxruntime":
+        setter(args.switch)(True)
+    a, b = list(fns)
+    print(f"{args.model} {args.mode} batch {args.batch} at {args.resolution}, {threads} threads, "
+          f"{args.rounds} rounds")
+    for name in fns:
+        print(f"  {name:12s} {t[name].median_ms:8.2f} ms  (p20-p80 {t[name].p20_ms:.2f}-"
+              f"{t[name].p80_ms:.2f})")
+    print(f"  {b} / {a}: x{t[b].median_ms / t[a].median_ms:.3f}")
+
+
+if __name__ == "__main__":
+    main()

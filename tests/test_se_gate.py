@@ -1,4 +1,4 @@
-"""se_gate_eval (csrc/cpu/se_gate.cpp), the eval plan's squeeze-excite gate: parity with
+"""se_gate_eval (csrc/cpu/squeeze_excite.cpp), the eval plan's squeeze-excite gate: parity with
 the ATen composition it replaces against float64, with and without the gated projection
 rows, every activation; clear errors for malformed arguments."""
 

@@ -1,6 +1,6 @@
 // Epilogues of the CPU 1x1 conv (pointwise_conv.cpp): bias + activation over a tile of
 // GEMM output rows while the tile is still in cache; also the excitation MLP's two
-// layers in the eval plan's squeeze-excite gate (se_gate.cpp).
+// layers in the eval plan's squeeze-excite gate (se_gate_eval, squeeze_excite.cpp).
 //
 //   y[r, c] = act(y[r, c] + bias[c])      r < rows, c < C; y row-major (one NHWC pixel
 //   y[r, c] = sigmoid(y[r, c] + bias[c])  per row, channels fastest), float32

@@ -23,9 +23,9 @@ Applies to eval calls that record no autograd graph, on CPU float32 channels_las
 with the cpu backend serving the depthwise op (a forced backend keeps the module route)
 and every BatchNorm in eval with running statistics. Results are those of the module
 route up to the rounding of the squeeze-excite gate, which se_gate_eval computes in its
-own loops (csrc/cpu/se_gate.cpp: at batch 8 x 224^2 the ATen ops it replaces cost about
-190 us per block, cold after the depthwise pass); tested against the module route and
-against float64.
+own loops (csrc/cpu/squeeze_excite.cpp: at batch 8 x 224^2 the ATen ops it replaces
+cost about 190 us per block, cold after the depthwise pass); tested against the module
+route and against float64.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The CPU 1x1 conv with bias + activation as a GEMM epilogue (csrc/cpu/pointwise_conv.cpp,
 `_C.cpu.pw_conv_act`): parity with conv2d + act against float64, shared and per-sample
-weights, both work splits (tiled GEMMs, one GEMM + a separate epilogue), every ISA copy of
+weights and biases, both work splits (tiled GEMMs, one GEMM + a separate epilogue), every ISA copy of
 the epilogue, and its argument errors."""
 
 from __future__ import annotations
@@ -24,19 +24,22 @@ CL = torch.channels_last
 ACTS = {"identity": lambda t: t, "relu": F.relu, "silu": F.silu}
 
 
-def _inputs(n, cin, cout, h, w, per_sample=False, seed=0):
+def _inputs(n, cin, cout, h, w, per_sample=False, seed=0, bias_per_sample=False):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, cin, h, w, generator=gen).contiguous(memory_format=CL)
     weight = torch.randn(cout, cin, 1, 1, generator=gen) / cin ** 0.5
     if per_sample:
         weight = weight.reshape(1, cout, cin) * torch.rand(n, 1, cin, generator=gen)
-    return x, weight, torch.randn(cout, generator=gen)
+    bias = torch.randn(n, cout, generator=gen) if bias_per_sample else torch.randn(cout,
+                                                                                generator=gen)
+    return x, weight, bias
 
 
 def _reference(x, weight, bias, act, dtype):
     x, bias = x.to(dtype), None if bias is None else bias.to(dtype)
-    if weight.dim() == 3:  # per sample
-        y = torch.cat([F.conv2d(x[i:i + 1], weight[i, :, :, None, None].to(dtype), bias)
+    if weight.dim() == 3:  # per sample, with a shared or a per-sample bias
+        y = torch.cat([F.conv2d(x[i:i + 1], weight[i, :, :, None, None].to(dtype),
+                                None if bias is None else bias if bias.dim() == 1 else bias[i])
                        for i in range(x.shape[0])])
     else:
         y = F.conv2d(x, weight.to(dtype), bias)
@@ -53,9 +56,10 @@ SHAPES = [(2, 5, 7, 3, 4), (1, 16, 96, 5, 5), (3, 24, 33, 7, 1), (4, 8, 512, 16,
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("act", list(ACT_CODES))
-@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("per_sample", ["shared", "weight", "weight_and_bias"])
 def test_matches_conv2d_then_act(shape, act, per_sample):
-    x, weight, bias = _inputs(*shape, per_sample=per_sample)
+    x, weight, bias = _inputs(*shape, per_sample=per_sample != "shared",
+                              bias_per_sample=per_sample == "weight_and_bias")
     got = EXT.cpu.pw_conv_act(x, weight, bias, ACT_CODES[act])
     assert got.is_contiguous(memory_format=CL) and got.dtype == torch.float32
     assert_parity(f"pw_conv_act {act}", got, _reference(x, weight, bias, act, torch.float32),
@@ -116,7 +120,10 @@ def test_bad_arguments_name_the_argument():
         ((x, weight[:, :3], bias, 2), "weight must be"),
         ((x, torch.randn(6, 4, 3, 3), bias, 2), "weight must be"),
         ((x, torch.randn(3, 6, 4), bias, 2), "weight must be"),
-        ((x, weight, bias[:5], 2), "bias must have 6 elements"),
+        ((x, weight, bias[:5], 2), r"bias must have shape \(Cout,\) = \(6,\)"),
+        ((x, weight, bias.expand(2, 6), 2), "bias must have shape"),  # shared weight
+        ((x, weight.reshape(1, 6, 4).expand(2, 6, 4), bias.expand(3, 6), 2),
+         r"with per-sample weights, \(N, Cout\) = \(2, 6\)"),
         ((x, weight, bias, 3), "act must be"),
     ]
     for args, message in cases:

@@ -5,7 +5,9 @@
 // Layout: x is channels_last (N, Cin, H, W), so its pixels are the rows of a (N*H*W, Cin)
 // row-major matrix and y's rows are (N*H*W, Cout): the conv is one GEMM, y = x W^T. W is
 // (Cout, Cin) shared by all samples, or (N, Cout, Cin) with one matrix per sample (the
-// squeeze-excite gate folded into the projection weights, nn/eval_tail.py).
+// squeeze-excite gate folded into the projection weights, nn/eval_tail.py), with a bias
+// (Cout) shared by all samples or, for per-sample weights, (N, Cout) with one per sample
+// (the squeeze-excite mean's gradient added to the training tail's dx, nn/train_tail.py).
 //
 // Why not ATen's conv/GEMM followed by an activation: that is a second full pass over the
 // widest activation of the block (read + write), which costs as much as the GEMM itself on
@@ -16,7 +18,8 @@
 // multi-threaded GEMM covers all rows and the epilogue runs as a separate parallel loop. The GEMM is
 // the BLAS sgemm_ that libtorch_cpu ships (MKL on x86 wheels), looked up at runtime:
 // without it `pw_conv_available()` is false and Python keeps ATen's path. float32 only.
-// The output comes from the output cache (output_cache.h). No autograd (eval only).
+// The output comes from the output cache (output_cache.h). No autograd: the eval paths
+// and the training tail's per-sample products (nn/train_tail.py) call it.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -94,7 +97,11 @@ at::Tensor check_args(const at::Tensor& x, const at::Tensor& weight,
   const at::Tensor& b = *bias;
   TORCH_CHECK(b.device().is_cpu(), "bias must be on cpu, got ", b.device());
   TORCH_CHECK(b.scalar_type() == at::kFloat, "bias must have dtype float32, got ", b.scalar_type());
-  TORCH_CHECK(b.numel() == cout, "bias must have ", cout, " elements, got ", b.numel());
+  TORCH_CHECK((b.dim() == 1 && b.size(0) == cout) ||
+                  (per_sample && b.dim() == 2 && b.size(0) == n && b.size(1) == cout),
+              "bias must have shape (Cout,) = (", cout,
+              ",) or, with per-sample weights, (N, Cout) = (", n, ", ", cout, "), got shape ",
+              b.sizes());
   return b.contiguous();
 }
 
@@ -112,6 +119,7 @@ at::Tensor pw_conv_act(const at::Tensor& x, const at::Tensor& weight,
   const float* xp = x.const_data_ptr<float>();
   const float* wp = w.const_data_ptr<float>();
   const float* bp = b.const_data_ptr<float>();
+  const int64_t bias_stride = b.dim() == 2 ? cout : 0;  // per-sample bias rows
   float* yp = y.mutable_data_ptr<float>();
   const auto epilogue = EFFNET_PICK_ISA(cpu_pw, bias_act_rows);
 
@@ -140,7 +148,7 @@ at::Tensor pw_conv_act(const at::Tensor& x, const at::Tensor& weight,
         const int64_t r0 = g * span + (t % tiles_per_group) * tile;
         const int64_t rows = std::min(tile, (g + 1) * span - r0);
         gemm_rows(xp + r0 * cin, wp + g * cout * cin, yp + r0 * cout, rows, cin, cout);
-        epilogue(yp + r0 * cout, rows, cout, bp, act);
+        epilogue(yp + r0 * cout, rows, cout, bp + g * bias_stride, act);
       }
     });
     return y;
@@ -150,7 +158,13 @@ at::Tensor pw_conv_act(const at::Tensor& x, const at::Tensor& weight,
   }
   const int64_t rows = n * hw;
   at::parallel_for(0, rows, std::max<int64_t>(1, kTileFloats / (4 * cout)), [&](int64_t r0, int64_t r1) {
-    epilogue(yp + r0 * cout, r1 - r0, cout, bp, act);
+    // Split at sample boundaries where each sample has its own bias.
+    while (r0 < r1) {
+      const int64_t sample = r0 / hw;
+      const int64_t end = bias_stride ? std::min(r1, (sample + 1) * hw) : r1;
+      epilogue(yp + r0 * cout, end - r0, cout, bp + sample * bias_stride, act);
+      r0 = end;
+    }
   });
   return y;
 }
@@ -163,7 +177,8 @@ EFFNET_BINDINGS(bind_pointwise_conv_cpu) {
   namespace pw = effnet::cpu_pw;
   auto cpu = m.def_submodule("cpu");
   cpu.def("pw_conv_act", &pw::pw_conv_act,
-          "act(conv1x1(x, weight) + bias) for channels_last float32 x, inference only",
+          "act(conv1x1(x, weight) + bias) for channels_last float32 x; weight (Cout, Cin, 1, 1) or "
+          "per sample (N, Cout, Cin), bias (Cout) or per sample (N, Cout); no autograd",
           py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("act"));
   cpu.def("pw_conv_available", []() { return pw::sgemm() != nullptr; },
           "whether the BLAS sgemm that pw_conv_act calls was found in libtorch_cpu");

@@ -39,7 +39,7 @@ def _epilogue_gemm_built() -> bool:
     return ext is not None and ext.cpu.pw_conv_available()
 
 
-def _epilogue_gemm_serves(x: Tensor) -> bool:
+def epilogue_gemm_serves(x: Tensor) -> bool:
     return x.dtype == torch.float32 and _epilogue_gemm_built()
 
 
@@ -101,7 +101,7 @@ def gemm_conv1x1_act(x: Tensor, weight: Tensor, bias: Tensor | None, act: str,
     """act(conv2d(x, weight, bias)), or with gate (N, Cin) act(conv2d(x * gate[n, c], ...))
     as in gated_gemm_conv1x1, for a gemm_conv_eligible call; channels_last output, no
     autograd. float32: one pass with the activation as a GEMM epilogue."""
-    if _epilogue_gemm_serves(x):
+    if epilogue_gemm_serves(x):
         if gate is not None:
             cout, cin = weight.shape[:2]
             weight = weight.reshape(1, cout, cin) * gate.reshape(-1, 1, cin).to(weight.dtype)

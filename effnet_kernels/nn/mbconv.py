@@ -12,8 +12,9 @@ Forward, per block:
   squeeze-excite               fused `squeeze_excite`
   1x1 project conv + BN        as the expand conv, no act
   residual                     fused `drop_connect_add` (stride 1 and in == out channels)
-On CPU in eval without autograd, depthwise -> SE -> projection runs as nn/eval_tail.py
-(SE pool from the depthwise epilogue, SE gate folded into the projection's weights).
+On CPU, depthwise -> SE -> projection runs with the SE pool from the depthwise epilogue
+and the SE gate folded into the projection's weights: nn/eval_tail.py in eval without
+autograd, nn/train_tail.py in training (the gated activation is never stored).
 
 `from_timm(block)` builds a fused block around an existing timm block's own child modules
 (the same Parameter and buffer objects, every child under its original name), reading
@@ -33,6 +34,7 @@ from .conv_bn_act import SameConv2d, conv_bn_act, dw_bn_act, is_same_conv
 from .eval_plan import eval_block
 from .eval_tail import dw_se_project, eval_tail_applies
 from .squeeze_excite import SqueezeExcite
+from .train_tail import se_projection_train, train_tail_applies
 
 
 def se_gate(x: Tensor, conv_reduce: nn.Conv2d, conv_expand: nn.Conv2d, act: str,
@@ -47,14 +49,17 @@ def dw_se_projection(x: Tensor, depthwise: tuple, se: tuple | None,
     none), 1x1 projection conv + BN + act; each part a (conv, bn, act) / (conv_reduce,
     conv_expand, act) tuple. On CPU in eval without autograd it runs as nn/eval_tail.py;
     elsewhere the SE pool comes from the depthwise kernel's epilogue where the backend has
-    one (one pass over the activation fewer)."""
+    one (one pass over the activation fewer), and in training on CPU the SE gate goes into
+    the projection's weights (nn/train_tail.py)."""
     if se is None:
         return conv_bn_act(dw_bn_act(x, *depthwise), *projection)
     if eval_tail_applies(x, depthwise, se, projection):
         return dw_se_project(x, depthwise, se, projection)
     if pool_epilogue_available(x):
-        x, sums = dw_bn_act(x, *depthwise, return_pool_sums=True)
-        x = se_gate(x, *se, pooled=sums)
+        y, sums = dw_bn_act(x, *depthwise, return_pool_sums=True)
+        if train_tail_applies(y, projection):
+            return se_projection_train(y, sums, se, projection)
+        x = se_gate(y, *se, pooled=sums)
     else:
         x = se_gate(dw_bn_act(x, *depthwise), *se)
     return conv_bn_act(x, *projection)

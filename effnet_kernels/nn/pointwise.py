@@ -86,21 +86,51 @@ def _unit_kernel(y: Tensor) -> Tensor:
     return unit
 
 
+def bn_act_forward(y: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float,
+                   code: int, overwrite_y: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(act(batch_norm(y)), mean, biased var) with batch statistics: one statistics pass
+    and one affine + act pass, written over y when overwrite_y and the backend can."""
+    prims, unit = select(DEPTHWISE_OP, y), _unit_kernel(y)
+    h, w = y.shape[2:]
+    mean, var = prims.dw_stats(y, unit, 1, 0, 0, h, w)
+    _, scale, shift = vector_math(prims).bn_affine(mean, var, gamma, beta, eps)
+    if overwrite_y and keeps_intermediates(prims, y) and y.is_contiguous(
+            memory_format=torch.channels_last):
+        return prims.dw_affine_act_(y, scale, shift, code), mean, var
+    return prims.dw_forward(y, unit, scale, shift, 1, 0, 0, h, w, code), mean, var
+
+
+def bn_act_backward(dout: Tensor, y: Tensor, gamma: Tensor | None, beta: Tensor | None,
+                    mean: Tensor, var: Tensor, eps: float,
+                    code: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(dL/dy, dgamma, dbeta) in the accumulation dtype, for out = bn_act_forward(y, ...)
+    and the gradient dout of out: one reduction pass and one pass writing dL/dy."""
+    dout = dout.contiguous(memory_format=memory_format_of(y))
+    prims, unit = select(DEPTHWISE_OP, y), _unit_kernel(y)
+    bn = vector_math(prims)
+    invstd, scale, shift = bn.bn_affine(mean, var, gamma, beta, eps)
+    if keeps_intermediates(prims, y):  # keep g = dout * act'(z); the last pass skips act'
+        sum_g, sum_g_yc, dout, _ = prims.dw_backward_reduce_stash(
+            dout, y, unit, scale, shift, mean, 1, 0, 0, code)
+        code = act_code("identity")
+    else:
+        sum_g, sum_g_yc = prims.dw_backward_reduce(dout, y, unit, scale, shift, mean, 1, 0,
+                                                   0, code)
+    coef_b, coef_c, dgamma = bn.bn_backward_coefs(scale, invstd, sum_g, sum_g_yc,
+                                                  y.numel() // y.shape[1], True)
+    dy, _ = prims.dw_backward(dout, y, unit, scale, shift, mean, coef_b, coef_c, 1, 0, 0,
+                              code)
+    return dy, dgamma, sum_g
+
+
 class ConvBNActTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, gamma, beta, geo, eps, act):
         y = _conv(x, weight, geo)
-        prims, unit, code = select(DEPTHWISE_OP, y), _unit_kernel(y), act_code(act)
-        h, w = y.shape[2:]
-        mean, var = prims.dw_stats(y, unit, 1, 0, 0, h, w)
-        _, scale, shift = vector_math(prims).bn_affine(mean, var, gamma, beta, eps)
+        code = act_code(act)
         ctx.keep_y = _keeps_output(x, y, weight)
-        if not ctx.keep_y and keeps_intermediates(prims, y) and y.is_contiguous(
-                memory_format=torch.channels_last):
-            # y is this call's own temporary: the act pass may overwrite it.
-            out = prims.dw_affine_act_(y, scale, shift, code)
-        else:
-            out = prims.dw_forward(y, unit, scale, shift, 1, 0, 0, h, w, code)
+        # Unless kept, y is this call's own temporary: the act pass may overwrite it.
+        out, mean, var = bn_act_forward(y, gamma, beta, eps, code, not ctx.keep_y)
         ctx.save_for_backward(x, weight, gamma, beta, mean, var, y if ctx.keep_y else None)
         ctx.geo, ctx.act, ctx.eps = geo, code, eps
         ctx.mark_non_differentiable(mean, var)
@@ -111,29 +141,22 @@ class ConvBNActTrain(torch.autograd.Function):
         x, weight, gamma, beta, mean, var, y = ctx.saved_tensors
         if not ctx.keep_y:
             y = _conv(x, weight, ctx.geo)
-        dout = dout.contiguous(memory_format=memory_format_of(y))
-        prims, unit = select(DEPTHWISE_OP, y), _unit_kernel(y)
-        bn = vector_math(prims)
-        invstd, scale, shift = bn.bn_affine(mean, var, gamma, beta, ctx.eps)
-        act = ctx.act
-        if keeps_intermediates(prims, y):  # keep g = dout * act'(z); the last pass skips act'
-            sum_g, sum_g_yc, dout, _ = prims.dw_backward_reduce_stash(
-                dout, y, unit, scale, shift, mean, 1, 0, 0, act)
-            act = act_code("identity")
-        else:
-            sum_g, sum_g_yc = prims.dw_backward_reduce(dout, y, unit, scale, shift, mean, 1, 0,
-                                                       0, act)
-        coef_b, coef_c, dgamma = bn.bn_backward_coefs(scale, invstd, sum_g, sum_g_yc,
-                                                      y.numel() // y.shape[1], True)
-        dy, _ = prims.dw_backward(dout, y, unit, scale, shift, mean, coef_b, coef_c, 1, 0, 0,
-                                  act)
+        dy, dgamma, sum_g = bn_act_backward(dout, y, gamma, beta, mean, var, ctx.eps, ctx.act)
         dx, dw = _conv_backward(dy, x, weight, ctx.geo, ctx.needs_input_grad[0],
                                 ctx.needs_input_grad[1])
-        dgamma = as_dtype(dgamma, gamma.dtype) \
-            if gamma is not None and ctx.needs_input_grad[2] else None
-        dbeta = as_dtype(sum_g, beta.dtype) if beta is not None and ctx.needs_input_grad[3] \
-            else None
-        return dx, dw, dgamma, dbeta, None, None, None
+        return (dx, dw, *bn_param_grads(ctx, gamma, beta, dgamma, sum_g, 2),
+                None, None, None)
+
+
+def bn_param_grads(ctx, gamma: Tensor | None, beta: Tensor | None, dgamma: Tensor,
+                   sum_g: Tensor, first: int) -> tuple[Tensor | None, Tensor | None]:
+    """(dgamma, dbeta) in the parameters' dtypes, None where not needed; gamma and beta
+    are the Function's inputs number first and first + 1."""
+    dgamma = as_dtype(dgamma, gamma.dtype) \
+        if gamma is not None and ctx.needs_input_grad[first] else None
+    dbeta = as_dtype(sum_g, beta.dtype) \
+        if beta is not None and ctx.needs_input_grad[first + 1] else None
+    return dgamma, dbeta
 
 
 def conv_bn_act_train(x: Tensor, weight: Tensor, gamma: Tensor | None, beta: Tensor | None,

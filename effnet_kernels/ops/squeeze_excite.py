@@ -58,7 +58,7 @@ register_impl(OP, "cuda", lambda: _compiled("cuda"))
 register_impl(OP, "triton", lambda: importlib.import_module("effnet_kernels.triton.squeeze_excite"))
 
 
-def _mlp(mean, rw, rb, ew, eb, act):
+def excite_mlp(mean, rw, rb, ew, eb, act):
     """(h, gate) of the excitation MLP, in mean's (accumulation) dtype."""
     acc = mean.dtype
     h = F.linear(mean, as_dtype(rw, acc).flatten(1), as_dtype(rb, acc))
@@ -72,7 +72,7 @@ def excite_gate(sums: Tensor, pixels: int, reduce_weight: Tensor, reduce_bias: T
     """The (N, C) gate sigmoid(conv_expand(act(conv_reduce(sums / pixels)))) from the pooled
     sums (e.g. the depthwise op's pool epilogue), in sums' dtype. No autograd bookkeeping:
     for callers that record no graph."""
-    return _mlp(sums / pixels, reduce_weight, _bias_or_zeros(reduce_bias, reduce_weight),
+    return excite_mlp(sums / pixels, reduce_weight, _bias_or_zeros(reduce_bias, reduce_weight),
                 expand_weight, _bias_or_zeros(expand_bias, expand_weight), act_code(act))[1]
 
 
@@ -110,7 +110,7 @@ def _forward(x, reduce_weight, reduce_bias, expand_weight, expand_bias, pooled, 
     acc = acc_dtype(x.dtype)
     sums = prims.se_pool(x) if pooled is None else as_dtype(pooled, acc)
     mean = sums / (x.shape[2] * x.shape[3])
-    h, gate = _mlp(mean, reduce_weight, reduce_bias, expand_weight, expand_bias, act)
+    h, gate = excite_mlp(mean, reduce_weight, reduce_bias, expand_weight, expand_bias, act)
     out = prims.se_scale(x, gate)
     return out.contiguous(memory_format=memory_format_of(x)), mean, h, gate
 
@@ -144,15 +144,27 @@ def _backward_math(dy, x, mean, h, gate, reduce_weight, reduce_bias, expand_weig
         dx, *weight_grads = prims.se_backward(dy, x, mean, h, gate, reduce_weight, reduce_bias,
                                               expand_weight, expand_bias, act)
         return (dx.contiguous(memory_format=memory_format_of(x)), *weight_grads)
+    dgate = prims.se_pool_dy_x(dy, x)                           # (N, C) sum_hw dy * x
+    dmean, *weight_grads = mlp_backward(dgate, mean, h, gate, reduce_weight, reduce_bias,
+                                        expand_weight, expand_bias, act,
+                                        x.shape[2] * x.shape[3])
+    dx = prims.se_backward_dx(dy, gate, dmean)
+    return (dx.contiguous(memory_format=memory_format_of(x)), *weight_grads)
+
+
+def mlp_backward(dgate: Tensor, mean: Tensor, h: Tensor, gate: Tensor, reduce_weight: Tensor,
+                 reduce_bias: Tensor, expand_weight: Tensor, expand_bias: Tensor, act: int,
+                 pixels: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The excitation MLP's backward from dL/dgate (N, C): (dL/dx_pixel, dreduce_weight,
+    dreduce_bias, dexpand_weight, dexpand_bias), where dL/dx_pixel (N, C) = dL/dmean / pixels
+    is what each pixel of x gets through the pooled mean; weight grads in their dtypes."""
     acc = mean.dtype
     rw, ew = as_dtype(reduce_weight, acc).flatten(1), as_dtype(expand_weight, acc).flatten(1)
-    dgate = prims.se_pool_dy_x(dy, x)                           # (N, C) sum_hw dy * x
     dz = torch.ops.aten.sigmoid_backward(dgate, gate)           # dgate * gate * (1 - gate)
     dh = _act_backward(dz @ ew, h, act)                         # (N, Cr)
-    dmean = (dh @ rw).div_(x.shape[2] * x.shape[3])             # d mean / d x = 1 / HW
-    dx = prims.se_backward_dx(dy, gate, dmean)
+    dmean = (dh @ rw).div_(pixels)                              # d mean / d x = 1 / HW
     return (
-        dx.contiguous(memory_format=memory_format_of(x)),
+        dmean,
         as_dtype((dh.t() @ mean).view_as(reduce_weight), reduce_weight.dtype),
         as_dtype(dh.sum(0), reduce_bias.dtype),
         as_dtype((dz.t() @ apply_act(h, act)).view_as(expand_weight), expand_weight.dtype),

@@ -1,0 +1,135 @@
+"""Training tail of a block with squeeze-excite on CPU: the SE gate folded into the
+projection conv, so the gated activation y * gate is never written, read back or saved.
+
+    y     = act(BN(depthwise_conv(x)))       fused op; its forward kernel also emits
+    sums  = sum over pixels of y  (N, C)     the SE pool (no pass of its own)
+    gate  = sigmoid(W_e act(W_r sums / HW + b_r) + b_e)       the SE MLP, (N, C)
+    p_n   = y_n @ (W * gate[n])^T            (HW, Cout) per sample n: the gate scales the
+                                             projection's weights instead of y
+    out   = act(BN(p))                       batch statistics; p is kept (it is narrow)
+
+Backward, from dp = dL/dp (the BN + act backward over the kept p):
+    M_n   = dp_n^T @ y_n                     (Cout, C), one product per sample: the FLOPs
+                                             of the weight gradient's single product
+    dW    = sum_n M_n * gate[n]
+    dgate = sum_o W * M_n                    = sum_hw (dp_n @ W) * y_n, never forming dp @ W
+    dmean = the MLP's backward of dgate      (N, C), the gradient each pixel of y gets
+                                             through the pooled mean (already / HW)
+    dy_n  = dp_n @ (W * gate[n]) + dmean[n]  one product per sample, the bias added as
+                                             its epilogue (csrc/cpu/pointwise_conv.cpp)
+
+Unfused, the SE scale pass writes y * gate, the projection reads that and saves it, its
+backward writes dL/d(y * gate), which the SE backward reads twice (with y) to write dy.
+Here none of those passes exist and the block saves y only. M holds N * Cout * C values,
+so the tail runs where H * W >= Cout (M no larger than y); the late 7x7 stages of
+EfficientNet keep the unfused order, as the eval tail does (nn/eval_tail.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._ext import ext_module
+from ..backends import select
+from ..ops.activations import act_code
+from ..ops.bn_math import as_dtype, vector_math
+from ..ops.depthwise import OP as DEPTHWISE_OP
+from ..ops.eager import plain_eager
+from ..ops.squeeze_excite import excite_mlp, mlp_backward
+from .batchnorm import bn_call_args, is_plain_batchnorm
+from .conv_bn_act import is_same_conv
+from .gemm_conv import epilogue_gemm_serves, gemm_conv1x1_act, gemm_conv_eligible
+from .pointwise import bn_act_backward, bn_act_forward, bn_param_grads
+
+# Switch for in-process A/B measurements (benchmarks); the unfused order is always correct.
+ENABLED = True
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+def train_tail_applies(y: Tensor, projection: tuple) -> bool:
+    """Whether se_projection_train may run the projection (conv, bn, act) on the depthwise
+    output y: CPU float32 / float64 channels_last plain eager tensors, no autocast, a
+    bias-free 1x1 stride-1 conv, a plain BatchNorm2d in training, more pixels than output
+    channels, and more than one value per output channel."""
+    conv, bn, _ = projection
+    if not ENABLED or y.device.type != "cpu" or y.dtype not in _DTYPES \
+            or torch.is_autocast_enabled("cpu") or not plain_eager(y):
+        return False
+    if not (bn.training and is_plain_batchnorm(bn)) or conv.bias is not None \
+            or is_same_conv(conv) or conv.weight.dtype != y.dtype:
+        return False
+    n, _, h, w = y.shape
+    return (gemm_conv_eligible(y, conv.weight, conv.stride, conv.padding, conv.groups)
+            and h * w >= 2 * conv.out_channels and n * h * w > 1)
+
+
+def se_projection_train(y: Tensor, sums: Tensor, se: tuple, projection: tuple) -> Tensor:
+    """act(BN(conv1x1(y * gate))) with gate the SE of y (from its pooled sums), for
+    (conv_reduce, conv_expand, act) and (conv, bn, act); BatchNorm2d's bookkeeping
+    (running statistics, num_batches_tracked). Callers check train_tail_applies first."""
+    reduce, expand, se_act = se
+    conv, bn, act = projection
+    args = bn_call_args(bn)
+    out, mean, var = SEProjectionTrain.apply(
+        y, sums, reduce.weight, _bias(reduce), expand.weight, _bias(expand), conv.weight,
+        bn.weight, bn.bias, act_code(se_act), args["eps"], act_code(act))
+    if args["running_mean"] is not None and args["running_var"] is not None:
+        vector_math(select(DEPTHWISE_OP, out)).bn_update_running(
+            args["running_mean"], args["running_var"], mean, var, args["momentum"],
+            out.numel() // out.shape[1])
+    return out
+
+
+def _bias(conv) -> Tensor:
+    return conv.weight.new_zeros(conv.out_channels) if conv.bias is None else conv.bias
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(N, C, H, W) channels_last -> its (N, H*W, C) view."""
+    n, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).view(n, h * w, c)
+
+
+def _gated_transposed_product(dp: Tensor, gated: Tensor, bias: Tensor) -> Tensor:
+    """dp_n @ gated[n] + bias[n] per sample, channels_last: dp (N, Cout, H, W), gated
+    (N, Cout, C), bias (N, C)."""
+    n, _, h, w = dp.shape
+    c = gated.shape[2]
+    if epilogue_gemm_serves(dp):
+        return ext_module().cpu.pw_conv_act(dp, gated.transpose(1, 2).contiguous(), bias, 0)
+    out = torch.empty((n, c, h, w), dtype=dp.dtype, memory_format=torch.channels_last)
+    torch.baddbmm(bias.to(dp.dtype).unsqueeze(1), _rows(dp), gated.to(dp.dtype),
+                  out=_rows(out))
+    return out
+
+
+class SEProjectionTrain(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, sums, rw, rb, ew, eb, weight, gamma, beta, se_act, eps, act):
+        mean = sums / (y.shape[2] * y.shape[3])
+        h, gate = excite_mlp(mean, rw, rb, ew, eb, se_act)
+        p = gemm_conv1x1_act(y, weight, None, "identity", gate)
+        out, bn_mean, bn_var = bn_act_forward(p, gamma, beta, eps, act, overwrite_y=False)
+        ctx.save_for_backward(y, mean, h, gate, rw, rb, ew, eb, weight, gamma, beta, bn_mean,
+                              bn_var, p)
+        ctx.se_act, ctx.eps, ctx.act = se_act, eps, act
+        ctx.mark_non_differentiable(bn_mean, bn_var)
+        return out, bn_mean, bn_var
+
+    @staticmethod
+    def backward(ctx, dout, _dmean, _dvar):
+        y, mean, h, gate, rw, rb, ew, eb, weight, gamma, beta, bn_mean, bn_var, p = \
+            ctx.saved_tensors
+        dp, dgamma, sum_g = bn_act_backward(dout, p, gamma, beta, bn_mean, bn_var, ctx.eps,
+                                            ctx.act)
+        w2d = as_dtype(weight.flatten(1), gate.dtype)
+        m = as_dtype(torch.bmm(_rows(dp).transpose(1, 2), _rows(y)), gate.dtype)
+        dgate = (m * w2d).sum(1)
+        dmean, drw, drb, dew, deb = mlp_backward(dgate, mean, h, gate, rw, rb, ew, eb,
+                                                 ctx.se_act, y.shape[2] * y.shape[3])
+        dweight = m.mul_(gate.unsqueeze(1)).sum(0)
+        dy = _gated_transposed_product(dp, w2d.unsqueeze(0) * gate.unsqueeze(1), dmean)
+        return (dy, None, drw, drb, dew, deb, as_dtype(dweight, weight.dtype).view_as(weight),
+                *bn_param_grads(ctx, gamma, beta, dgamma, sum_g, 7), None, None, None)

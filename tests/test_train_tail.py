@@ -1,0 +1,154 @@
+"""The CPU training tail of a block (nn/train_tail.py): the squeeze-excite gate folded into
+the projection conv's weights. Whole timm blocks against their originals (output, input
+gradient, every parameter gradient, BN running statistics and counters) under the parity
+rule, float64 gradcheck of the autograd function, when the tail applies and when it steps
+aside, and that the gated activation is not saved for backward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from model_cases import randomize_bn
+
+from effnet_kernels.nn import DepthwiseSeparable, MBConv, train_tail
+from effnet_kernels.nn.train_tail import SEProjectionTrain, train_tail_applies
+from effnet_kernels.ops.activations import act_code
+from effnet_kernels.testing import parity
+
+timm = pytest.importorskip("timm")
+
+CL = torch.channels_last
+
+
+@pytest.fixture
+def tail_calls(monkeypatch):
+    """Counts the calls that ran through the training tail."""
+    calls = []
+    apply = SEProjectionTrain.apply
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return apply(*args)
+    monkeypatch.setattr(SEProjectionTrain, "apply", spy)
+    return calls
+
+
+def _timm_block(name: str, variant: str = "efficientnet_b0"):
+    model = randomize_bn(timm.create_model(variant, num_classes=10))
+    index = {"ds": (0, 0), "mb_s2": (1, 0), "mb_res": (1, 1), "mb_late": (6, 0)}[name]
+    return model.blocks[index[0]][index[1]]
+
+
+def _step(block, x, dout):
+    """Output, input gradient, parameter gradients and buffers after one training step."""
+    block.train()
+    x = x.detach().clone().requires_grad_()
+    out = block(x)
+    out.backward(dout.to(out.dtype))
+    grads = {n: p.grad for n, p in block.named_parameters()}
+    return out.detach(), x.grad, grads, {n: b.clone() for n, b in block.named_buffers()}
+
+
+@pytest.mark.parametrize("name,hw,tail", [("ds", 12, True), ("mb_s2", 16, True),
+                                          ("mb_res", 8, True), ("mb_late", 8, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_block_training_matches_timm(name, hw, tail, dtype, tail_calls):
+    """The tail where H*W >= 2 Cout (ds: 144 >= 32, mb_s2: 8x8 after stride 2 >= 48,
+    mb_res: 64 >= 48), the unfused order where not (mb_late: 64 < 640)."""
+    original = _timm_block(name).to(dtype)
+    cls = DepthwiseSeparable if name == "ds" else MBConv
+    fused = cls.from_timm(copy.deepcopy(original))
+    cin = original.conv_dw.in_channels if name == "ds" else original.conv_pw.in_channels
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, cin, hw, hw, generator=g).contiguous(memory_format=CL)
+    with torch.no_grad():
+        out_shape = copy.deepcopy(original)(x.to(dtype)).shape
+    dout = torch.randn(out_shape, generator=g).contiguous(memory_format=CL)
+    truth_block = copy.deepcopy(original).double()
+    got = _step(fused, x.to(dtype), dout)
+    same = _step(original, x.to(dtype), dout)
+    truth = _step(truth_block, x.double(), dout.double())
+    assert len(tail_calls) == (1 if tail else 0)
+    assert got[0].is_contiguous(memory_format=CL)
+    failures = []
+    checks = [("out", got[0], same[0], truth[0], None), ("dx", got[1], same[1], truth[1], None)]
+    scale = max(t.abs().max().item() for t in truth[2].values())
+    checks += [(f"grad {n}", got[2][n], same[2][n], t, scale) for n, t in truth[2].items()]
+    checks += [(f"buffer {n}", got[3][n], same[3][n], t, None) for n, t in truth[3].items()
+               if t.is_floating_point()]
+    for what, a, b, t, s in checks:
+        p = parity(what, a, b, t, dtype, scale=s)
+        failures += [] if p.ok else [str(p)]
+    assert not failures, "\n".join(failures)
+    for n, t in truth[3].items():
+        if not t.is_floating_point():
+            assert torch.equal(got[3][n], t), n  # num_batches_tracked
+
+
+@pytest.mark.parametrize("se_act,act", [("silu", "identity"), ("relu", "silu")])
+def test_gradcheck(se_act, act):
+    g = torch.Generator().manual_seed(0)
+    n, c, cr, cout, h, w = 2, 6, 3, 4, 3, 3
+
+    def rand(*shape, scale=1.0, offset=0.0):
+        t = torch.randn(*shape, generator=g, dtype=torch.float64) * scale + offset
+        return t.requires_grad_()
+    y = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    y = y.contiguous(memory_format=CL).requires_grad_()
+    params = (rand(cr, c, 1, 1, scale=0.5), rand(cr), rand(c, cr, 1, 1, scale=0.5), rand(c),
+              rand(cout, c, 1, 1, scale=0.5), rand(cout, scale=0.2, offset=1.0), rand(cout))
+
+    def run(y, *p):
+        sums = y.detach().sum(dim=(2, 3))  # the depthwise epilogue's sums: no gradient
+        return SEProjectionTrain.apply(y, sums, *p, act_code(se_act), 1e-5, act_code(act))[0]
+    assert torch.autograd.gradcheck(run, (y, *params))
+
+
+def _parts(cout=8, c=16):
+    conv, bn = torch.nn.Conv2d(c, cout, 1, bias=False), torch.nn.BatchNorm2d(cout)
+    return conv, bn, "identity"
+
+
+def test_applies_only_where_it_serves():
+    y = torch.randn(2, 16, 4, 4).contiguous(memory_format=CL)
+    conv, bn, act = _parts()
+    assert train_tail_applies(y, (conv, bn, act))                         # 16 >= 2 * 8
+    assert not train_tail_applies(y[:, :, :3, :3].contiguous(memory_format=CL),
+                                  (conv, bn, act))                         # 9 < 16
+    assert not train_tail_applies(y.contiguous(), (conv, bn, act))         # NCHW
+    assert not train_tail_applies(y.bfloat16(), (conv.bfloat16(), bn, act))
+    assert not train_tail_applies(y, (conv, bn.eval(), act))               # eval
+    assert not train_tail_applies(y, (torch.nn.Conv2d(16, 8, 1), bn.train(), act))  # bias
+    assert not train_tail_applies(y[:0], (conv, bn, act))                  # empty batch
+    with torch.autocast("cpu"):
+        assert not train_tail_applies(y, (conv, bn, act))
+    train_tail.ENABLED = False
+    try:
+        assert not train_tail_applies(y, (conv, bn, act))
+    finally:
+        train_tail.ENABLED = True
+
+
+def _saved_bytes(block, x) -> int:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x)
+    return total
+
+
+def test_gated_activation_is_not_saved(monkeypatch):
+    """With the tail, the block saves at least one activation of the depthwise output's
+    size less (the SE-scaled y that the projection would save)."""
+    block = MBConv.from_timm(_timm_block("mb_res")).train()
+    x = torch.randn(2, 24, 16, 16).contiguous(memory_format=CL).requires_grad_()
+    dw_out_bytes = 2 * 144 * 16 * 16 * 4
+    with_tail = _saved_bytes(block, x)
+    monkeypatch.setattr(train_tail, "ENABLED", False)
+    assert _saved_bytes(block, x) - with_tail >= dw_out_bytes

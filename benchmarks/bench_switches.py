@@ -14,6 +14,8 @@ switch in one process, never against a figure of another run. Switches:
                module route
   keep_y       the depthwise backward keeping y between its passes
                (ops/depthwise.KEEP_Y_IN_BACKWARD) against recomputing it
+  pw_tiles     the training 1x1 conv + BN + act on GEMM tiles (nn/pointwise.TILED)
+               against the GEMM followed by the BN passes
   train_tail   the training tail with the SE gate folded into the projection
                (nn/train_tail.ENABLED) against SE op + projection conv
   onnxruntime  not a switch: the converted model against onnxruntime (inference only)
@@ -31,7 +33,7 @@ import effnet_kernels as ek
 from effnet_kernels._ext import ext_module
 from effnet_kernels.bench.e2e import onnx_infer_fn
 from effnet_kernels.bench.timing import measure_interleaved, set_threads
-from effnet_kernels.nn import eval_plan, train_tail
+from effnet_kernels.nn import eval_plan, pointwise, train_tail
 from effnet_kernels.ops import depthwise as dw_ops
 
 CPU = torch.device("cpu")
@@ -46,6 +48,8 @@ def setter(switch: str):
         return lambda on: setattr(eval_plan, "ENABLED", on)
     if switch == "keep_y":
         return lambda on: setattr(dw_ops, "KEEP_Y_IN_BACKWARD", on)
+    if switch == "pw_tiles":
+        return lambda on: setattr(pointwise, "TILED", on)
     if switch == "train_tail":
         return lambda on: setattr(train_tail, "ENABLED", on)
     raise ValueError(f"unknown switch {switch!r}")
@@ -84,7 +88,8 @@ def step_fn(model, images, labels, mode: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--switch", required=True,
-                    choices=("prefetch", "eval_plan", "keep_y", "train_tail", "onnxruntime"))
+                    choices=("prefetch", "eval_plan", "keep_y", "pw_tiles", "train_tail",
+                             "onnxruntime"))
     ap.add_argument("--mode", choices=("train", "infer"), default="infer")
     ap.add_argument("--model", default="efficientnet_b0")
     ap.add_argument("--batch", type=int, default=8)

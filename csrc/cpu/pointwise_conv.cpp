@@ -16,8 +16,8 @@
 // while the tile is still in L2. With too few tiles to feed every thread, or a shared W so
 // large that re-reading it per tile costs more than a second pass over y, one
 // multi-threaded GEMM covers all rows and the epilogue runs as a separate parallel loop. The GEMM is
-// the BLAS sgemm_ that libtorch_cpu ships (MKL on x86 wheels), looked up at runtime:
-// without it `pw_conv_available()` is false and Python keeps ATen's path. float32 only.
+// the BLAS sgemm_ that libtorch_cpu ships (sgemm.h): without it `pw_conv_available()` is
+// false and Python keeps ATen's path. float32 only.
 // The output comes from the output cache (output_cache.h). No autograd: the eval paths
 // and the training tail's per-sample products (nn/train_tail.py) call it.
 #include <ATen/Parallel.h>
@@ -26,54 +26,20 @@
 #include <algorithm>
 #include <cstdint>
 
-#if defined(__unix__) || defined(__APPLE__)
-#include <dlfcn.h>
-#define EFFNET_HAS_DLOPEN 1
-#endif
-
 #include "common/binding_registry.h"
 #include "common/checks.h"
 #include "output_cache.h"
 #include "pointwise_epilogue_decl.h"
+#include "sgemm.h"
 
 namespace effnet::cpu_pw {
 namespace {
-
-// Fortran BLAS sgemm (column-major): C = alpha op(A) op(B) + beta C.
-using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*,
-                         const float*, const float*, const int*, const float*, const int*,
-                         const float*, float*, const int*);
-
-SgemmFn find_sgemm() {
-#ifdef EFFNET_HAS_DLOPEN
-  void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
-  void* fn = lib ? dlsym(lib, "sgemm_") : nullptr;
-  return reinterpret_cast<SgemmFn>(fn);
-#else
-  return nullptr;
-#endif
-}
-
-SgemmFn sgemm() {
-  static const SgemmFn fn = find_sgemm();
-  return fn;
-}
 
 // Output values per tile: 256 KiB of float, so a tile and its slice of x stay in L2.
 constexpr int64_t kTileFloats = int64_t(1) << 16;
 // Largest shared W (Cout * Cin floats, 512 KiB) for the tiled path; above it (B0's 7x7
 // expand convs and head) the whole GEMM runs first, then the epilogue.
 constexpr int64_t kMaxTiledWeightFloats = int64_t(1) << 17;
-
-// y = x w^T for row-major x (rows, cin), w (cout, cin), y (rows, cout). Column-major BLAS
-// sees the same memory transposed: y^T (cout x rows) = op(A) B with A = w read as the
-// (cin x cout) matrix w^T, so op(A) = A^T, and B = x read as (cin x rows).
-void gemm_rows(const float* x, const float* w, float* y, int64_t rows, int64_t cin,
-               int64_t cout) {
-  const int m = int(cout), n = int(rows), k = int(cin);
-  const float one = 1.0f, zero = 0.0f;
-  sgemm()("T", "N", &m, &n, &k, &one, w, &k, x, &k, &zero, y, &m);
-}
 
 at::Tensor check_args(const at::Tensor& x, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, int64_t act) {
@@ -107,7 +73,7 @@ at::Tensor check_args(const at::Tensor& x, const at::Tensor& weight,
 
 at::Tensor pw_conv_act(const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, int64_t act) {
-  TORCH_CHECK(sgemm() != nullptr, "pw_conv_act: libtorch_cpu exports no sgemm_");
+  TORCH_CHECK(cpu::sgemm_available(), "pw_conv_act: libtorch_cpu exports no sgemm_");
   const at::Tensor b = check_args(x, weight, bias, act);
   const bool per_sample = weight.dim() == 3;
   const at::Tensor w = weight.contiguous();
@@ -147,14 +113,14 @@ at::Tensor pw_conv_act(const at::Tensor& x, const at::Tensor& weight,
         const int64_t g = t / tiles_per_group;
         const int64_t r0 = g * span + (t % tiles_per_group) * tile;
         const int64_t rows = std::min(tile, (g + 1) * span - r0);
-        gemm_rows(xp + r0 * cin, wp + g * cout * cin, yp + r0 * cout, rows, cin, cout);
+        cpu::gemm_xwt(xp + r0 * cin, wp + g * cout * cin, yp + r0 * cout, rows, cin, cout);
         epilogue(yp + r0 * cout, rows, cout, bp + g * bias_stride, act);
       }
     });
     return y;
   }
   for (int64_t g = 0; g < groups; ++g) {
-    gemm_rows(xp + g * span * cin, wp + g * cout * cin, yp + g * span * cout, span, cin, cout);
+    cpu::gemm_xwt(xp + g * span * cin, wp + g * cout * cin, yp + g * span * cout, span, cin, cout);
   }
   const int64_t rows = n * hw;
   at::parallel_for(0, rows, std::max<int64_t>(1, kTileFloats / (4 * cout)), [&](int64_t r0, int64_t r1) {
@@ -180,6 +146,6 @@ EFFNET_BINDINGS(bind_pointwise_conv_cpu) {
           "act(conv1x1(x, weight) + bias) for channels_last float32 x; weight (Cout, Cin, 1, 1) or "
           "per sample (N, Cout, Cin), bias (Cout) or per sample (N, Cout); no autograd",
           py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("act"));
-  cpu.def("pw_conv_available", []() { return pw::sgemm() != nullptr; },
+  cpu.def("pw_conv_available", &effnet::cpu::sgemm_available,
           "whether the BLAS sgemm that pw_conv_act calls was found in libtorch_cpu");
 }

@@ -13,8 +13,14 @@ KEEP_Y_MIN_MACS multiply-adds per element of y, Cin / groups * kh * kw; on B0 th
 convs with 80-192 input channels and the head: 2/3 of the recomputed GEMM FLOPs, for
 4 MB per image of kept y).
 
-The conv itself is PyTorch's; a 1x1 conv on channels_last CPU tensors runs as one GEMM
-into the output cache (nn/gemm_conv.py). The BatchNorm + activation around it runs
+A float32 1x1 conv on channels_last tensors on the cpu backend runs tiled
+(csrc/cpu/pointwise_bn_train.cpp): each tile's GEMM output gets its BN work while it is in
+cache (statistics; act(y * scale + shift); the backward reduction; dL/dy and its dx and
+dweight GEMMs), and a y that is not kept is recomputed per tile instead of written, so
+only out (forward) and dout (backward) of the conv's width go through memory.
+
+Otherwise the conv itself is PyTorch's; a 1x1 conv on channels_last CPU tensors runs as
+one GEMM into the output cache (nn/gemm_conv.py). The BatchNorm + activation around it runs
 on the depthwise op's backend primitives with a 1x1 unit kernel (depthwise_conv(y, 1) is
 y): one statistics pass and one act(y * scale + shift) pass forward (in place over y where
 y is not kept); one reduction pass and one pass writing dL/dy backward, each fused over the
@@ -41,7 +47,7 @@ from ..ops.bn_math import as_dtype, vector_math
 from ..ops.depthwise import OP as DEPTHWISE_OP
 from ..ops.depthwise import keeps_intermediates
 from ..ops.geometry import memory_format_of
-from .gemm_conv import gemm_conv1x1, gemm_conv1x1_backward, gemm_conv_eligible
+from .gemm_conv import epilogue_gemm_serves, gemm_conv1x1, gemm_conv1x1_backward, gemm_conv_eligible
 
 
 def _conv(x, weight, geo):
@@ -66,10 +72,10 @@ def _conv_backward(dy, x, weight, geo, need_dx, need_dweight):
 KEEP_Y_MIN_MACS = 64
 
 
-def _keeps_output(x: Tensor, y: Tensor, weight: Tensor) -> bool:
+def _keeps_output(x: Tensor, y_numel: int, weight: Tensor) -> bool:
     # The FLOPs-per-byte trade was measured on CPU only; GPUs keep recomputing the conv.
-    costly = y.device.type == "cpu" and weight[0].numel() >= KEEP_Y_MIN_MACS
-    return y.numel() < x.numel() or costly
+    costly = x.device.type == "cpu" and weight[0].numel() >= KEEP_Y_MIN_MACS
+    return y_numel < x.numel() or costly
 
 
 # (channels, dtype, device) -> the (C, 1, 1, 1) ones kernel: made once, read-only.
@@ -123,14 +129,75 @@ def bn_act_backward(dout: Tensor, y: Tensor, gamma: Tensor | None, beta: Tensor 
     return dy, dgamma, sum_g
 
 
+# Switch for in-process A/B measurements (benchmarks): the tiled primitives below, or the
+# GEMM followed by the BN passes.
+TILED = True
+
+
+# Largest Cout * Cin of a tiled conv: each tile re-reads the weight (measured slower above
+# it: B0's 7x7 expand convs and head).
+TILED_MAX_WEIGHT = 1 << 17
+
+
+def _tile_prims(x: Tensor, weight: Tensor, geo):
+    """The backend's tiled conv + BN primitives (csrc/cpu/pointwise_bn_train.cpp) when they
+    serve this conv, else None: a float32 channels_last 1x1 GEMM conv on the cpu backend
+    that widens its input (Cout > Cin: the BN passes over y are what tiling saves; on
+    narrowing projections the per-tile GEMMs measured slower than one GEMM) with a weight
+    of at most TILED_MAX_WEIGHT values."""
+    cout, cin = weight.shape[:2]
+    if not TILED or x.dtype != torch.float32 or cout <= cin or cout * cin > TILED_MAX_WEIGHT \
+            or not gemm_conv_eligible(x, weight, *geo) or not epilogue_gemm_serves(x):
+        return None
+    prims = select(DEPTHWISE_OP, x)
+    return prims if hasattr(prims, "pw_bn_stats") else None
+
+
+def _tiled_forward(prims, x, weight, gamma, beta, eps, code):
+    """(y if kept else None, out, mean, var) with the statistics taken on each GEMM tile
+    in cache; a y that is not kept never goes through memory (out recomputes it)."""
+    cout = weight.shape[0]
+    keep = _keeps_output(x, x.numel() // x.shape[1] * cout, weight)
+    w2d = weight.reshape(cout, -1).contiguous()
+    mean, var, y = prims.pw_bn_stats(x, w2d, keep)
+    _, scale, shift = vector_math(prims).bn_affine(mean, var, gamma, beta, eps)
+    if keep:
+        h, w = y.shape[2:]
+        out = prims.dw_forward(y, _unit_kernel(y), scale, shift, 1, 0, 0, h, w, code)
+    else:
+        out = prims.pw_bn_forward(x, w2d, scale, shift, code)
+    return y, out, mean, var
+
+
+def _tiled_backward(prims, dout, x, weight, y, gamma, beta, mean, var, eps, code, needs):
+    """(dx, dweight, dgamma, dbeta in float32): one reduction over dout (and y or its
+    recomputed tiles), then per tile dy in cache and its two GEMMs (dx rows, dW partial)."""
+    cout = weight.shape[0]
+    w2d = weight.reshape(cout, -1).contiguous()
+    dout = dout.contiguous(memory_format=torch.channels_last)
+    bn = vector_math(prims)
+    invstd, scale, shift = bn.bn_affine(mean, var, gamma, beta, eps)
+    sum_g, sum_g_yc = prims.pw_bn_backward_reduce(dout, x, w2d, y, scale, shift, mean, code)
+    coef_b, coef_c, dgamma = bn.bn_backward_coefs(scale, invstd, sum_g, sum_g_yc,
+                                                  x.numel() // x.shape[1], True)
+    dx, dweight = prims.pw_bn_backward(dout, x, w2d, y, scale, shift, mean, coef_b, coef_c,
+                                       code, needs[0], needs[1])
+    return dx, None if dweight is None else dweight.view_as(weight), dgamma, sum_g
+
+
 class ConvBNActTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, gamma, beta, geo, eps, act):
-        y = _conv(x, weight, geo)
         code = act_code(act)
-        ctx.keep_y = _keeps_output(x, y, weight)
-        # Unless kept, y is this call's own temporary: the act pass may overwrite it.
-        out, mean, var = bn_act_forward(y, gamma, beta, eps, code, not ctx.keep_y)
+        ctx.tiles = _tile_prims(x, weight, geo)
+        if ctx.tiles is not None:
+            y, out, mean, var = _tiled_forward(ctx.tiles, x, weight, gamma, beta, eps, code)
+            ctx.keep_y = y is not None
+        else:
+            y = _conv(x, weight, geo)
+            ctx.keep_y = _keeps_output(x, y.numel(), weight)
+            # Unless kept, y is this call's own temporary: the act pass may overwrite it.
+            out, mean, var = bn_act_forward(y, gamma, beta, eps, code, not ctx.keep_y)
         ctx.save_for_backward(x, weight, gamma, beta, mean, var, y if ctx.keep_y else None)
         ctx.geo, ctx.act, ctx.eps = geo, code, eps
         ctx.mark_non_differentiable(mean, var)
@@ -139,11 +206,17 @@ class ConvBNActTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dmean, _dvar):
         x, weight, gamma, beta, mean, var, y = ctx.saved_tensors
-        if not ctx.keep_y:
-            y = _conv(x, weight, ctx.geo)
-        dy, dgamma, sum_g = bn_act_backward(dout, y, gamma, beta, mean, var, ctx.eps, ctx.act)
-        dx, dw = _conv_backward(dy, x, weight, ctx.geo, ctx.needs_input_grad[0],
-                                ctx.needs_input_grad[1])
+        if ctx.tiles is not None:
+            dx, dw, dgamma, sum_g = _tiled_backward(ctx.tiles, dout, x, weight, y, gamma, beta,
+                                                    mean, var, ctx.eps, ctx.act,
+                                                    ctx.needs_input_grad[:2])
+        else:
+            if not ctx.keep_y:
+                y = _conv(x, weight, ctx.geo)
+            dy, dgamma, sum_g = bn_act_backward(dout, y, gamma, beta, mean, var, ctx.eps,
+                                                ctx.act)
+            dx, dw = _conv_backward(dy, x, weight, ctx.geo, ctx.needs_input_grad[0],
+                                    ctx.needs_input_grad[1])
         return (dx, dw, *bn_param_grads(ctx, gamma, beta, dgamma, sum_g, 2),
                 None, None, None)
 

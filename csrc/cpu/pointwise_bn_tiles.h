@@ -1,0 +1,117 @@
+// Tile kernels of the CPU training 1x1 conv + BatchNorm + activation
+// (pointwise_bn_train.cpp): the per-channel work on a tile of GEMM output rows y while the
+// tile is in cache. Layout: y, dout, dy are row-major (rows, C), one NHWC pixel per row,
+// channels fastest; per-channel vectors are (C) float32. With z = y * scale + shift and
+// g = dout * act'(z):
+//
+//   tile_moments    mean[c] = sum_r y[r, c] / rows,  m2[c] = sum_r (y[r, c] - mean[c])^2
+//   tile_affine_act y[r, c] = act(z)                                        (in place)
+//   tile_bn_reduce  sum_g[c] += sum_r g,  sum_g_yc[c] += sum_r g * (y[r, c] - mean[c])
+//   tile_bn_grad    dy[r, c] = scale[c] * g + coef_b[c] + coef_c[c] * (y[r, c] - mean[c])
+//                   (dy may be y itself)
+//
+// Rows are the outer loop (unit-stride streams); per-channel sums live in (C) arrays.
+// No include guard on purpose: each isa_*.cpp includes this once, inside its ISA's
+// namespace and `#pragma GCC target`, after vec_math.h (see its header).
+
+// f(c, proto) over the channels: full vectors, then single lanes.
+template <class F>
+inline void over_channels(int64_t C, F&& f) {
+  constexpr int L = kLanes<float>;
+  int64_t c = 0;
+  for (; c + L <= C; c += L) f(c, Vec<float, L>{});
+  for (; c < C; ++c) f(c, Vec<float, 1>{});
+}
+
+void tile_moments(const float* y, int64_t rows, int64_t C, float* mean, float* m2) {
+  std::fill(mean, mean + C, 0.0f);
+  std::fill(m2, m2 + C, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    over_channels(C, [&](int64_t c, auto proto) {
+      using V = decltype(proto);
+      vstore(mean + c, vload<V>(mean + c) + vload<V>(y + r * C + c));
+    });
+  }
+  const float inv = 1.0f / float(rows);
+  for (int64_t c = 0; c < C; ++c) mean[c] *= inv;
+  for (int64_t r = 0; r < rows; ++r) {
+    over_channels(C, [&](int64_t c, auto proto) {
+      using V = decltype(proto);
+      const V d = vload<V>(y + r * C + c) - vload<V>(mean + c);
+      vstore(m2 + c, vload<V>(m2 + c) + d * d);
+    });
+  }
+}
+
+template <int ACT>
+inline void affine_act_tile(float* y, int64_t rows, int64_t C, const float* scale,
+                            const float* shift) {
+  for (int64_t r = 0; r < rows; ++r) {
+    over_channels(C, [&](int64_t c, auto proto) {
+      using V = decltype(proto);
+      float* p = y + r * C + c;
+      vstore(p, act_forward(vload<V>(p) * vload<V>(scale + c) + vload<V>(shift + c), ACT));
+    });
+  }
+}
+
+void tile_affine_act(float* y, int64_t rows, int64_t C, const float* scale, const float* shift,
+                     int64_t act) {
+  switch (act) {
+    case 1: return affine_act_tile<1>(y, rows, C, scale, shift);
+    case 2: return affine_act_tile<2>(y, rows, C, scale, shift);
+    default: return affine_act_tile<0>(y, rows, C, scale, shift);
+  }
+}
+
+template <int ACT>
+inline void bn_reduce_tile(const float* dout, const float* y, int64_t rows, int64_t C,
+                           const float* scale, const float* shift, const float* mean,
+                           float* sum_g, float* sum_g_yc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    over_channels(C, [&](int64_t c, auto proto) {
+      using V = decltype(proto);
+      const V yv = vload<V>(y + r * C + c);
+      const V g = vload<V>(dout + r * C + c) *
+                  act_backward(yv * vload<V>(scale + c) + vload<V>(shift + c), ACT);
+      vstore(sum_g + c, vload<V>(sum_g + c) + g);
+      vstore(sum_g_yc + c, vload<V>(sum_g_yc + c) + g * (yv - vload<V>(mean + c)));
+    });
+  }
+}
+
+void tile_bn_reduce(const float* dout, const float* y, int64_t rows, int64_t C,
+                    const float* scale, const float* shift, const float* mean, int64_t act,
+                    float* sum_g, float* sum_g_yc) {
+  switch (act) {
+    case 1: return bn_reduce_tile<1>(dout, y, rows, C, scale, shift, mean, sum_g, sum_g_yc);
+    case 2: return bn_reduce_tile<2>(dout, y, rows, C, scale, shift, mean, sum_g, sum_g_yc);
+    default: return bn_reduce_tile<0>(dout, y, rows, C, scale, shift, mean, sum_g, sum_g_yc);
+  }
+}
+
+template <int ACT>
+inline void bn_grad_tile(const float* dout, const float* y, float* dy, int64_t rows, int64_t C,
+                         const float* scale, const float* shift, const float* mean,
+                         const float* coef_b, const float* coef_c) {
+  for (int64_t r = 0; r < rows; ++r) {
+    over_channels(C, [&](int64_t c, auto proto) {
+      using V = decltype(proto);
+      const V yv = vload<V>(y + r * C + c);
+      const V s = vload<V>(scale + c);
+      const V g = vload<V>(dout + r * C + c) * act_backward(yv * s + vload<V>(shift + c), ACT);
+      vstore(dy + r * C + c,
+             s * g + vload<V>(coef_b + c) + vload<V>(coef_c + c) * (yv - vload<V>(mean + c)));
+    });
+  }
+}
+
+void tile_bn_grad(const float* dout, const float* y, float* dy, int64_t rows, int64_t C,
+                  const float* scale, const float* shift, const float* mean,
+                  const float* coef_b, const float* coef_c, int64_t act) {
+  switch (act) {
+    case 1: return bn_grad_tile<1>(dout, y, dy, rows, C, scale, shift, mean, coef_b, coef_c);
+    case 2: return bn_grad_tile<2>(dout, y, dy, rows, C, scale, shift, mean, coef_b, coef_c);
+    default: return bn_grad_tile<0>(dout, y, dy, rows, C, scale, shift, mean, coef_b, coef_c);
+  }
+}

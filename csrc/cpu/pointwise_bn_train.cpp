@@ -1,0 +1,316 @@
+// CPU training 1x1 conv + BatchNorm (batch statistics) + activation, float32, with the
+// BatchNorm work done on tiles of the GEMM output while they are in cache:
+//
+//   y  = x W^T        x (P, Cin), W (Cout, Cin), y (P, Cout): the P = N*H*W pixels of a
+//                     channels_last tensor are the rows of a row-major matrix
+//   z  = y * scale + shift      (scale = gamma * invstd, shift = beta - mean * scale)
+//   out = act(z),  g = dout * act'(z)
+//   dy = scale * g + coef_b + coef_c * (y - mean)      (nn/pointwise.py has the BN math)
+//   dx = dy W,  dW = dy^T x
+//
+//   pw_bn_stats(x, w, keep_y)                    -> (mean, biased var, y or None)
+//   pw_bn_forward(x, w, scale, shift, act)       -> out
+//   pw_bn_backward_reduce(dout, x, w, y, scale, shift, mean, act) -> (sum g, sum g (y - mean))
+//   pw_bn_backward(dout, x, w, y, scale, shift, mean, coef_b, coef_c, act, need_dx,
+//                  need_dweight)                 -> (dx, dW)
+//
+// y, when given (None: not kept), is the conv output pw_bn_stats kept; otherwise every
+// tile recomputes its rows of y from x into a per-thread scratch, so y never goes through
+// memory: the forward writes only out, the backward reads only dout (and the narrow x).
+// Unfused (GEMM, then BN passes) the forward writes y, reads it twice and writes out, and
+// the backward writes y, g and dy, reads y twice, g once and dy twice.
+//
+// Work split: tiles of T rows (about kTileFloats outputs, at least Cin rows so re-reading
+// W per tile costs no more than the tile's output), each a single-threaded GEMM; tiles
+// run in parallel, in at most kGroups groups of consecutive tiles (fewer in the backward
+// where Cout * Cin is large: each group keeps its own dW partial, at most
+// kDwPartialFloats in all). Per-channel sums are kept per tile and merged in tile order
+// in double, dW partials summed in group order: the result depends on the shapes only,
+// not on the thread count.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "common/binding_registry.h"
+#include "common/checks.h"
+#include "output_cache.h"
+#include "pointwise_epilogue_decl.h"
+#include "sgemm.h"
+
+namespace effnet::cpu_pw {
+namespace {
+
+constexpr int64_t kTileFloats = int64_t(1) << 16;
+constexpr int64_t kGroups = 16;
+constexpr int64_t kMinTiles = 8;  // smaller problems still split over 8 threads
+constexpr int64_t kDwPartialFloats = int64_t(1) << 21;
+
+struct Tiling {
+  int64_t rows, tile, tiles, groups;
+  int64_t begin(int64_t t) const { return t * tile; }
+  int64_t count(int64_t t) const { return std::min(tile, rows - t * tile); }
+  int64_t first_tile(int64_t g) const { return tiles * g / groups; }
+};
+
+Tiling make_tiling(int64_t rows, int64_t cin, int64_t cout, int64_t max_groups = kGroups) {
+  int64_t tile = std::max({kTileFloats / cout, cin, int64_t(16)});
+  tile = std::min(tile, std::max<int64_t>(1, (rows + kMinTiles - 1) / kMinTiles));
+  const int64_t tiles = (rows + tile - 1) / tile;
+  return {rows, tile, tiles, std::min(tiles, max_groups)};
+}
+
+// body(group, tile, scratch) for every tile, in parallel over the groups of consecutive
+// tiles; scratch holds `scratch_floats` floats per thread.
+template <class F>
+void for_tiles(const Tiling& tl, int64_t scratch_floats, F&& body) {
+  at::parallel_for(0, tl.groups, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<float> scratch(scratch_floats);
+    for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t t = tl.first_tile(g); t < tl.first_tile(g + 1); ++t) body(g, t, scratch.data());
+    }
+  });
+}
+
+struct Args {
+  int64_t rows, cin, cout;
+  const float* x;
+  const float* w;
+};
+
+Args check_x_w(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(cpu::sgemm_available(), "pointwise BN kernels: libtorch_cpu exports no sgemm_");
+  EFFNET_CHECK_DEVICE(x, at::kCPU);
+  EFFNET_CHECK_DTYPE(x, at::kFloat);
+  EFFNET_CHECK_DIM(x, 4);
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "x must be contiguous in channels_last format");
+  EFFNET_CHECK_DEVICE(weight, at::kCPU);
+  EFFNET_CHECK_DTYPE(weight, at::kFloat);
+  EFFNET_CHECK_DIM(weight, 2);
+  EFFNET_CHECK_CONTIGUOUS(weight);
+  TORCH_CHECK(weight.size(1) == x.size(1), "weight must be (Cout, ", x.size(1),
+              "), got shape ", weight.sizes());
+  TORCH_CHECK(x.numel() > 0 && weight.size(0) > 0, "x and weight must be non-empty");
+  return {x.numel() / x.size(1), x.size(1), weight.size(0), x.const_data_ptr<float>(),
+          weight.const_data_ptr<float>()};
+}
+
+void check_like_out(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t cout) {
+  EFFNET_CHECK_DTYPE(t, at::kFloat);
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 4 && t.size(0) == x.size(0) &&
+                  t.size(1) == cout && t.size(2) == x.size(2) && t.size(3) == x.size(3),
+              name, " must be a cpu (", x.size(0), ", ", cout, ", ", x.size(2), ", ",
+              x.size(3), ") tensor, got ", t.sizes(), " on ", t.device());
+  TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), name,
+              " must be contiguous in channels_last format");
+}
+
+const float* channel_vector(const at::Tensor& t, const char* name, int64_t cout) {
+  EFFNET_CHECK_DTYPE(t, at::kFloat);
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.numel() == cout && t.is_contiguous(),
+              name, " must be a contiguous cpu (", cout, ") vector, got ", t.sizes());
+  return t.const_data_ptr<float>();
+}
+
+at::Tensor empty_like_out(const at::Tensor& x, int64_t channels) {
+  return cpu::empty_output({x.size(0), channels, x.size(2), x.size(3)}, x.options(),
+                           at::MemoryFormat::ChannelsLast);
+}
+
+// Rows of y for tile t: the kept y's, or recomputed from x into scratch.
+const float* tile_y(const Args& a, const Tiling& tl, int64_t t, const float* kept,
+                    float* scratch) {
+  const int64_t r0 = tl.begin(t);
+  if (kept != nullptr) return kept + r0 * a.cout;
+  cpu::gemm_xwt(a.x + r0 * a.cin, a.w, scratch, tl.count(t), a.cin, a.cout);
+  return scratch;
+}
+
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> pw_bn_stats(
+    const at::Tensor& x, const at::Tensor& weight, bool keep_y) {
+  const Args a = check_x_w(x, weight);
+  const Tiling tl = make_tiling(a.rows, a.cin, a.cout);
+  std::optional<at::Tensor> y;
+  float* yp = nullptr;
+  if (keep_y) {
+    y = empty_like_out(x, a.cout);
+    yp = y->mutable_data_ptr<float>();
+  }
+  const auto moments = EFFNET_PICK_ISA(cpu_pw, tile_moments);
+  std::vector<float> part(tl.tiles * 2 * a.cout);
+  for_tiles(tl, keep_y ? 0 : tl.tile * a.cout, [&](int64_t, int64_t t, float* scratch) {
+    float* dest = keep_y ? yp + tl.begin(t) * a.cout : scratch;
+    cpu::gemm_xwt(a.x + tl.begin(t) * a.cin, a.w, dest, tl.count(t), a.cin, a.cout);
+    float* p = part.data() + t * 2 * a.cout;
+    moments(dest, tl.count(t), a.cout, p, p + a.cout);
+  });
+  // Chan's merge of the tiles' (count, mean, M2), in tile order, in double.
+  std::vector<double> mean(a.cout, 0.0), m2(a.cout, 0.0);
+  double n = 0;
+  for (int64_t t = 0; t < tl.tiles; ++t) {
+    const double nb = double(tl.count(t)), total = n + nb;
+    const float* p = part.data() + t * 2 * a.cout;
+    for (int64_t c = 0; c < a.cout; ++c) {
+      const double delta = double(p[c]) - mean[c];
+      mean[c] += delta * (nb / total);
+      m2[c] += double(p[a.cout + c]) + delta * delta * (n * nb / total);
+    }
+    n = total;
+  }
+  at::Tensor mean_t = at::empty({a.cout}, x.options()), var_t = at::empty({a.cout}, x.options());
+  float* mp = mean_t.mutable_data_ptr<float>();
+  float* vp = var_t.mutable_data_ptr<float>();
+  for (int64_t c = 0; c < a.cout; ++c) {
+    mp[c] = float(mean[c]);
+    vp[c] = float(m2[c] / n);
+  }
+  return {mean_t, var_t, y};
+}
+
+at::Tensor pw_bn_forward(const at::Tensor& x, const at::Tensor& weight,
+                         const at::Tensor& scale, const at::Tensor& shift, int64_t act) {
+  const Args a = check_x_w(x, weight);
+  check_act(act);
+  const float* sp = channel_vector(scale, "scale", a.cout);
+  const float* hp = channel_vector(shift, "shift", a.cout);
+  at::Tensor out = empty_like_out(x, a.cout);
+  float* op = out.mutable_data_ptr<float>();
+  const Tiling tl = make_tiling(a.rows, a.cin, a.cout);
+  const auto affine_act = EFFNET_PICK_ISA(cpu_pw, tile_affine_act);
+  for_tiles(tl, 0, [&](int64_t, int64_t t, float*) {
+    float* dest = op + tl.begin(t) * a.cout;
+    cpu::gemm_xwt(a.x + tl.begin(t) * a.cin, a.w, dest, tl.count(t), a.cin, a.cout);
+    affine_act(dest, tl.count(t), a.cout, sp, hp, act);
+  });
+  return out;
+}
+
+const float* kept_y(const std::optional<at::Tensor>& y, const at::Tensor& x, int64_t cout) {
+  if (!y.has_value()) return nullptr;
+  check_like_out(*y, "y", x, cout);
+  return y->const_data_ptr<float>();
+}
+
+// The inputs both backward primitives take, checked.
+struct BackwardInputs {
+  Args a;
+  const float* dout;
+  const float* y_kept;  // nullptr: recompute y per tile
+  const float* scale;
+  const float* shift;
+  const float* mean;
+};
+
+BackwardInputs check_backward(const at::Tensor& dout, const at::Tensor& x,
+                              const at::Tensor& weight, const std::optional<at::Tensor>& y,
+                              const at::Tensor& scale, const at::Tensor& shift,
+                              const at::Tensor& mean, int64_t act) {
+  const Args a = check_x_w(x, weight);
+  check_act(act);
+  check_like_out(dout, "dout", x, a.cout);
+  return {a, dout.const_data_ptr<float>(), kept_y(y, x, a.cout),
+          channel_vector(scale, "scale", a.cout), channel_vector(shift, "shift", a.cout),
+          channel_vector(mean, "mean", a.cout)};
+}
+
+std::tuple<at::Tensor, at::Tensor> pw_bn_backward_reduce(
+    const at::Tensor& dout, const at::Tensor& x, const at::Tensor& weight,
+    const std::optional<at::Tensor>& y, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& mean, int64_t act) {
+  const BackwardInputs in = check_backward(dout, x, weight, y, scale, shift, mean, act);
+  const Args& a = in.a;
+  const Tiling tl = make_tiling(a.rows, a.cin, a.cout);
+  const auto reduce = EFFNET_PICK_ISA(cpu_pw, tile_bn_reduce);
+  std::vector<float> part(tl.tiles * 2 * a.cout, 0.0f);
+  for_tiles(tl, in.y_kept ? 0 : tl.tile * a.cout, [&](int64_t, int64_t t, float* scratch) {
+    const float* yt = tile_y(a, tl, t, in.y_kept, scratch);
+    float* p = part.data() + t * 2 * a.cout;
+    reduce(in.dout + tl.begin(t) * a.cout, yt, tl.count(t), a.cout, in.scale, in.shift,
+           in.mean, act, p, p + a.cout);
+  });
+  std::vector<double> total(2 * a.cout, 0.0);
+  for (int64_t t = 0; t < tl.tiles; ++t) {
+    for (int64_t i = 0; i < 2 * a.cout; ++i) total[i] += double(part[t * 2 * a.cout + i]);
+  }
+  at::Tensor sum_g = at::empty({a.cout}, x.options()), sum_g_yc = at::empty({a.cout}, x.options());
+  for (int64_t c = 0; c < a.cout; ++c) {
+    sum_g.mutable_data_ptr<float>()[c] = float(total[c]);
+    sum_g_yc.mutable_data_ptr<float>()[c] = float(total[a.cout + c]);
+  }
+  return {sum_g, sum_g_yc};
+}
+
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> pw_bn_backward(
+    const at::Tensor& dout, const at::Tensor& x, const at::Tensor& weight,
+    const std::optional<at::Tensor>& y, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& mean, const at::Tensor& coef_b, const at::Tensor& coef_c, int64_t act,
+    bool need_dx, bool need_dweight) {
+  const BackwardInputs in = check_backward(dout, x, weight, y, scale, shift, mean, act);
+  const Args& a = in.a;
+  const float* bp = channel_vector(coef_b, "coef_b", a.cout);
+  const float* cp = channel_vector(coef_c, "coef_c", a.cout);
+  std::optional<at::Tensor> dx, dweight;
+  if (!need_dx && !need_dweight) return {dx, dweight};
+  const Tiling tl = make_tiling(a.rows, a.cin, a.cout,
+                                std::max<int64_t>(2, kDwPartialFloats / (a.cout * a.cin)));
+  float* dxp = nullptr;
+  if (need_dx) {
+    dx = empty_like_out(x, a.cin);
+    dxp = dx->mutable_data_ptr<float>();
+  }
+  std::vector<float> dw_part(need_dweight ? tl.groups * a.cout * a.cin : 0, 0.0f);
+  const auto grad = EFFNET_PICK_ISA(cpu_pw, tile_bn_grad);
+  // Scratch: the recomputed y tile, overwritten by dy; with a kept y, dy alone.
+  for_tiles(tl, tl.tile * a.cout, [&](int64_t g, int64_t t, float* scratch) {
+    const int64_t r0 = tl.begin(t), rows = tl.count(t);
+    const float* yt = tile_y(a, tl, t, in.y_kept, scratch);
+    grad(in.dout + r0 * a.cout, yt, scratch, rows, a.cout, in.scale, in.shift, in.mean, bp, cp,
+         act);
+    if (need_dx) cpu::gemm_xw(scratch, a.w, dxp + r0 * a.cin, rows, a.cin, a.cout);
+    if (need_dweight) {
+      cpu::gemm_acc_dtx(scratch, a.x + r0 * a.cin, dw_part.data() + g * a.cout * a.cin, rows,
+                        a.cin, a.cout);
+    }
+  });
+  if (need_dweight) {
+    dweight = at::zeros({a.cout, a.cin}, x.options());
+    float* out = dweight->mutable_data_ptr<float>();
+    const int64_t size = a.cout * a.cin;
+    at::parallel_for(0, size, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t g = 0; g < tl.groups; ++g) {
+        const float* p = dw_part.data() + g * size;
+        for (int64_t i = i0; i < i1; ++i) out[i] += p[i];
+      }
+    });
+  }
+  return {dx, dweight};
+}
+
+}  // namespace
+}  // namespace effnet::cpu_pw
+
+EFFNET_BINDINGS(bind_pointwise_bn_train_cpu) {
+  namespace py = pybind11;
+  namespace pw = effnet::cpu_pw;
+  auto cpu = m.def_submodule("cpu");
+  cpu.def("pw_bn_stats", &pw::pw_bn_stats,
+          "(mean, biased var, y if keep_y) of y = conv1x1(x, weight), weight (Cout, Cin)",
+          py::arg("x"), py::arg("weight"), py::arg("keep_y"));
+  cpu.def("pw_bn_forward", &pw::pw_bn_forward,
+          "act(conv1x1(x, weight) * scale + shift), the conv recomputed per tile",
+          py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("shift"), py::arg("act"));
+  cpu.def("pw_bn_backward_reduce", &pw::pw_bn_backward_reduce,
+          "(sum g, sum g * (y - mean)), g = dout * act'(y * scale + shift); y None: recomputed",
+          py::arg("dout"), py::arg("x"), py::arg("weight"), py::arg("y"), py::arg("scale"),
+          py::arg("shift"), py::arg("mean"), py::arg("act"));
+  cpu.def("pw_bn_backward", &pw::pw_bn_backward,
+          "(dx, dweight) of the conv from dy = scale * g + coef_b + coef_c * (y - mean)",
+          py::arg("dout"), py::arg("x"), py::arg("weight"), py::arg("y"), py::arg("scale"),
+          py::arg("shift"), py::arg("mean"), py::arg("coef_b"), py::arg("coef_c"),
+          py::arg("act"), py::arg("need_dx"), py::arg("need_dweight"));
+}

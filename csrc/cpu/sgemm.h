@@ -1,0 +1,25 @@
+// Row-major float32 matrix products on the BLAS sgemm_ that libtorch_cpu ships (MKL on
+// x86 wheels), looked up at runtime; single-threaded or MKL-threaded as the caller's
+// context makes them. Layout: every matrix is row-major; the NHWC pixels of a
+// channels_last activation are the rows of a (pixels, channels) matrix.
+//
+//   gemm_xwt      y  (rows, cout)  = x  (rows, cin)  @ w^T     w (cout, cin)
+//   gemm_xw       dx (rows, cin)   = dy (rows, cout) @ w       w (cout, cin)
+//   gemm_acc_dtx  dw (cout, cin)  += dy^T @ x                  dy (rows, cout), x (rows, cin)
+#pragma once
+
+#include <cstdint>
+
+namespace effnet::cpu {
+
+// Whether libtorch_cpu exports sgemm_ (without it the callers keep ATen's path).
+bool sgemm_available();
+
+void gemm_xwt(const float* x, const float* w, float* y, int64_t rows, int64_t cin,
+              int64_t cout);
+void gemm_xw(const float* dy, const float* w, float* dx, int64_t rows, int64_t cin,
+             int64_t cout);
+void gemm_acc_dtx(const float* dy, const float* x, float* dw, int64_t rows, int64_t cin,
+                  int64_t cout);
+
+}  // namespace effnet::cpu

@@ -1,0 +1,139 @@
+"""The tiled CPU training 1x1 conv + BN + act (csrc/cpu/pointwise_bn_train.cpp, through
+nn/pointwise.py): output, every gradient and the running statistics against float64
+conv2d -> batch_norm -> act under the parity rule, for a recomputed and a kept y, shapes
+with few tiles, many tiles, more tiles than groups and a weight large enough to cap the
+dW partials, and a narrowing conv that stays on the unfused route; bitwise the same
+results on one thread and on two; the primitives' argument errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from effnet_kernels import use_backend
+from effnet_kernels._ext import ext_module
+from effnet_kernels.nn import pointwise
+from effnet_kernels.nn.pointwise import conv_bn_act_train
+from effnet_kernels.testing import parity
+
+EXT = ext_module()
+pytestmark = pytest.mark.skipif(
+    EXT is None or not hasattr(EXT.cpu, "pw_bn_stats") or not EXT.cpu.pw_conv_available(),
+    reason="compiled extension with the tiled pointwise kernels and BLAS sgemm not available")
+CL = torch.channels_last
+ACTS = {"silu": F.silu, "relu": F.relu, "identity": lambda t: t}
+CASES = [  # (N, Cin, Cout, H, W): y recomputed where Cin < 64, else kept
+    (2, 5, 12, 7, 9),        # 8 tiles of 16 rows, odd channel counts
+    (2, 64, 80, 5, 4),       # Cin >= KEEP_Y_MIN_MACS: kept
+    (2, 16, 96, 48, 48),     # 7 tiles of 682 rows
+    (1, 24, 144, 96, 96),    # 21 tiles in 16 groups
+    (1, 400, 1200, 4, 4),    # Cout * Cin above the dW partial budget: 4 groups (the
+                             # route's TILED_MAX_WEIGHT raised for it)
+    (3, 40, 24, 8, 8),       # Cout < Cin: not tiled (the unfused route)
+]
+
+
+def _inputs(case, seed=0):
+    n, cin, cout, h, w = case
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, cin, h, w, generator=gen) + 0.5,
+            torch.randn(cout, cin, 1, 1, generator=gen) / cin ** 0.5,
+            torch.rand(cout, generator=gen) + 0.5, torch.randn(cout, generator=gen),
+            torch.randn(cout, generator=gen), torch.rand(cout, generator=gen) + 0.5,
+            torch.randn(n, cout, h, w, generator=gen)]
+
+
+def _run(fn, inputs, dtype):
+    x, w, g, b, rm, rv, dy = (t.clone().to(dtype) for t in inputs)
+    x = x.contiguous(memory_format=CL).requires_grad_()
+    w, g, b = (t.requires_grad_() for t in (w, g, b))
+    out = fn(x, w, g, b, rm, rv)
+    out.backward(dy.contiguous(memory_format=CL))
+    return {"out": out, "dx": x.grad, "dweight": w.grad, "dgamma": g.grad, "dbeta": b.grad,
+            "running_mean": rm, "running_var": rv}
+
+
+def _fused(act):
+    def run(x, w, g, b, rm, rv):
+        return conv_bn_act_train(x, w, g, b, rm, rv, stride=1, padding=0, groups=1,
+                                 momentum=0.1, eps=1e-3, act=act)
+    return run
+
+
+def _eager(act):
+    def run(x, w, g, b, rm, rv):
+        return ACTS[act](F.batch_norm(F.conv2d(x, w), rm, rv, g, b, True, 0.1, 1e-3))
+    return run
+
+
+@pytest.fixture
+def stats_calls(monkeypatch):
+    """Records keep_y of every pw_bn_stats call (the tiled route was taken)."""
+    calls = []
+    stats = EXT.cpu.pw_bn_stats
+
+    def spy(x, w, keep_y):
+        calls.append(keep_y)
+        return stats(x, w, keep_y)
+    monkeypatch.setattr(EXT.cpu, "pw_bn_stats", spy)
+    return calls
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("act", sorted(ACTS))
+def test_tiled_route_matches_eager(case, act, stats_calls, monkeypatch):
+    monkeypatch.setattr(pointwise, "TILED_MAX_WEIGHT", 1 << 20)
+    inputs = _inputs(case)
+    truth = _run(_eager(act), inputs, torch.float64)
+    same = _run(_eager(act), inputs, torch.float32)
+    with use_backend("cpu"):
+        got = _run(_fused(act), inputs, torch.float32)
+    _, cin, cout, _, _ = case
+    assert stats_calls == ([cin >= pointwise.KEEP_Y_MIN_MACS] if cout > cin else [])
+    failures = [str(p) for key in truth
+                if not (p := parity(key, got[key], same[key], truth[key], torch.float32)).ok]
+    assert not failures, "; ".join(failures)
+    assert got["out"].is_contiguous(memory_format=CL) and got["dx"].is_contiguous(memory_format=CL)
+
+
+@pytest.mark.parametrize("case", CASES[1:5], ids=str)
+def test_results_do_not_depend_on_the_thread_count(case, monkeypatch):
+    monkeypatch.setattr(pointwise, "TILED_MAX_WEIGHT", 1 << 20)
+    inputs = _inputs(case, seed=3)
+    threads = torch.get_num_threads()
+    got = {}
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            with use_backend("cpu"):
+                got[count] = _run(_fused("silu"), inputs, torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    for key, value in got[1].items():
+        assert torch.equal(value, got[2][key]), key
+
+
+def test_primitives_name_bad_arguments():
+    x = torch.randn(2, 6, 3, 3).contiguous(memory_format=CL)
+    w = torch.randn(8, 6)
+    v = torch.ones(8)
+    dout = torch.randn(2, 8, 3, 3).contiguous(memory_format=CL)
+    cases = [
+        (lambda: EXT.cpu.pw_bn_stats(x.contiguous(), w, True), "x must be contiguous in channels_last"),
+        (lambda: EXT.cpu.pw_bn_stats(x.double(), w, True), "x must have dtype"),
+        (lambda: EXT.cpu.pw_bn_stats(x, torch.randn(8, 5), True), r"weight must be \(Cout, 6\)"),
+        (lambda: EXT.cpu.pw_bn_stats(x, w.t(), True), "weight must be contiguous"),
+        (lambda: EXT.cpu.pw_bn_forward(x, w, v[:7], v, 2), r"scale must be a contiguous cpu \(8\)"),
+        (lambda: EXT.cpu.pw_bn_forward(x, w, v, v, 5), "act must be"),
+        (lambda: EXT.cpu.pw_bn_backward_reduce(dout[:, :7], x, w, None, v, v, v, 2),
+         r"dout must be a cpu \(2, 8, 3, 3\) tensor"),
+        (lambda: EXT.cpu.pw_bn_backward_reduce(dout, x, w, dout.contiguous(), v, v, v, 2),
+         "y must be contiguous in channels_last"),
+        (lambda: EXT.cpu.pw_bn_backward(dout, x, w, None, v, v, v, v, v[:3], 2, True, True),
+         r"coef_c must be a contiguous cpu \(8\)"),
+        (lambda: EXT.cpu.pw_bn_stats(x[:0], w, True), "must be non-empty"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()

@@ -75,20 +75,22 @@ def test_conv_bn_act_train_parity(backend, device, case, act, fmt_name):
     assert got["out"].is_contiguous(memory_format=fmt)
 
 
-@pytest.mark.parametrize("cin,cout,keeps", [(8, 48, False), (64, 96, True), (96, 16, True)])
-def test_conv_output_kept_only_where_recomputing_is_costly(cin, cout, keeps):
+@pytest.mark.parametrize("cin,cout,k,keeps", [(8, 48, 1, False), (64, 96, 1, True),
+                                              (96, 16, 1, True), (3, 32, 3, True)])
+def test_conv_output_kept_only_where_recomputing_is_costly(cin, cout, k, keeps):
     """y is saved for backward where the conv costs >= KEEP_Y_MIN_MACS multiply-adds per
-    output element or y is smaller than x; otherwise only x is saved and y recomputed."""
+    output element, runs through oneDNN (k > 1, on CPU) or y is smaller than x; otherwise
+    only x is saved and y recomputed."""
     from effnet_kernels.nn.pointwise import KEEP_Y_MIN_MACS
 
-    assert (cin >= KEEP_Y_MIN_MACS or cout < cin) == keeps
+    assert (cin * k * k >= KEEP_Y_MIN_MACS or cout < cin or k > 1) == keeps
     x = torch.randn(2, cin, 4, 4).requires_grad_()
-    w = torch.randn(cout, cin, 1, 1).requires_grad_()
+    w = torch.randn(cout, cin, k, k).requires_grad_()
     shapes = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t,
                                                   lambda t: t):
-        out = conv_bn_act_train(x, w, None, None, None, None, stride=1, padding=0, groups=1,
-                                momentum=0.1, eps=1e-5, act="silu")
+        out = conv_bn_act_train(x, w, None, None, None, None, stride=1, padding=k // 2,
+                                groups=1, momentum=0.1, eps=1e-5, act="silu")
     assert (torch.Size([2, cout, 4, 4]) in shapes) == keeps
     out.sum().backward()
     assert x.grad is not None and w.grad is not None
@@ -142,3 +144,15 @@ def test_kept_intermediates_match_recomputation_bitwise(case, dtype, fmt_name, m
             got[keep] = _run(fused, inputs, dy, dtype, fmt)
     for key, value in got[True].items():
         assert torch.equal(value, got[False][key]), key
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_double_backward_raises_instead_of_a_wrong_answer(fmt):
+    """The backward's primitives record no graph: a second derivative raises."""
+    x = torch.randn(2, 4, 5, 5).contiguous(memory_format=fmt).requires_grad_()
+    w = torch.randn(12, 4, 1, 1).requires_grad_()
+    out = conv_bn_act_train(x, w, None, None, None, None, stride=1, padding=0, groups=1,
+                            momentum=0.1, eps=1e-5, act="silu")
+    (dx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dx.sum().backward()

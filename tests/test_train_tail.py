@@ -152,3 +152,16 @@ def test_gated_activation_is_not_saved(monkeypatch):
     with_tail = _saved_bytes(block, x)
     monkeypatch.setattr(train_tail, "ENABLED", False)
     assert _saved_bytes(block, x) - with_tail >= dw_out_bytes
+
+
+def test_double_backward_raises_instead_of_a_wrong_answer():
+    """The backward's primitives record no graph: a second derivative raises."""
+    conv, bn, _ = _parts()
+    se = MBConv(4, 8, exp_ratio=4).se  # 16 channels, like _parts' conv input
+    y = torch.randn(2, 16, 4, 4).contiguous(memory_format=CL).requires_grad_()
+    out = train_tail.se_projection_train(y, y.detach().sum(dim=(2, 3)),
+                                         (se.conv_reduce, se.conv_expand, "silu"),
+                                         (conv, bn, "identity"))
+    (dy,) = torch.autograd.grad(out.square().sum(), y, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dy.sum().backward()

@@ -11,7 +11,8 @@ is cheap. It saves y as well instead where the conv's output is smaller than its
 anyway) or, on CPU, where recomputing costs many FLOPs per byte y would take (at least
 KEEP_Y_MIN_MACS multiply-adds per element of y, Cin / groups * kh * kw; on B0 the expand
 convs with 80-192 input channels and the head: 2/3 of the recomputed GEMM FLOPs, for
-4 MB per image of kept y).
+4 MB per image of kept y) or runs through oneDNN rather than a GEMM (k > 1: the stem,
+1.6 MB per image).
 
 A float32 1x1 conv on channels_last tensors on the cpu backend runs tiled
 (csrc/cpu/pointwise_bn_train.cpp): each tile's GEMM output gets its BN work while it is in
@@ -40,6 +41,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..backends import select
 from ..ops.activations import act_code
@@ -74,7 +76,10 @@ KEEP_Y_MIN_MACS = 64
 
 def _keeps_output(x: Tensor, y_numel: int, weight: Tensor) -> bool:
     # The FLOPs-per-byte trade was measured on CPU only; GPUs keep recomputing the conv.
-    costly = x.device.type == "cpu" and weight[0].numel() >= KEEP_Y_MIN_MACS
+    # A k x k conv (k > 1: the stem) runs through oneDNN, whose recompute cost ~2 ms per
+    # B0 training step at batch 8 x 224^2 for the 3-channel stem: kept as well.
+    costly = x.device.type == "cpu" and (weight[0].numel() >= KEEP_Y_MIN_MACS
+                                         or weight.shape[-1] > 1)
     return y_numel < x.numel() or costly
 
 
@@ -195,7 +200,9 @@ class ConvBNActTrain(torch.autograd.Function):
             ctx.keep_y = y is not None
         else:
             y = _conv(x, weight, geo)
-            ctx.keep_y = _keeps_output(x, y.numel(), weight)
+            # Under autocast y may be in another dtype than x; the conv backward needs both
+            # in one, so such a y is recomputed (in x's dtype) instead of kept.
+            ctx.keep_y = _keeps_output(x, y.numel(), weight) and y.dtype == x.dtype
             # Unless kept, y is this call's own temporary: the act pass may overwrite it.
             out, mean, var = bn_act_forward(y, gamma, beta, eps, code, not ctx.keep_y)
         ctx.save_for_backward(x, weight, gamma, beta, mean, var, y if ctx.keep_y else None)
@@ -204,6 +211,7 @@ class ConvBNActTrain(torch.autograd.Function):
         return out, mean, var
 
     @staticmethod
+    @once_differentiable  # the primitives record no graph: double backward raises
     def backward(ctx, dout, _dmean, _dvar):
         x, weight, gamma, beta, mean, var, y = ctx.saved_tensors
         if ctx.tiles is not None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .._ext import ext_module
 from ..backends import select
@@ -119,6 +120,7 @@ class SEProjectionTrain(torch.autograd.Function):
         return out, bn_mean, bn_var
 
     @staticmethod
+    @once_differentiable  # the primitives record no graph: double backward raises
     def backward(ctx, dout, _dmean, _dvar):
         y, mean, h, gate, rw, rb, ew, eb, weight, gamma, beta, bn_mean, bn_var, p = \
             ctx.saved_tensors

@@ -3,6 +3,10 @@
 // each product below is issued as the product of the transposes in reverse order.
 #include "sgemm.h"
 
+#include <c10/util/Exception.h>
+
+#include <limits>
+
 #if defined(__unix__) || defined(__APPLE__)
 #include <dlfcn.h>
 #define EFFNET_HAS_DLOPEN 1
@@ -30,8 +34,12 @@ SgemmFn sgemm() {
   return fn;
 }
 
-void colmajor_sgemm(const char* ta, const char* tb, int64_t m, int64_t n, int64_t k, const float* a,
-          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+void colmajor_sgemm(const char* ta, const char* tb, int64_t m, int64_t n, int64_t k,
+                    const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                    float* c, int64_t ldc) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();  // BLAS takes 32-bit sizes
+  TORCH_CHECK(m <= kMax && n <= kMax && k <= kMax && lda <= kMax && ldb <= kMax && ldc <= kMax,
+              "sgemm: a matrix dimension exceeds 2^31 - 1 (m=", m, ", n=", n, ", k=", k, ")");
   const int mi = int(m), ni = int(n), ki = int(k), la = int(lda), lb = int(ldb), lc = int(ldc);
   const float one = 1.0f;
   sgemm()(ta, tb, &mi, &ni, &ki, &one, a, &la, b, &lb, &beta, c, &lc);

@@ -38,6 +38,7 @@
 
 #include "common/binding_registry.h"
 #include "common/checks.h"
+#include "depthwise_passes.h"
 #include "output_cache.h"
 #include "pointwise_epilogue_decl.h"
 #include "sgemm.h"
@@ -149,25 +150,19 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> pw_bn_stats(
     float* p = part.data() + t * 2 * a.cout;
     moments(dest, tl.count(t), a.cout, p, p + a.cout);
   });
-  // Chan's merge of the tiles' (count, mean, M2), in tile order, in double.
-  std::vector<double> mean(a.cout, 0.0), m2(a.cout, 0.0);
-  double n = 0;
+  // Chan's merge of the tiles' (count, mean, M2), in tile order, in double: total is
+  // [count, mean[C], m2[C]] as in the depthwise statistics.
+  std::vector<double> total(1 + 2 * a.cout, 0.0);
   for (int64_t t = 0; t < tl.tiles; ++t) {
-    const double nb = double(tl.count(t)), total = n + nb;
     const float* p = part.data() + t * 2 * a.cout;
-    for (int64_t c = 0; c < a.cout; ++c) {
-      const double delta = double(p[c]) - mean[c];
-      mean[c] += delta * (nb / total);
-      m2[c] += double(p[a.cout + c]) + delta * delta * (n * nb / total);
-    }
-    n = total;
+    cpu_dw::chan_merge(total.data(), a.cout, double(tl.count(t)), p, p + a.cout);
   }
   at::Tensor mean_t = at::empty({a.cout}, x.options()), var_t = at::empty({a.cout}, x.options());
   float* mp = mean_t.mutable_data_ptr<float>();
   float* vp = var_t.mutable_data_ptr<float>();
   for (int64_t c = 0; c < a.cout; ++c) {
-    mp[c] = float(mean[c]);
-    vp[c] = float(m2[c] / n);
+    mp[c] = float(total[1 + c]);
+    vp[c] = float(total[1 + a.cout + c] / total[0]);
   }
   return {mean_t, var_t, y};
 }
@@ -238,9 +233,11 @@ std::tuple<at::Tensor, at::Tensor> pw_bn_backward_reduce(
     for (int64_t i = 0; i < 2 * a.cout; ++i) total[i] += double(part[t * 2 * a.cout + i]);
   }
   at::Tensor sum_g = at::empty({a.cout}, x.options()), sum_g_yc = at::empty({a.cout}, x.options());
+  float* s1 = sum_g.mutable_data_ptr<float>();
+  float* s2 = sum_g_yc.mutable_data_ptr<float>();
   for (int64_t c = 0; c < a.cout; ++c) {
-    sum_g.mutable_data_ptr<float>()[c] = float(total[c]);
-    sum_g_yc.mutable_data_ptr<float>()[c] = float(total[a.cout + c]);
+    s1[c] = float(total[c]);
+    s2[c] = float(total[a.cout + c]);
   }
   return {sum_g, sum_g_yc};
 }

@@ -57,6 +57,12 @@ def _rows(t: Tensor) -> Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
+def sample_rows(t: Tensor) -> Tensor:
+    """(N, C, H, W) channels_last -> its per-sample (N, H*W, C) row-major view."""
+    n, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).view(n, h * w, c)
+
+
 def _cached_like(x: Tensor, channels: int) -> Tensor:
     n, _, h, w = x.shape
     return ext_module().cpu.empty_cached([n, channels, h, w], x, True)
@@ -82,12 +88,11 @@ def gated_gemm_conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None,
     once instead of twice (scale pass + conv); the gated weights cost N * Cout * Cin, so
     it pays when H * W exceeds Cout. gemm_conv_eligible calls only; gate is (N, Cin) in
     any float dtype (applied in float32, or float64 for float64 x). No autograd."""
-    n, cin, h, w = x.shape
+    n, cin = x.shape[:2]
     cout = weight.shape[0]
     y = _cached_like(x, cout)
     gated = weight.reshape(1, cout, cin) * gate.reshape(n, 1, cin)
-    x_rows, y_rows = x.permute(0, 2, 3, 1).reshape(n, h * w, cin), y.permute(0, 2, 3, 1)
-    y_rows = y_rows.view(n, h * w, cout)
+    x_rows, y_rows = sample_rows(x), sample_rows(y)
     gated_t = gated.to(x.dtype).transpose(1, 2)
     if bias is None:
         torch.bmm(x_rows, gated_t, out=y_rows)

@@ -37,10 +37,10 @@ from ..ops.activations import act_code
 from ..ops.bn_math import as_dtype, vector_math
 from ..ops.depthwise import OP as DEPTHWISE_OP
 from ..ops.eager import plain_eager
-from ..ops.squeeze_excite import excite_mlp, mlp_backward
+from ..ops.squeeze_excite import bias_or_zeros, excite_mlp, mlp_backward
 from .batchnorm import bn_call_args, is_plain_batchnorm
 from .conv_bn_act import is_same_conv
-from .gemm_conv import epilogue_gemm_serves, gemm_conv1x1_act, gemm_conv_eligible
+from .gemm_conv import epilogue_gemm_serves, gemm_conv1x1_act, gemm_conv_eligible, sample_rows
 from .pointwise import bn_act_backward, bn_act_forward, bn_param_grads
 
 # Switch for in-process A/B measurements (benchmarks); the unfused order is always correct.
@@ -74,23 +74,14 @@ def se_projection_train(y: Tensor, sums: Tensor, se: tuple, projection: tuple) -
     conv, bn, act = projection
     args = bn_call_args(bn)
     out, mean, var = SEProjectionTrain.apply(
-        y, sums, reduce.weight, _bias(reduce), expand.weight, _bias(expand), conv.weight,
+        y, sums, reduce.weight, bias_or_zeros(reduce.bias, reduce.weight), expand.weight,
+        bias_or_zeros(expand.bias, expand.weight), conv.weight,
         bn.weight, bn.bias, act_code(se_act), args["eps"], act_code(act))
     if args["running_mean"] is not None and args["running_var"] is not None:
         vector_math(select(DEPTHWISE_OP, out)).bn_update_running(
             args["running_mean"], args["running_var"], mean, var, args["momentum"],
             out.numel() // out.shape[1])
     return out
-
-
-def _bias(conv) -> Tensor:
-    return conv.weight.new_zeros(conv.out_channels) if conv.bias is None else conv.bias
-
-
-def _rows(t: Tensor) -> Tensor:
-    """(N, C, H, W) channels_last -> its (N, H*W, C) view."""
-    n, c, h, w = t.shape
-    return t.permute(0, 2, 3, 1).view(n, h * w, c)
 
 
 def _gated_transposed_product(dp: Tensor, gated: Tensor, bias: Tensor) -> Tensor:
@@ -101,8 +92,8 @@ def _gated_transposed_product(dp: Tensor, gated: Tensor, bias: Tensor) -> Tensor
     if epilogue_gemm_serves(dp):
         return ext_module().cpu.pw_conv_act(dp, gated.transpose(1, 2).contiguous(), bias, 0)
     out = torch.empty((n, c, h, w), dtype=dp.dtype, memory_format=torch.channels_last)
-    torch.baddbmm(bias.to(dp.dtype).unsqueeze(1), _rows(dp), gated.to(dp.dtype),
-                  out=_rows(out))
+    torch.baddbmm(bias.to(dp.dtype).unsqueeze(1), sample_rows(dp), gated.to(dp.dtype),
+                  out=sample_rows(out))
     return out
 
 
@@ -127,7 +118,7 @@ class SEProjectionTrain(torch.autograd.Function):
         dp, dgamma, sum_g = bn_act_backward(dout, p, gamma, beta, bn_mean, bn_var, ctx.eps,
                                             ctx.act)
         w2d = as_dtype(weight.flatten(1), gate.dtype)
-        m = as_dtype(torch.bmm(_rows(dp).transpose(1, 2), _rows(y)), gate.dtype)
+        m = as_dtype(torch.bmm(sample_rows(dp).transpose(1, 2), sample_rows(y)), gate.dtype)
         dgate = (m * w2d).sum(1)
         dmean, drw, drb, dew, deb = mlp_backward(dgate, mean, h, gate, rw, rb, ew, eb,
                                                  ctx.se_act, y.shape[2] * y.shape[3])

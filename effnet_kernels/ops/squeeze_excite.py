@@ -72,11 +72,11 @@ def excite_gate(sums: Tensor, pixels: int, reduce_weight: Tensor, reduce_bias: T
     """The (N, C) gate sigmoid(conv_expand(act(conv_reduce(sums / pixels)))) from the pooled
     sums (e.g. the depthwise op's pool epilogue), in sums' dtype. No autograd bookkeeping:
     for callers that record no graph."""
-    return excite_mlp(sums / pixels, reduce_weight, _bias_or_zeros(reduce_bias, reduce_weight),
-                expand_weight, _bias_or_zeros(expand_bias, expand_weight), act_code(act))[1]
+    return excite_mlp(sums / pixels, reduce_weight, bias_or_zeros(reduce_bias, reduce_weight),
+                expand_weight, bias_or_zeros(expand_bias, expand_weight), act_code(act))[1]
 
 
-def _bias_or_zeros(bias: Tensor | None, weight: Tensor) -> Tensor:
+def bias_or_zeros(bias: Tensor | None, weight: Tensor) -> Tensor:
     """A 1x1 conv's bias, zeros (weight's dtype) for None."""
     return weight.new_zeros(weight.shape[:1]) if bias is None else bias
 
@@ -265,9 +265,9 @@ def squeeze_excite(
             return squeeze_excite(x, reduce_weight, reduce_bias, expand_weight, expand_bias,
                                   act=act, pooled=pooled)
     if isinstance(reduce_weight, Tensor):
-        reduce_bias = _bias_or_zeros(reduce_bias, reduce_weight)
+        reduce_bias = bias_or_zeros(reduce_bias, reduce_weight)
     if isinstance(expand_weight, Tensor):
-        expand_bias = _bias_or_zeros(expand_bias, expand_weight)
+        expand_bias = bias_or_zeros(expand_bias, expand_weight)
     _check_inputs(x, reduce_weight, reduce_bias, expand_weight, expand_bias, pooled)
     code = act_code(act)
     if EAGER_FAST_PATH and plain_eager(x, reduce_weight, reduce_bias, expand_weight,

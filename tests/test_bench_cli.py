@@ -154,6 +154,19 @@ def test_speedups_and_bandwidth():
     assert "x4.00" in text and "x2.00" in text
 
 
+def test_page_faults_per_call_counts_fresh_pages():
+    from effnet_kernels.bench.e2e import page_faults_per_call
+
+    cpu = torch.device("cpu")
+    # 64 MiB is above glibc's largest mmap threshold: every call maps and touches fresh
+    # pages (at least one fault even with transparent huge pages); doing nothing faults
+    # far less than one page per 4 KiB of that.
+    fresh = page_faults_per_call(lambda: torch.empty(1 << 24).fill_(1.0), cpu)
+    idle = page_faults_per_call(lambda: None, cpu, calls=4)
+    assert fresh is not None and fresh >= 1 and 0 <= idle < 64
+    assert page_faults_per_call(lambda: None, torch.device("cuda")) is None
+
+
 def test_top_level_aten_ops_counts_each_dispatch_once():
     from effnet_kernels.bench.dispatch import top_level_aten_ops
 

@@ -160,9 +160,21 @@ at::Tensor empty_cl(const at::Tensor& x, int64_t h, int64_t w) {
 
 at::Tensor to_format(const at::Tensor& t, at::MemoryFormat fmt) { return t.contiguous(fmt); }
 
-// Work units are split into min(units, kMaxGroups) groups, each with its own partial
-// sums, merged in group order (deterministic for any thread count).
-int64_t group_count(int64_t units) { return std::min(units, kMaxGroups); }
+// Work units are split into groups, each with its own partial sums, merged in group order
+// (deterministic for any thread count: the count depends on the shapes only). About one
+// group per kGroupElems values of work, rounded up to a multiple of kGroupMultiple (even
+// shares for 1, 2, 4 and 8 threads) and at most kMaxGroups or one per unit: the partials
+// are zeroed and merged on one thread, which on B0's 7x7 and 14x14 layers (64 groups of
+// 1 + 2C doubles for 56 rows of 7 pixels) cost as much as the pass itself.
+constexpr int64_t kGroupElems = int64_t(1) << 15;
+constexpr int64_t kGroupMultiple = 8;
+
+int64_t group_count(int64_t units, int64_t elems_per_unit) {
+  if (units <= 0) return 0;
+  const int64_t wanted = (units * elems_per_unit + kGroupElems - 1) / kGroupElems;
+  const int64_t rounded = (wanted + kGroupMultiple - 1) / kGroupMultiple * kGroupMultiple;
+  return std::max<int64_t>(1, std::min({units, kMaxGroups, rounded}));
+}
 
 // Runs body(GroupRange) once per thread, over that thread's share of the `groups`
 // groups of `units` work units.
@@ -218,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_impl(const at::Tensor& x,
     const auto wt = transpose_weight<X>(weight);
     const Params<A> p{wt.data()};
     const int64_t width = 1 + 2 * g.C;
-    const int64_t groups = group_count(g.N * g.OH);
+    const int64_t groups = group_count(g.N * g.OH, g.OW * g.C);
     std::vector<double> part(groups * width, 0.0);
     const auto kernel = EFFNET_PICK_ISA(cpu_dw, stats_rows<X>);
     X* y_out = stash ? y.data_ptr<X>() : nullptr;
@@ -393,7 +405,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> reduce
     using A = AccOf<X>;
     const auto wt = transpose_weight<X>(weight);
     const Params<A> p{wt.data(), sc.const_data_ptr<A>(), sh.const_data_ptr<A>(), mu.const_data_ptr<A>()};
-    const int64_t groups = group_count(g.N * g.OH);
+    const int64_t groups = group_count(g.N * g.OH, g.OW * g.C);
     std::vector<double> part(groups * 2 * g.C, 0.0);
     const auto kernel = EFFNET_PICK_ISA(cpu_dw, reduce_rows<X>);
     X* g_out = stash ? grad.data_ptr<X>() : nullptr;
@@ -465,7 +477,7 @@ std::tuple<at::Tensor, at::Tensor> dw_backward(
     const Params<A> p{wt.data(), sc.const_data_ptr<A>(), sh.const_data_ptr<A>(),
                       mu.const_data_ptr<A>(), cb.const_data_ptr<A>(), cc.const_data_ptr<A>()};
     const int64_t width = g.K * g.K * g.C, blocks = backward_blocks(g);
-    const int64_t groups = group_count(g.N * blocks);
+    const int64_t groups = group_count(g.N * blocks, g.H / blocks * g.W * g.C);
     std::vector<double> part(groups * width, 0.0);
     const auto kernel = EFFNET_PICK_ISA(cpu_dw, backward_units<X>);
     run_groups(g.N * blocks, groups, [&](const GroupRange& range) {

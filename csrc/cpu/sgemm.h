@@ -5,7 +5,7 @@
 //
 //   gemm_xwt      y  (rows, cout)  = x  (rows, cin)  @ w^T     w (cout, cin)
 //   gemm_xw       dx (rows, cin)   = dy (rows, cout) @ w       w (cout, cin)
-//   gemm_acc_dtx  dw (cout, cin)  += dy^T @ x                  dy (rows, cout), x (rows, cin)
+//   gemm_dtx      dw (cout, cin)   = dy^T @ x  (+= when accumulate)   dy (rows, cout), x (rows, cin)
 #pragma once
 
 #include <cstdint>
@@ -19,7 +19,7 @@ void gemm_xwt(const float* x, const float* w, float* y, int64_t rows, int64_t ci
               int64_t cout);
 void gemm_xw(const float* dy, const float* w, float* dx, int64_t rows, int64_t cin,
              int64_t cout);
-void gemm_acc_dtx(const float* dy, const float* x, float* dw, int64_t rows, int64_t cin,
-                  int64_t cout);
+void gemm_dtx(const float* dy, const float* x, float* dw, int64_t rows, int64_t cin,
+              int64_t cout, bool accumulate);
 
 }  // namespace effnet::cpu

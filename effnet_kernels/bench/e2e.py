@@ -158,6 +158,26 @@ def saved_activation_bytes(model, images, dtype) -> int:
     return sum(seen.values())
 
 
+def page_faults_per_call(fn: Callable[[], object], device: torch.device,
+                         calls: int = 2) -> float | None:
+    """Minor page faults of this process per call of fn (CPU only; None elsewhere or where
+    getrusage is missing). Fresh pages the allocator maps for large tensors are zeroed by
+    the kernel on first touch: on CPU that can be a large share of a training step, and it
+    depends on the C allocator's state (glibc raises its mmap threshold after the first
+    large frees), so it is reported next to the step times."""
+    if device.type != "cpu":
+        return None
+    try:
+        import resource
+    except ImportError:
+        return None
+    fn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
 def peak_train_memory(step: Callable[[], object], device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
@@ -219,12 +239,14 @@ def run_e2e(model_name: str, device: torch.device, dtype: torch.dtype, batch: in
     for kind, fns in (("train", train_fns), ("infer", infer_fns)):
         timings = measure_interleaved(fns, device, warmup=warmup, rounds=rounds,
                                       min_sample_ms=0.0, on_error=on_error(kind))
+        faults = {p: page_faults_per_call(fns[p], device) for p in timings}
         for p, t in timings.items():
             rows.append({"model": model_name, "provider": p, "mode": kind, "batch": batch,
                          "resolution": resolution, "dtype": str(dtype).replace("torch.", ""),
                          "memory_format": str(memory_format).replace("torch.", ""),
                          "device": device.type, **t.as_dict(),
-                         "img_per_s": batch / (t.median_ms * 1e-3), **extra.get(p, {})})
+                         "img_per_s": batch / (t.median_ms * 1e-3),
+                         "page_faults_per_call": faults[p], **extra.get(p, {})})
         if progress is not None:
             progress(kind)
     return rows

@@ -78,7 +78,8 @@ def _keeps_output(x: Tensor, y_numel: int, weight: Tensor) -> bool:
     # The FLOPs-per-byte trade was measured on CPU only; GPUs keep recomputing the conv.
     # A k x k conv (k > 1: the stem) runs through oneDNN, whose recompute cost ~2 ms per
     # B0 training step at batch 8 x 224^2 for the 3-channel stem: kept as well.
-    costly = x.device.type == "cpu" and (weight[0].numel() >= KEEP_Y_MIN_MACS
+    macs_per_output = weight.numel() // weight.shape[0] if weight.shape[0] else 0
+    costly = x.device.type == "cpu" and (macs_per_output >= KEEP_Y_MIN_MACS
                                          or weight.shape[-1] > 1)
     return y_numel < x.numel() or costly
 

@@ -37,6 +37,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -176,21 +177,32 @@ int64_t group_count(int64_t units, int64_t elems_per_unit) {
   return std::max<int64_t>(1, std::min({units, kMaxGroups, rounded}));
 }
 
-// Runs body(GroupRange) once per thread, over that thread's share of the `groups`
-// groups of `units` work units.
-template <class F>
-void run_groups(int64_t units, int64_t groups, F&& body) {
-  at::parallel_for(0, groups, 1, [&](int64_t b, int64_t e) { body(GroupRange{units, groups, b, e}); });
+// Storage for the partial sums of `groups` groups of `width` doubles, left uninitialized:
+// run_groups zeroes each group's partial on the thread that fills it.
+std::unique_ptr<double[]> group_partials(int64_t groups, int64_t width) {
+  return std::unique_ptr<double[]>(new double[std::max<int64_t>(1, groups * width)]);
 }
 
-// total[j] = sum over groups i, in group order, of part[i * width + j]: the partials merged
-// row by row (contiguous, vectorized) instead of element by element across the groups.
-std::vector<double> sum_groups(const std::vector<double>& part, int64_t groups, int64_t width) {
+// Runs body(GroupRange) once per thread, over that thread's share of the `groups`
+// groups of `units` work units, after zeroing those groups' partials (part + i * width).
+template <class F>
+void run_groups(int64_t units, int64_t groups, double* part, int64_t width, F&& body) {
+  at::parallel_for(0, groups, 1, [&](int64_t b, int64_t e) {
+    std::fill(part + b * width, part + e * width, 0.0);
+    body(GroupRange{units, groups, b, e});
+  });
+}
+
+// total[j] = sum over groups i, in group order, of part[i * width + j] (the same order for
+// any thread count), in parallel over ranges of j.
+std::vector<double> sum_groups(const double* part, int64_t groups, int64_t width) {
   std::vector<double> total(width, 0.0);
-  for (int64_t i = 0; i < groups; ++i) {
-    const double* pi = part.data() + i * width;
-    for (int64_t j = 0; j < width; ++j) total[j] += pi[j];
-  }
+  at::parallel_for(0, width, 4096, [&](int64_t j0, int64_t j1) {
+    for (int64_t i = 0; i < groups; ++i) {
+      const double* pi = part + i * width;
+      for (int64_t j = j0; j < j1; ++j) total[j] += pi[j];
+    }
+  });
   return total;
 }
 
@@ -231,15 +243,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_impl(const at::Tensor& x,
     const Params<A> p{wt.data()};
     const int64_t width = 1 + 2 * g.C;
     const int64_t groups = group_count(g.N * g.OH, g.OW * g.C);
-    std::vector<double> part(groups * width, 0.0);
+    const auto part = group_partials(groups, width);
     const auto kernel = EFFNET_PICK_ISA(cpu_dw, stats_rows<X>);
     X* y_out = stash ? y.data_ptr<X>() : nullptr;
-    run_groups(g.N * g.OH, groups, [&](const GroupRange& range) {
-      kernel(g, xc.const_data_ptr<X>(), p, range, part.data(), y_out);
+    run_groups(g.N * g.OH, groups, part.get(), width, [&](const GroupRange& range) {
+      kernel(g, xc.const_data_ptr<X>(), p, range, part.get(), y_out);
     });
     std::vector<double> total(width, 0.0);
     for (int64_t i = 0; i < groups; ++i) {
-      const double* pi = part.data() + i * width;
+      const double* pi = part.get() + i * width;
       chan_merge(total.data(), g.C, pi[0], pi + 1, pi + 1 + g.C);
     }
     A* m = mean.data_ptr<A>();
@@ -406,17 +418,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> reduce
     const auto wt = transpose_weight<X>(weight);
     const Params<A> p{wt.data(), sc.const_data_ptr<A>(), sh.const_data_ptr<A>(), mu.const_data_ptr<A>()};
     const int64_t groups = group_count(g.N * g.OH, g.OW * g.C);
-    std::vector<double> part(groups * 2 * g.C, 0.0);
+    const auto part = group_partials(groups, 2 * g.C);
     const auto kernel = EFFNET_PICK_ISA(cpu_dw, reduce_rows<X>);
     X* g_out = stash ? grad.data_ptr<X>() : nullptr;
     X* y_out = y ? y->data_ptr<X>() : nullptr;
-    run_groups(g.N * g.OH, groups, [&](const GroupRange& range) {
-      kernel(g, xc.const_data_ptr<X>(), dyc.const_data_ptr<X>(), p, range, part.data(), g_out,
+    run_groups(g.N * g.OH, groups, part.get(), 2 * g.C, [&](const GroupRange& range) {
+      kernel(g, xc.const_data_ptr<X>(), dyc.const_data_ptr<X>(), p, range, part.get(), g_out,
              y_out);
     });
     A* s1 = sum_g.data_ptr<A>();
     A* s2 = sum_g_yc.data_ptr<A>();
-    const auto total = sum_groups(part, groups, 2 * g.C);
+    const auto total = sum_groups(part.get(), groups, 2 * g.C);
     for (int64_t c = 0; c < g.C; ++c) {
       s1[c] = A(total[c]);
       s2[c] = A(total[g.C + c]);
@@ -478,14 +490,14 @@ std::tuple<at::Tensor, at::Tensor> dw_backward(
                       mu.const_data_ptr<A>(), cb.const_data_ptr<A>(), cc.const_data_ptr<A>()};
     const int64_t width = g.K * g.K * g.C, blocks = backward_blocks(g);
     const int64_t groups = group_count(g.N * blocks, g.H / blocks * g.W * g.C);
-    std::vector<double> part(groups * width, 0.0);
+    const auto part = group_partials(groups, width);
     const auto kernel = EFFNET_PICK_ISA(cpu_dw, backward_units<X>);
-    run_groups(g.N * blocks, groups, [&](const GroupRange& range) {
+    run_groups(g.N * blocks, groups, part.get(), width, [&](const GroupRange& range) {
       kernel(g, xc.const_data_ptr<X>(), dyc.const_data_ptr<X>(),
              y ? y->const_data_ptr<X>() : nullptr, p, dx.data_ptr<X>(), blocks, range,
-             part.data());
+             part.get());
     });
-    const auto total = sum_groups(part, groups, width);
+    const auto total = sum_groups(part.get(), groups, width);
     X* dw = dweight.data_ptr<X>();
     for (int64_t c = 0; c < g.C; ++c) {
       for (int64_t t = 0; t < g.K * g.K; ++t) dw[c * g.K * g.K + t] = static_cast<X>(total[t * g.C + c]);

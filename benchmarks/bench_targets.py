@@ -14,13 +14,12 @@ torch.compile of them, interleaved (effnet_kernels.bench), float32, channels_las
                  activations (targets: train >= 2x eager, inference faster than
                  onnxruntime, saved activations <= 65% of eager)
 
-The e2e table has each provider's minor page faults per call. Eager timm's step time
-depends on them: glibc maps large tensors freshly (and the kernel zeroes every page on
-first touch) until earlier large frees have raised its mmap threshold. In a fresh process
-(--e2e-only) eager B0 training takes ~100k faults per step; after the op rows (--e2e)
-~10k, and it is 15-20 % faster. The converted model takes next to none either way (its
-kernels' outputs come from a reusable cache), so its ratio to eager depends on which
-state eager was measured in: both are printed by the two invocations above.
+The e2e table has each provider's minor page faults per call. glibc maps large tensors
+freshly and the kernel zeroes every page on first touch: eager timm's B0 training step
+takes 100k-145k of them (about 170 ms of system time per step by getrusage), the converted
+model ~30 (its kernels' outputs come from a reusable cache). How many eager takes depends
+on the allocator's state (glibc's dynamic mmap threshold), one reason its step time varies
+between runs. --e2e-only measures B0 alone, without the op rows before it.
 """
 
 from __future__ import annotations

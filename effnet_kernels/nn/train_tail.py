@@ -84,16 +84,16 @@ def se_projection_train(y: Tensor, sums: Tensor, se: tuple, projection: tuple) -
     return out
 
 
-def _gated_transposed_product(dp: Tensor, gated: Tensor, bias: Tensor) -> Tensor:
-    """dp_n @ gated[n] + bias[n] per sample, channels_last: dp (N, Cout, H, W), gated
-    (N, Cout, C), bias (N, C)."""
+def _gated_transposed_product(dp: Tensor, gated_t: Tensor, bias: Tensor) -> Tensor:
+    """dp_n @ gated_t[n]^T + bias[n] per sample, channels_last: dp (N, Cout, H, W),
+    gated_t (N, C, Cout) contiguous (the per-sample gated weight, transposed), bias (N, C)."""
     n, _, h, w = dp.shape
-    c = gated.shape[2]
+    c = gated_t.shape[1]
     if epilogue_gemm_serves(dp):
-        return ext_module().cpu.pw_conv_act(dp, gated.transpose(1, 2).contiguous(), bias, 0)
+        return ext_module().cpu.pw_conv_act(dp, gated_t, bias, 0)
     out = torch.empty((n, c, h, w), dtype=dp.dtype, memory_format=torch.channels_last)
-    torch.baddbmm(bias.to(dp.dtype).unsqueeze(1), sample_rows(dp), gated.to(dp.dtype),
-                  out=sample_rows(out))
+    torch.baddbmm(bias.to(dp.dtype).unsqueeze(1), sample_rows(dp),
+                  gated_t.to(dp.dtype).transpose(1, 2), out=sample_rows(out))
     return out
 
 
@@ -123,6 +123,10 @@ class SEProjectionTrain(torch.autograd.Function):
         dmean, drw, drb, dew, deb = mlp_backward(dgate, mean, h, gate, rw, rb, ew, eb,
                                                  ctx.se_act, y.shape[2] * y.shape[3])
         dweight = m.mul_(gate.unsqueeze(1)).sum(0)
-        dy = _gated_transposed_product(dp, w2d.unsqueeze(0) * gate.unsqueeze(1), dmean)
+        # (W * gate[n])^T written straight into a contiguous (N, C, Cout) buffer (a plain
+        # product would take W^T's strides and need a copy).
+        gated_t = gate.new_empty((gate.shape[0], w2d.shape[1], w2d.shape[0]))
+        torch.mul(w2d.t().unsqueeze(0), gate.unsqueeze(2), out=gated_t)
+        dy = _gated_transposed_product(dp, gated_t, dmean)
         return (dy, None, drw, drb, dew, deb, as_dtype(dweight, weight.dtype).view_as(weight),
                 *bn_param_grads(ctx, gamma, beta, dgamma, sum_g, 7), None, None, None)

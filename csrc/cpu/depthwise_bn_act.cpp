@@ -164,9 +164,10 @@ at::Tensor to_format(const at::Tensor& t, at::MemoryFormat fmt) { return t.conti
 // Work units are split into groups, each with its own partial sums, merged in group order
 // (deterministic for any thread count: the count depends on the shapes only). About one
 // group per kGroupElems values of work, rounded up to a multiple of kGroupMultiple (even
-// shares for 1, 2, 4 and 8 threads) and at most kMaxGroups or one per unit: the partials
-// are zeroed and merged on one thread, which on B0's 7x7 and 14x14 layers (64 groups of
-// 1 + 2C doubles for 56 rows of 7 pixels) cost as much as the pass itself.
+// shares for 1, 2, 4 and 8 threads) and at most kMaxGroups or one per unit. Small passes
+// thus get few groups: the statistics' partials are merged on one thread, and with one
+// group per row (up to 64) B0's 7x7 and 14x14 layers spent about as long zeroing and
+// merging 1 + 2C doubles per group as in the pass itself.
 constexpr int64_t kGroupElems = int64_t(1) << 15;
 constexpr int64_t kGroupMultiple = 8;
 

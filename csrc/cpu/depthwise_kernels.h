@@ -138,6 +138,11 @@ class RowSource {
 
   const A* zeros() const { return zero_.data() + lead_; }
 
+  // Input row ih of image n where it is stored in x (nullptr outside the image).
+  const X* stored_row(int64_t n, int64_t ih) const {
+    return ih < 0 || ih >= H_ ? nullptr : x_ + (n * H_ + ih) * WC_;
+  }
+
   const A* row(int64_t n, int64_t ih) {
     if (ih < 0 || ih >= H_) return zeros();
     const X* src = x_ + (n * H_ + ih) * WC_;
@@ -363,11 +368,44 @@ inline void prefetch_input(const T* const* rows, const Geo& g, int64_t ow, int64
   }
 }
 
+// Upcoming input (the next row's new lines of x, dy and a kept y) prefetched during a
+// phase that computes on data already in cache: the M2 sweep of the statistics pass and
+// the dx gather of the backward. Without it the memory streams idle through those phases
+// and the next row's first loads wait for DRAM. Measured on 8x96x112x112 k3 with the
+// caches full of other data: the statistics pass 20-30 % faster, dx + dweight 7-15 %, the
+// whole training call 3-5 % (interleaved A/B). step(i) is called for the phase's vector at
+// value offset i of its own span of `span` values and prefetches the matching share of
+// each range, so the ranges are covered once the phase has walked its span.
+template <typename A>
+class Lookahead {
+ public:
+  explicit Lookahead(int64_t span) : span_(std::max<int64_t>(span, 1)) {}
+
+  void add(const A* p, int64_t len) {
+    if (p == nullptr || len <= 0 || n_ == 3) return;
+    p_[n_] = p;
+    ratio_[n_++] = (len + span_ - 1) / span_;
+  }
+
+  void step(int64_t i) const {
+    for (int k = 0; k < n_; ++k) {
+      for (int64_t j = 0; j < ratio_[k]; ++j) prefetch_read(p_[k], i * ratio_[k] + j * kLanes<A>);
+    }
+  }
+
+ private:
+  int64_t span_;
+  const A* p_[3] = {nullptr, nullptr, nullptr};
+  int64_t ratio_[3] = {0, 0, 0};
+  int n_ = 0;
+};
+
 // ---- per-row cores (depend on K and the accumulation type A only) --------------------
 
 // Per-channel mean and M2 (sum of squared deviations) of one row of y; y[OW][C] scratch.
 template <int K, typename A>
-void moments_row(const Geo& g, const A* const* rows, const A* wt, A* y, A* mean, A* m2) {
+void moments_row(const Geo& g, const A* const* rows, const A* wt, A* y, A* mean, A* m2,
+                 const Lookahead<A>& ahead) {
   std::fill(mean, mean + g.C, A(0));
   std::fill(m2, m2 + g.C, A(0));
   for_pixel_tiles<A>(g.OW, g.C, K, [&](int64_t t0, int64_t t1) {
@@ -390,6 +428,7 @@ void moments_row(const Geo& g, const A* const* rows, const A* wt, A* y, A* mean,
       const V m = vload<V>(mean + c);
       V q = vload<V>(m2 + c);
       for (int64_t ow = t0; ow < t1; ++ow) {
+        ahead.step(ow * g.C + c);
         const V d = vload<V>(y + ow * g.C + c) - m;
         q += d * d;
       }
@@ -611,7 +650,7 @@ inline void dx_pixels(const ElemOf<V>* const* drows, const ElemOf<V>* wc, int64_
 // stands in for rows outside the output, so every tap of every block is in bounds: no
 // border cases (a block's outputs past the tile are dropped).
 template <int K, typename A>
-void dx_row(const Geo& g, const A* const* drows, const A* wt, A* dx) {
+void dx_row(const Geo& g, const A* const* drows, const A* wt, A* dx, const Lookahead<A>& ahead) {
   const int64_t C = g.C;
   for_pixel_tiles<A>(g.W, C, K, [&](int64_t t0, int64_t t1) {
     for_channel_vectors<A>(C, [&](int64_t c, auto proto) {
@@ -624,6 +663,7 @@ void dx_row(const Geo& g, const A* const* drows, const A* wt, A* dx) {
         }
         const int64_t n = std::min<int64_t>(kBlock, t1 - iw);
         for (int o = 0; o < n; ++o) vstore(dx + (iw + o) * C + c, acc[o]);
+        for (int o = 0; o < n; ++o) ahead.step((iw + o) * C + c);
       }
     });
   });
@@ -665,7 +705,8 @@ inline void dx_pixels_stride2(const ElemOf<V>* const* drows, const ElemOf<V>* wc
 // rows kh = pr, pr + 2, ... (the input row's parity; the zero row where oh is outside the
 // output), with the dyc ring's zero columns around them, so blocks need no border tests.
 template <int K, typename A>
-void dx_row_stride2(const Geo& g, const A* const* drows, int pr, const A* wt, A* dx) {
+void dx_row_stride2(const Geo& g, const A* const* drows, int pr, const A* wt, A* dx,
+                    const Lookahead<A>& ahead) {
   const int64_t C = g.C;
   auto row = [&]<int PR>() {
     for_pixel_tiles<A>(g.W, C, K, [&](int64_t t0, int64_t t1) {
@@ -684,6 +725,7 @@ void dx_row_stride2(const Geo& g, const A* const* drows, int pr, const A* wt, A*
           }
           const int64_t n = std::min<int64_t>(kBlock, t1 - iw);
           for (int o = 0; o < n; ++o) vstore(dx + (iw + o) * C + c, acc[o]);
+          for (int o = 0; o < n; ++o) ahead.step((iw + o) * C + c);
         }
       });
     });
@@ -696,6 +738,23 @@ void dx_row_stride2(const Geo& g, const A* const* drows, int pr, const A* wt, A*
 }
 
 // ---- passes over work units (templated on the storage type X) ------------------------
+
+// What output row oh of image n reads that row oh - 1 did not: its new input rows of x
+// (S of them), and its dy row when dy is given, for a phase of `span` values; nothing
+// without software prefetch (g.pf == 0), past the image, or for half storage (its rows
+// are converted into scratch copies).
+template <int K, typename X, typename A>
+Lookahead<A> row_input(const RowSource<X, A>& src, const Geo& g, int64_t n, int64_t oh,
+                       const X* dy, int64_t span) {
+  Lookahead<A> ahead(span);
+  if constexpr (std::is_same_v<X, A>) {
+    if (g.pf == 0 || oh < 0 || oh >= g.OH) return ahead;
+    const int64_t first = oh * g.S - g.pt + K - g.S;
+    if (first >= 0 && first + g.S <= g.H) ahead.add(src.stored_row(n, first), g.S * g.W * g.C);
+    if (dy != nullptr) ahead.add(dy + (n * g.OH + oh) * g.OW * g.C, g.OW * g.C);
+  }
+  return ahead;
+}
 
 // Pass 1: per-channel (count, mean, M2) of y over output rows [r0, r1). With y_out (float
 // storage only, where y in storage is y in A), y itself is kept there, row r at
@@ -716,7 +775,9 @@ void stats_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, const Group
         if constexpr (std::is_same_v<X, A>) {
           if (y_out != nullptr) yrow = y_out + r * g.OW * g.C;
         }
-        moments_row<K>(g, rows, p.wt, yrow, mean.data(), m2.data());
+        moments_row<K>(g, rows, p.wt, yrow, mean.data(), m2.data(),
+                       row_input<K>(src, g, r / g.OH, r % g.OH + 1, static_cast<const X*>(nullptr),
+                                    g.OW * g.C));
         chan_merge(acc, g.C, double(g.OW), mean.data(), m2.data());
       }
     }
@@ -939,10 +1000,14 @@ void backward_block(const Geo& g, BackwardScratch<X, A>& s, const X* dy, const X
       drows[kh] = ok ? s.ring_row(num / g.S) : s.zero();
     }
     X* dxrow = dx + (n * g.H + ih) * WC;
+    Lookahead<A> ahead = row_input<K>(s.src, g, n, next, dy, WC);
+    if constexpr (std::is_same_v<X, A>) {
+      if (y_kept != nullptr && g.pf != 0 && next < g.OH) ahead.add(y_kept + (n * g.OH + next) * OWC, OWC);
+    }
     if (g.S == 1) {
-      dx_row<K>(g, drows, p.wt, s.dx.target(dxrow));
+      dx_row<K>(g, drows, p.wt, s.dx.target(dxrow), ahead);
     } else {
-      dx_row_stride2<K>(g, drows, int((ih + g.pt) & 1), p.wt, s.dx.target(dxrow));
+      dx_row_stride2<K>(g, drows, int((ih + g.pt) & 1), p.wt, s.dx.target(dxrow), ahead);
     }
     s.dx.commit(dxrow, WC);
   }

@@ -178,7 +178,8 @@ def test_top_level_aten_ops_counts_each_dispatch_once():
 
 def test_depthwise_passes_bench_calls_every_primitive():
     """benchmarks/bench_depthwise_passes.py: its callables run every CPU primitive it times
-    (a tiny stride-2 layer; the script itself only adds the timing loop)."""
+    (a tiny stride-2 layer; the script itself only adds the timing loops), and its cold
+    timing calls each callable once per round, after a warm-up round."""
     import importlib.util
     import pathlib
 
@@ -193,9 +194,14 @@ def test_depthwise_passes_bench_calls_every_primitive():
     spec.loader.exec_module(bench)
     for kernel in (1, 5):
         fns = bench.pass_callables(ext_module().cpu, DepthwiseShape("tiny", 2, 8, 9, 9, kernel, 2))
-        assert set(fns) == set(bench.PASSES)
+        assert set(fns) == set(bench.COLUMNS) and set(bench.PASSES) < set(bench.COLUMNS)
         for fn in fns.values():
             fn()
+    calls = []
+    medians = bench.cold_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                 rounds=3, megabytes=1)
+    assert set(medians) == {"a", "b"} and all(m >= 0 for m in medians.values())
+    assert calls == ["a", "b"] * 4  # a warm-up round, then three timed ones
 
 
 def test_round_orders_vary_who_runs_before_whom():

@@ -372,7 +372,7 @@ inline void prefetch_input(const T* const* rows, const Geo& g, int64_t ow, int64
 // phase that computes on data already in cache: the M2 sweep of the statistics pass and
 // the dx gather of the backward. Without it the memory streams idle through those phases
 // and the next row's first loads wait for DRAM. Measured on 8x96x112x112 k3 with the
-// caches full of other data: the statistics pass 20-30 % faster, dx + dweight 7-15 %, the
+// caches full of other data: the statistics pass 12-28 % faster, dx + dweight 7-16 %, the
 // whole training call 3-5 % (interleaved A/B). step(i) is called for the phase's vector at
 // value offset i of its own span of `span` values and prefetches the matching share of
 // each range, so the ranges are covered once the phase has walked its span.

@@ -740,18 +740,20 @@ void dx_row_stride2(const Geo& g, const A* const* drows, int pr, const A* wt, A*
 // ---- passes over work units (templated on the storage type X) ------------------------
 
 // What output row oh of image n reads that row oh - 1 did not: its new input rows of x
-// (S of them), and its dy row when dy is given, for a phase of `span` values; nothing
-// without software prefetch (g.pf == 0), past the image, or for half storage (its rows
-// are converted into scratch copies).
+// (S of them), and its rows of dy and of a kept y where those are given, for a phase of
+// `span` values; nothing without software prefetch (g.pf == 0), past the image, or for
+// half storage (its rows are converted into scratch copies).
 template <int K, typename X, typename A>
 Lookahead<A> row_input(const RowSource<X, A>& src, const Geo& g, int64_t n, int64_t oh,
-                       const X* dy, int64_t span) {
+                       const X* dy, const X* y_kept, int64_t span) {
   Lookahead<A> ahead(span);
   if constexpr (std::is_same_v<X, A>) {
     if (g.pf == 0 || oh < 0 || oh >= g.OH) return ahead;
     const int64_t first = oh * g.S - g.pt + K - g.S;
     if (first >= 0 && first + g.S <= g.H) ahead.add(src.stored_row(n, first), g.S * g.W * g.C);
-    if (dy != nullptr) ahead.add(dy + (n * g.OH + oh) * g.OW * g.C, g.OW * g.C);
+    const int64_t OWC = g.OW * g.C, at = (n * g.OH + oh) * OWC;
+    if (dy != nullptr) ahead.add(dy + at, OWC);
+    if (y_kept != nullptr) ahead.add(y_kept + at, OWC);
   }
   return ahead;
 }
@@ -777,7 +779,7 @@ void stats_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, const Group
         }
         moments_row<K>(g, rows, p.wt, yrow, mean.data(), m2.data(),
                        row_input<K>(src, g, r / g.OH, r % g.OH + 1, static_cast<const X*>(nullptr),
-                                    g.OW * g.C));
+                                    static_cast<const X*>(nullptr), g.OW * g.C));
         chan_merge(acc, g.C, double(g.OW), mean.data(), m2.data());
       }
     }
@@ -1000,10 +1002,7 @@ void backward_block(const Geo& g, BackwardScratch<X, A>& s, const X* dy, const X
       drows[kh] = ok ? s.ring_row(num / g.S) : s.zero();
     }
     X* dxrow = dx + (n * g.H + ih) * WC;
-    Lookahead<A> ahead = row_input<K>(s.src, g, n, next, dy, WC);
-    if constexpr (std::is_same_v<X, A>) {
-      if (y_kept != nullptr && g.pf != 0 && next < g.OH) ahead.add(y_kept + (n * g.OH + next) * OWC, OWC);
-    }
+    const Lookahead<A> ahead = row_input<K>(s.src, g, n, next, dy, y_kept, WC);
     if (g.S == 1) {
       dx_row<K>(g, drows, p.wt, s.dx.target(dxrow), ahead);
     } else {

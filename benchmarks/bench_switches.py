@@ -16,6 +16,9 @@ switch in one process, never against a figure of another run. Switches:
                (ops/depthwise.KEEP_Y_IN_BACKWARD) against recomputing it
   pw_tiles     the training 1x1 conv + BN + act on GEMM tiles (nn/pointwise.TILED)
                against the GEMM followed by the BN passes
+  pw_gram      the tiled convs whose y is recomputed taking the Gram route
+               (nn/pointwise.GRAM: statistics from the input's second moments, a one-pass
+               backward) against the two-pass route
   train_tail   the training tail with the SE gate folded into the projection
                (nn/train_tail.ENABLED) against SE op + projection conv
   onnxruntime  not a switch: the converted model against onnxruntime (inference only)
@@ -50,6 +53,8 @@ def setter(switch: str):
         return lambda on: setattr(dw_ops, "KEEP_Y_IN_BACKWARD", on)
     if switch == "pw_tiles":
         return lambda on: setattr(pointwise, "TILED", on)
+    if switch == "pw_gram":
+        return lambda on: setattr(pointwise, "GRAM", on)
     if switch == "train_tail":
         return lambda on: setattr(train_tail, "ENABLED", on)
     raise ValueError(f"unknown switch {switch!r}")
@@ -88,8 +93,8 @@ def step_fn(model, images, labels, mode: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--switch", required=True,
-                    choices=("prefetch", "eval_plan", "keep_y", "pw_tiles", "train_tail",
-                             "onnxruntime"))
+                    choices=("prefetch", "eval_plan", "keep_y", "pw_tiles", "pw_gram",
+                             "train_tail", "onnxruntime"))
     ap.add_argument("--mode", choices=("train", "infer"), default="infer")
     ap.add_argument("--model", default="efficientnet_b0")
     ap.add_argument("--batch", type=int, default=8)

@@ -69,28 +69,45 @@ def _eager(act):
 
 @pytest.fixture
 def stats_calls(monkeypatch):
-    """Records keep_y of every pw_bn_stats call (the tiled route was taken)."""
+    """Records the statistics primitive of every tiled call: keep_y of pw_bn_stats, or
+    "gram" for pw_bn_stats_gram."""
     calls = []
-    stats = EXT.cpu.pw_bn_stats
+    stats, gram = EXT.cpu.pw_bn_stats, EXT.cpu.pw_bn_stats_gram
 
     def spy(x, w, keep_y):
         calls.append(keep_y)
         return stats(x, w, keep_y)
+
+    def spy_gram(x, w):
+        calls.append("gram")
+        return gram(x, w)
     monkeypatch.setattr(EXT.cpu, "pw_bn_stats", spy)
+    monkeypatch.setattr(EXT.cpu, "pw_bn_stats_gram", spy_gram)
     return calls
 
 
+def _expected_route(case):
+    n, cin, cout, h, w = case
+    if cout <= cin:
+        return []
+    if cin >= pointwise.KEEP_Y_MIN_MACS:
+        return [True]
+    gram = pointwise.GRAM and n * h * w >= pointwise.GRAM_MIN_ROWS_PER_INPUT * cin
+    return ["gram" if gram else False]
+
+
+@pytest.mark.parametrize("gram", [True, False], ids=["gram", "two_pass"])
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("act", sorted(ACTS))
-def test_tiled_route_matches_eager(case, act, stats_calls, monkeypatch):
+def test_tiled_route_matches_eager(case, act, gram, stats_calls, monkeypatch):
     monkeypatch.setattr(pointwise, "TILED_MAX_WEIGHT", 1 << 20)
+    monkeypatch.setattr(pointwise, "GRAM", gram)
     inputs = _inputs(case)
     truth = _run(_eager(act), inputs, torch.float64)
     same = _run(_eager(act), inputs, torch.float32)
     with use_backend("cpu"):
         got = _run(_fused(act), inputs, torch.float32)
-    _, cin, cout, _, _ = case
-    assert stats_calls == ([cin >= pointwise.KEEP_Y_MIN_MACS] if cout > cin else [])
+    assert stats_calls == _expected_route(case)
     failures = [str(p) for key in truth
                 if not (p := parity(key, got[key], same[key], truth[key], torch.float32)).ok]
     assert not failures, "; ".join(failures)
@@ -133,6 +150,93 @@ def test_primitives_name_bad_arguments():
         (lambda: EXT.cpu.pw_bn_backward(dout, x, w, None, v, v, v, v, v[:3], 2, True, True),
          r"coef_c must be a contiguous cpu \(8\)"),
         (lambda: EXT.cpu.pw_bn_stats(x[:0], w, True), "must be non-empty"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
+def _parity_failures(got, same, truth):
+    return [str(p) for key in truth
+            if not (p := parity(key, got[key], same[key], truth[key], torch.float32)).ok]
+
+
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_gram_statistics_match_float64(offset):
+    """pw_bn_stats_gram: mean and biased var of y = x W^T from x's moments, as float64
+    computes them from y, also for inputs far from zero mean (the moments are taken
+    around a shift, then centered)."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 20, 17, 19, generator=gen) + offset).contiguous(memory_format=CL)
+    w = torch.randn(72, 20, generator=gen) / 20 ** 0.5
+    mean, var, mu, gram = EXT.cpu.pw_bn_stats_gram(x, w)
+    rows = x.double().permute(0, 2, 3, 1).reshape(-1, 20)
+    y = rows @ w.double().t()
+    centered = rows - rows.mean(0)
+    torch.testing.assert_close(mu, rows.mean(0), rtol=0, atol=1e-6 * (1 + offset))
+    torch.testing.assert_close(gram, centered.t() @ centered, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(mean.double(), y.mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), y.var(0, unbiased=False), rtol=1e-5, atol=1e-6)
+
+
+def test_gram_route_holds_parity_far_from_zero_mean(stats_calls):
+    """The Gram route's batch-sum terms work on x - mu: an input offset of 1000 (y's
+    mean ~100 standard deviations from zero) keeps every result within the parity rule."""
+    case = (2, 16, 96, 24, 24)
+    inputs = _inputs(case, seed=7)
+    inputs[0] = inputs[0] + 1000.0
+    truth = _run(_eager("silu"), inputs, torch.float64)
+    same = _run(_eager("silu"), inputs, torch.float32)
+    with use_backend("cpu"):
+        got = _run(_fused("silu"), inputs, torch.float32)
+    assert stats_calls == ["gram"]
+    assert not (failures := _parity_failures(got, same, truth)), "; ".join(failures)
+
+
+@pytest.mark.parametrize("frozen", ["x", "weight"])
+def test_gram_route_with_one_of_dx_and_dweight(frozen, stats_calls):
+    """need_dx / need_dweight false on the Gram route: the other gradient alone, right."""
+    case = (2, 24, 144, 20, 20)
+    inputs = _inputs(case, seed=11)
+    results = {}
+    for dtype in (torch.float64, torch.float32, "fused"):
+        x, w, g, b, rm, rv, dy = (t.clone().to(torch.float32 if dtype == "fused" else dtype)
+                                  for t in inputs)
+        x = x.contiguous(memory_format=CL).requires_grad_(frozen != "x")
+        w.requires_grad_(frozen != "weight")
+        fn = _fused("silu") if dtype == "fused" else _eager("silu")
+        with use_backend("cpu"):
+            out = fn(x, w, g, b, rm, rv)
+        out.backward(dy.contiguous(memory_format=CL))
+        results[dtype] = {"out": out, "grad": (w if frozen == "x" else x).grad}
+    assert stats_calls == ["gram"]
+    failures = _parity_failures(results["fused"], results[torch.float32], results[torch.float64])
+    assert not failures, "; ".join(failures)
+
+
+def test_gram_primitives_name_bad_arguments():
+    x = torch.randn(2, 6, 3, 3).contiguous(memory_format=CL)
+    w = torch.randn(8, 6)
+    v = torch.ones(8)
+    dout = torch.randn(2, 8, 3, 3).contiguous(memory_format=CL)
+    mu, gram = torch.zeros(6, dtype=torch.float64), torch.eye(6, dtype=torch.float64)
+    dx = torch.zeros_like(x)
+    cases = [
+        (lambda: EXT.cpu.pw_bn_stats_gram(x.contiguous(), w), "x must be contiguous in channels_last"),
+        (lambda: EXT.cpu.pw_bn_stats_gram(x, torch.randn(8, 5)), r"weight must be \(Cout, 6\)"),
+        (lambda: EXT.cpu.pw_bn_backward_gram(dout[:, :7], x, w, v, v, v, 2, True, True),
+         r"dout must be a cpu \(2, 8, 3, 3\) tensor"),
+        (lambda: EXT.cpu.pw_bn_backward_gram(dout, x, w, v, v, v, 7, True, True), "act must be"),
+        (lambda: EXT.cpu.pw_bn_gram_finish(x, dx, w, mu.float(), gram, v, v, v, None),
+         r"mu must be a float64 cpu \(6\) tensor"),
+        (lambda: EXT.cpu.pw_bn_gram_finish(x, dx, w, mu, gram[:5], v, v, v, None),
+         r"gram must be a float64 cpu \(6, 6\) tensor"),
+        (lambda: EXT.cpu.pw_bn_gram_finish(x, dx, w, mu, gram, v, v[:3], v, None),
+         r"coef_b must be a contiguous cpu \(8\)"),
+        (lambda: EXT.cpu.pw_bn_gram_finish(x, dx.contiguous(), w, mu, gram, v, v, v, None),
+         "dx must be contiguous in channels_last"),
+        (lambda: EXT.cpu.pw_bn_gram_finish(x, None, w, mu, gram, v, v, v, torch.zeros(8, 5)),
+         "dw_partial must be a contiguous cpu tensor shaped like weight"),
     ]
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):

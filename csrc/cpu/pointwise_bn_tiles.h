@@ -9,6 +9,8 @@
 //   tile_bn_reduce  sum_g[c] += sum_r g,  sum_g_yc[c] += sum_r g * (y[r, c] - mean[c])
 //   tile_bn_grad    dy[r, c] = scale[c] * g + coef_b[c] + coef_c[c] * (y[r, c] - mean[c])
 //                   (dy may be y itself)
+//   tile_bn_reduce_scale  tile_bn_reduce's sums, and y[r, c] = scale[c] * g in place: the
+//                   part of dy that needs no batch sums (pw_bn_backward_gram)
 //
 // Rows are the outer loop (unit-stride streams); per-channel sums live in (C) arrays.
 // No include guard on purpose: each isa_*.cpp includes this once, inside its ISA's
@@ -64,30 +66,45 @@ void tile_affine_act(float* y, int64_t rows, int64_t C, const float* scale, cons
   }
 }
 
-template <int ACT>
-inline void bn_reduce_tile(const float* dout, const float* y, int64_t rows, int64_t C,
+// The sums of tile_bn_reduce; with SCALE (Y = float), also y[r, c] = scale[c] * g in place.
+template <int ACT, bool SCALE, class Y>
+inline void bn_reduce_tile(const float* dout, Y* y, int64_t rows, int64_t C,
                            const float* scale, const float* shift, const float* mean,
                            float* sum_g, float* sum_g_yc) {
   for (int64_t r = 0; r < rows; ++r) {
     over_channels(C, [&](int64_t c, auto proto) {
       using V = decltype(proto);
       const V yv = vload<V>(y + r * C + c);
-      const V g = vload<V>(dout + r * C + c) *
-                  act_backward(yv * vload<V>(scale + c) + vload<V>(shift + c), ACT);
+      const V s = vload<V>(scale + c);
+      const V g = vload<V>(dout + r * C + c) * act_backward(yv * s + vload<V>(shift + c), ACT);
       vstore(sum_g + c, vload<V>(sum_g + c) + g);
       vstore(sum_g_yc + c, vload<V>(sum_g_yc + c) + g * (yv - vload<V>(mean + c)));
+      if constexpr (SCALE) vstore(y + r * C + c, s * g);
     });
+  }
+}
+
+template <bool SCALE, class Y>
+void bn_reduce_act(const float* dout, Y* y, int64_t rows, int64_t C, const float* scale,
+                   const float* shift, const float* mean, int64_t act, float* sum_g,
+                   float* sum_g_yc) {
+  switch (act) {
+    case 1: return bn_reduce_tile<1, SCALE>(dout, y, rows, C, scale, shift, mean, sum_g, sum_g_yc);
+    case 2: return bn_reduce_tile<2, SCALE>(dout, y, rows, C, scale, shift, mean, sum_g, sum_g_yc);
+    default: return bn_reduce_tile<0, SCALE>(dout, y, rows, C, scale, shift, mean, sum_g, sum_g_yc);
   }
 }
 
 void tile_bn_reduce(const float* dout, const float* y, int64_t rows, int64_t C,
                     const float* scale, const float* shift, const float* mean, int64_t act,
                     float* sum_g, float* sum_g_yc) {
-  switch (act) {
-    case 1: return bn_reduce_tile<1>(dout, y, rows, C, scale, shift, mean, sum_g, sum_g_yc);
-    case 2: return bn_reduce_tile<2>(dout, y, rows, C, scale, shift, mean, sum_g, sum_g_yc);
-    default: return bn_reduce_tile<0>(dout, y, rows, C, scale, shift, mean, sum_g, sum_g_yc);
-  }
+  bn_reduce_act<false>(dout, y, rows, C, scale, shift, mean, act, sum_g, sum_g_yc);
+}
+
+void tile_bn_reduce_scale(const float* dout, float* y, int64_t rows, int64_t C,
+                          const float* scale, const float* shift, const float* mean, int64_t act,
+                          float* sum_g, float* sum_g_yc) {
+  bn_reduce_act<true>(dout, y, rows, C, scale, shift, mean, act, sum_g, sum_g_yc);
 }
 
 template <int ACT>
@@ -115,3 +132,4 @@ void tile_bn_grad(const float* dout, const float* y, float* dy, int64_t rows, in
     default: return bn_grad_tile<0>(dout, y, dy, rows, C, scale, shift, mean, coef_b, coef_c);
   }
 }
+

@@ -20,109 +20,24 @@
 // Unfused (GEMM, then BN passes) the forward writes y, reads it twice and writes out, and
 // the backward writes y, g and dy, reads y twice, g once and dy twice.
 //
-// Work split: tiles of T rows (about kTileFloats outputs, at least Cin rows so re-reading
-// W per tile costs no more than the tile's output), each a single-threaded GEMM; tiles
-// run in parallel, in at most kGroups groups of consecutive tiles (fewer in the backward
-// where Cout * Cin is large: each group keeps its own dW partial, at most
-// kDwPartialFloats in all). Per-channel sums are kept per tile and merged in tile order
-// in double, dW partials summed in group order: the result depends on the shapes only,
-// not on the thread count.
+// Tiling, checks and the order-fixed merges: pointwise_bn_tiling.h. Where y is
+// recomputed, pointwise_bn_gram.cpp has a route that needs one pass less each way.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
-#include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <memory>
 #include <optional>
 #include <vector>
 
 #include "common/binding_registry.h"
-#include "common/checks.h"
 #include "depthwise_passes.h"
-#include "output_cache.h"
+#include "pointwise_bn_tiling.h"
 #include "pointwise_epilogue_decl.h"
 #include "sgemm.h"
 
 namespace effnet::cpu_pw {
 namespace {
-
-constexpr int64_t kTileFloats = int64_t(1) << 16;
-constexpr int64_t kGroups = 16;
-constexpr int64_t kMinTiles = 8;  // smaller problems still split over 8 threads
-constexpr int64_t kDwPartialFloats = int64_t(1) << 21;
-
-struct Tiling {
-  int64_t rows, tile, tiles, groups;
-  int64_t begin(int64_t t) const { return t * tile; }
-  int64_t count(int64_t t) const { return std::min(tile, rows - t * tile); }
-  int64_t first_tile(int64_t g) const { return tiles * g / groups; }
-};
-
-Tiling make_tiling(int64_t rows, int64_t cin, int64_t cout, int64_t max_groups = kGroups) {
-  int64_t tile = std::max({kTileFloats / cout, cin, int64_t(16)});
-  tile = std::min(tile, std::max<int64_t>(1, (rows + kMinTiles - 1) / kMinTiles));
-  const int64_t tiles = (rows + tile - 1) / tile;
-  return {rows, tile, tiles, std::min(tiles, max_groups)};
-}
-
-// body(group, tile, scratch) for every tile, in parallel over the groups of consecutive
-// tiles; scratch holds `scratch_floats` floats per thread.
-template <class F>
-void for_tiles(const Tiling& tl, int64_t scratch_floats, F&& body) {
-  at::parallel_for(0, tl.groups, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<float> scratch(scratch_floats);
-    for (int64_t g = g0; g < g1; ++g) {
-      for (int64_t t = tl.first_tile(g); t < tl.first_tile(g + 1); ++t) body(g, t, scratch.data());
-    }
-  });
-}
-
-struct Args {
-  int64_t rows, cin, cout;
-  const float* x;
-  const float* w;
-};
-
-Args check_x_w(const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(cpu::sgemm_available(), "pointwise BN kernels: libtorch_cpu exports no sgemm_");
-  EFFNET_CHECK_DEVICE(x, at::kCPU);
-  EFFNET_CHECK_DTYPE(x, at::kFloat);
-  EFFNET_CHECK_DIM(x, 4);
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "x must be contiguous in channels_last format");
-  EFFNET_CHECK_DEVICE(weight, at::kCPU);
-  EFFNET_CHECK_DTYPE(weight, at::kFloat);
-  EFFNET_CHECK_DIM(weight, 2);
-  EFFNET_CHECK_CONTIGUOUS(weight);
-  TORCH_CHECK(weight.size(1) == x.size(1), "weight must be (Cout, ", x.size(1),
-              "), got shape ", weight.sizes());
-  TORCH_CHECK(x.numel() > 0 && weight.size(0) > 0, "x and weight must be non-empty");
-  return {x.numel() / x.size(1), x.size(1), weight.size(0), x.const_data_ptr<float>(),
-          weight.const_data_ptr<float>()};
-}
-
-void check_like_out(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t cout) {
-  EFFNET_CHECK_DTYPE(t, at::kFloat);
-  TORCH_CHECK(t.device().is_cpu() && t.dim() == 4 && t.size(0) == x.size(0) &&
-                  t.size(1) == cout && t.size(2) == x.size(2) && t.size(3) == x.size(3),
-              name, " must be a cpu (", x.size(0), ", ", cout, ", ", x.size(2), ", ",
-              x.size(3), ") tensor, got ", t.sizes(), " on ", t.device());
-  TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), name,
-              " must be contiguous in channels_last format");
-}
-
-const float* channel_vector(const at::Tensor& t, const char* name, int64_t cout) {
-  EFFNET_CHECK_DTYPE(t, at::kFloat);
-  TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.numel() == cout && t.is_contiguous(),
-              name, " must be a contiguous cpu (", cout, ") vector, got ", t.sizes());
-  return t.const_data_ptr<float>();
-}
-
-at::Tensor empty_like_out(const at::Tensor& x, int64_t channels) {
-  return cpu::empty_output({x.size(0), channels, x.size(2), x.size(3)}, x.options(),
-                           at::MemoryFormat::ChannelsLast);
-}
 
 // Rows of y for tile t: the kept y's, or recomputed from x into scratch.
 const float* tile_y(const Args& a, const Tiling& tl, int64_t t, const float* kept,
@@ -186,33 +101,6 @@ at::Tensor pw_bn_forward(const at::Tensor& x, const at::Tensor& weight,
   return out;
 }
 
-const float* kept_y(const std::optional<at::Tensor>& y, const at::Tensor& x, int64_t cout) {
-  if (!y.has_value()) return nullptr;
-  check_like_out(*y, "y", x, cout);
-  return y->const_data_ptr<float>();
-}
-
-// The inputs both backward primitives take, checked.
-struct BackwardInputs {
-  Args a;
-  const float* dout;
-  const float* y_kept;  // nullptr: recompute y per tile
-  const float* scale;
-  const float* shift;
-  const float* mean;
-};
-
-BackwardInputs check_backward(const at::Tensor& dout, const at::Tensor& x,
-                              const at::Tensor& weight, const std::optional<at::Tensor>& y,
-                              const at::Tensor& scale, const at::Tensor& shift,
-                              const at::Tensor& mean, int64_t act) {
-  const Args a = check_x_w(x, weight);
-  check_act(act);
-  check_like_out(dout, "dout", x, a.cout);
-  return {a, dout.const_data_ptr<float>(), kept_y(y, x, a.cout),
-          channel_vector(scale, "scale", a.cout), channel_vector(shift, "shift", a.cout),
-          channel_vector(mean, "mean", a.cout)};
-}
 
 std::tuple<at::Tensor, at::Tensor> pw_bn_backward_reduce(
     const at::Tensor& dout, const at::Tensor& x, const at::Tensor& weight,
@@ -229,18 +117,7 @@ std::tuple<at::Tensor, at::Tensor> pw_bn_backward_reduce(
     reduce(in.dout + tl.begin(t) * a.cout, yt, tl.count(t), a.cout, in.scale, in.shift,
            in.mean, act, p, p + a.cout);
   });
-  std::vector<double> total(2 * a.cout, 0.0);
-  for (int64_t t = 0; t < tl.tiles; ++t) {
-    for (int64_t i = 0; i < 2 * a.cout; ++i) total[i] += double(part[t * 2 * a.cout + i]);
-  }
-  at::Tensor sum_g = at::empty({a.cout}, x.options()), sum_g_yc = at::empty({a.cout}, x.options());
-  float* s1 = sum_g.mutable_data_ptr<float>();
-  float* s2 = sum_g_yc.mutable_data_ptr<float>();
-  for (int64_t c = 0; c < a.cout; ++c) {
-    s1[c] = float(total[c]);
-    s2[c] = float(total[a.cout + c]);
-  }
-  return {sum_g, sum_g_yc};
+  return merge_tile_sums(part, tl.tiles, a.cout, x.options());
 }
 
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> pw_bn_backward(
@@ -278,16 +155,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> pw_bn_backward(
     }
   });
   if (need_dweight) {  // check_x_w refuses empty x: every group has at least one tile
-    dweight = at::empty({a.cout, a.cin}, x.options());
-    float* out = dweight->mutable_data_ptr<float>();
-    const int64_t size = a.cout * a.cin;
-    at::parallel_for(0, size, 4096, [&](int64_t i0, int64_t i1) {
-      std::copy(dw_part.get() + i0, dw_part.get() + i1, out + i0);
-      for (int64_t g = 1; g < tl.groups; ++g) {
-        const float* p = dw_part.get() + g * size;
-        for (int64_t i = i0; i < i1; ++i) out[i] += p[i];
-      }
-    });
+    dweight = sum_dw_partials(dw_part.get(), tl.groups, a.cout, a.cin, x.options());
   }
   return {dx, dweight};
 }

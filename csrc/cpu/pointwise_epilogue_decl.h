@@ -20,6 +20,9 @@
   void tile_bn_grad(const float* dout, const float* y, float* dy, int64_t rows, int64_t C, \
                     const float* scale, const float* shift, const float* mean,             \
                     const float* coef_b, const float* coef_c, int64_t act);                \
+  void tile_bn_reduce_scale(const float* dout, float* y, int64_t rows, int64_t C,          \
+                            const float* scale, const float* shift, const float* mean,     \
+                            int64_t act, float* sum_g, float* sum_g_yc);                   \
   }
 
 #ifdef EFFNET_CPU_X86

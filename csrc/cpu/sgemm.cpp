@@ -57,8 +57,8 @@ void gemm_xwt(const float* x, const float* w, float* y, int64_t rows, int64_t ci
 
 // dx seen as (cin, rows) = A B with A = w seen as (cin, cout), B = dy seen as (cout, rows).
 void gemm_xw(const float* dy, const float* w, float* dx, int64_t rows, int64_t cin,
-             int64_t cout) {
-  colmajor_sgemm("N", "N", cin, rows, cout, w, cin, dy, cout, 0.0f, dx, cin);
+             int64_t cout, bool accumulate) {
+  colmajor_sgemm("N", "N", cin, rows, cout, w, cin, dy, cout, accumulate ? 1.0f : 0.0f, dx, cin);
 }
 
 // dw seen as (cin, cout) += A B^T with A = x seen as (cin, rows), B = dy seen as (cout, rows).

@@ -4,7 +4,7 @@
 // channels_last activation are the rows of a (pixels, channels) matrix.
 //
 //   gemm_xwt      y  (rows, cout)  = x  (rows, cin)  @ w^T     w (cout, cin)
-//   gemm_xw       dx (rows, cin)   = dy (rows, cout) @ w       w (cout, cin)
+//   gemm_xw       dx (rows, cin)   = dy (rows, cout) @ w  (+= when accumulate)  w (cout, cin)
 //   gemm_dtx      dw (cout, cin)   = dy^T @ x  (+= when accumulate)   dy (rows, cout), x (rows, cin)
 #pragma once
 
@@ -18,7 +18,7 @@ bool sgemm_available();
 void gemm_xwt(const float* x, const float* w, float* y, int64_t rows, int64_t cin,
               int64_t cout);
 void gemm_xw(const float* dy, const float* w, float* dx, int64_t rows, int64_t cin,
-             int64_t cout);
+             int64_t cout, bool accumulate = false);
 void gemm_dtx(const float* dy, const float* x, float* dw, int64_t rows, int64_t cin,
               int64_t cout, bool accumulate);
 

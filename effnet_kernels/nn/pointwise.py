@@ -18,7 +18,13 @@ A float32 1x1 conv on channels_last tensors on the cpu backend runs tiled
 (csrc/cpu/pointwise_bn_train.cpp): each tile's GEMM output gets its BN work while it is in
 cache (statistics; act(y * scale + shift); the backward reduction; dL/dy and its dx and
 dweight GEMMs), and a y that is not kept is recomputed per tile instead of written, so
-only out (forward) and dout (backward) of the conv's width go through memory.
+only out (forward) and dout (backward) of the conv's width go through memory. Where y is
+recomputed (and the conv has at least GRAM_MIN_ROWS_PER_INPUT pixels per input channel)
+the Gram route (csrc/cpu/pointwise_bn_gram.cpp) takes the batch statistics of y = x W^T
+from x's mean and centered Gram matrix instead of a conv pass, and the backward reads
+dout once: the terms of dL/dy that need the batch sums are linear in x, and are added on
+the narrow side afterwards. Measured on B0's 16-40-channel expand convs: the training
+step 5 % faster (benchmarks/bench_switches.py --switch pw_gram --mode train).
 
 Otherwise the conv itself is PyTorch's; a 1x1 conv on channels_last CPU tensors runs as
 one GEMM into the output cache (nn/gemm_conv.py). The BatchNorm + activation around it runs
@@ -159,35 +165,67 @@ def _tile_prims(x: Tensor, weight: Tensor, geo):
     return prims if hasattr(prims, "pw_bn_stats") else None
 
 
+# Switch for in-process A/B measurements (benchmarks): a recomputed y takes the Gram route
+# (csrc/cpu/pointwise_bn_gram.cpp: statistics from x's second moments, a one-pass
+# backward) where it has at least GRAM_MIN_ROWS_PER_INPUT pixels per input channel (the
+# route's (Cout, Cin, Cin) products then cost little beside the conv's).
+GRAM = True
+GRAM_MIN_ROWS_PER_INPUT = 32
+
+
+def _gram_route(prims, x: Tensor) -> bool:
+    return GRAM and hasattr(prims, "pw_bn_stats_gram") and \
+        x.numel() // x.shape[1] >= GRAM_MIN_ROWS_PER_INPUT * x.shape[1]
+
+
 def _tiled_forward(prims, x, weight, gamma, beta, eps, code):
-    """(y if kept else None, out, mean, var) with the statistics taken on each GEMM tile
-    in cache; a y that is not kept never goes through memory (out recomputes it)."""
+    """(y if kept else None, out, mean, var, (mu, gram) of the Gram route or None) with
+    the statistics taken on each GEMM tile in cache, or from x's mean mu and centered Gram
+    matrix (no conv) where y is recomputed; a y that is not kept never goes through memory
+    (out recomputes it)."""
     cout = weight.shape[0]
     keep = _keeps_output(x, x.numel() // x.shape[1] * cout, weight)
     w2d = weight.reshape(cout, -1).contiguous()
-    mean, var, y = prims.pw_bn_stats(x, w2d, keep)
+    moments = None
+    if not keep and _gram_route(prims, x):
+        mean, var, mu, gram = prims.pw_bn_stats_gram(x, w2d)
+        y, moments = None, (mu, gram)
+    else:
+        mean, var, y = prims.pw_bn_stats(x, w2d, keep)
     _, scale, shift = vector_math(prims).bn_affine(mean, var, gamma, beta, eps)
     if keep:
         h, w = y.shape[2:]
         out = prims.dw_forward(y, _unit_kernel(y), scale, shift, 1, 0, 0, h, w, code)
     else:
         out = prims.pw_bn_forward(x, w2d, scale, shift, code)
-    return y, out, mean, var
+    return y, out, mean, var, moments
 
 
-def _tiled_backward(prims, dout, x, weight, y, gamma, beta, mean, var, eps, code, needs):
+def _tiled_backward(prims, dout, x, weight, y, gamma, beta, mean, var, eps, code, needs,
+                    moments):
     """(dx, dweight, dgamma, dbeta in float32): one reduction over dout (and y or its
-    recomputed tiles), then per tile dy in cache and its two GEMMs (dx rows, dW partial)."""
+    recomputed tiles), then per tile dy in cache and its two GEMMs (dx rows, dW partial);
+    on the Gram route (moments = (mu, gram)) one pass over dout, then the batch-sum terms
+    added on the narrow side."""
     cout = weight.shape[0]
     w2d = weight.reshape(cout, -1).contiguous()
     dout = dout.contiguous(memory_format=torch.channels_last)
     bn = vector_math(prims)
     invstd, scale, shift = bn.bn_affine(mean, var, gamma, beta, eps)
-    sum_g, sum_g_yc = prims.pw_bn_backward_reduce(dout, x, w2d, y, scale, shift, mean, code)
-    coef_b, coef_c, dgamma = bn.bn_backward_coefs(scale, invstd, sum_g, sum_g_yc,
-                                                  x.numel() // x.shape[1], True)
-    dx, dweight = prims.pw_bn_backward(dout, x, w2d, y, scale, shift, mean, coef_b, coef_c,
-                                       code, needs[0], needs[1])
+    count = x.numel() // x.shape[1]
+    if moments is not None:
+        sum_g, sum_g_yc, dx, dw_part = prims.pw_bn_backward_gram(
+            dout, x, w2d, scale, shift, mean, code, needs[0], needs[1])
+        coef_b, coef_c, dgamma = bn.bn_backward_coefs(scale, invstd, sum_g, sum_g_yc, count,
+                                                      True)
+        dweight = prims.pw_bn_gram_finish(x, dx, w2d, *moments, mean, coef_b, coef_c, dw_part)
+    else:
+        sum_g, sum_g_yc = prims.pw_bn_backward_reduce(dout, x, w2d, y, scale, shift, mean,
+                                                      code)
+        coef_b, coef_c, dgamma = bn.bn_backward_coefs(scale, invstd, sum_g, sum_g_yc, count,
+                                                      True)
+        dx, dweight = prims.pw_bn_backward(dout, x, w2d, y, scale, shift, mean, coef_b,
+                                           coef_c, code, needs[0], needs[1])
     return dx, None if dweight is None else dweight.view_as(weight), dgamma, sum_g
 
 
@@ -196,8 +234,10 @@ class ConvBNActTrain(torch.autograd.Function):
     def forward(ctx, x, weight, gamma, beta, geo, eps, act):
         code = act_code(act)
         ctx.tiles = _tile_prims(x, weight, geo)
+        moments = None
         if ctx.tiles is not None:
-            y, out, mean, var = _tiled_forward(ctx.tiles, x, weight, gamma, beta, eps, code)
+            y, out, mean, var, moments = _tiled_forward(ctx.tiles, x, weight, gamma, beta, eps,
+                                                        code)
             ctx.keep_y = y is not None
         else:
             y = _conv(x, weight, geo)
@@ -206,7 +246,8 @@ class ConvBNActTrain(torch.autograd.Function):
             ctx.keep_y = _keeps_output(x, y.numel(), weight) and y.dtype == x.dtype
             # Unless kept, y is this call's own temporary: the act pass may overwrite it.
             out, mean, var = bn_act_forward(y, gamma, beta, eps, code, not ctx.keep_y)
-        ctx.save_for_backward(x, weight, gamma, beta, mean, var, y if ctx.keep_y else None)
+        ctx.save_for_backward(x, weight, gamma, beta, mean, var, y if ctx.keep_y else None,
+                              *(moments or (None, None)))
         ctx.geo, ctx.act, ctx.eps = geo, code, eps
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
@@ -214,11 +255,12 @@ class ConvBNActTrain(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the primitives record no graph: double backward raises
     def backward(ctx, dout, _dmean, _dvar):
-        x, weight, gamma, beta, mean, var, y = ctx.saved_tensors
+        x, weight, gamma, beta, mean, var, y, mu, gram = ctx.saved_tensors
         if ctx.tiles is not None:
             dx, dw, dgamma, sum_g = _tiled_backward(ctx.tiles, dout, x, weight, y, gamma, beta,
                                                     mean, var, ctx.eps, ctx.act,
-                                                    ctx.needs_input_grad[:2])
+                                                    ctx.needs_input_grad[:2],
+                                                    None if mu is None else (mu, gram))
         else:
             if not ctx.keep_y:
                 y = _conv(x, weight, ctx.geo)

@@ -1,0 +1,175 @@
+// Shared pieces of the tiled CPU training 1x1 conv + BatchNorm kernels
+// (pointwise_bn_train.cpp, pointwise_bn_gram.cpp): the row tiling, the argument checks and
+// the order-fixed merges of per-tile sums and per-group weight-gradient partials.
+//
+// Layout: x (N, Cin, H, W) and the conv's (N, Cout, H, W) tensors are channels_last, so
+// their P = N*H*W pixels are the rows of row-major (P, Cin) / (P, Cout) matrices; the
+// weight is (Cout, Cin) row-major.
+//
+// Work split: tiles of T rows (about kTileFloats outputs, at least Cin rows so re-reading
+// W per tile costs no more than the tile's output), each a single-threaded GEMM; tiles
+// run in parallel, in at most kGroups groups of consecutive tiles (fewer in the backward
+// where Cout * Cin is large: each group keeps its own dW partial, at most
+// kDwPartialFloats in all). Per-channel sums are kept per tile and merged in tile order
+// in double, dW partials summed in group order: results depend on the shapes only, not
+// on the thread count.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common/checks.h"
+#include "output_cache.h"
+#include "sgemm.h"
+
+namespace effnet::cpu_pw {
+
+inline constexpr int64_t kTileFloats = int64_t(1) << 16;
+inline constexpr int64_t kGroups = 16;
+inline constexpr int64_t kMinTiles = 8;  // smaller problems still split over 8 threads
+inline constexpr int64_t kDwPartialFloats = int64_t(1) << 21;
+
+struct Tiling {
+  int64_t rows, tile, tiles, groups;
+  int64_t begin(int64_t t) const { return t * tile; }
+  int64_t count(int64_t t) const { return std::min(tile, rows - t * tile); }
+  int64_t first_tile(int64_t g) const { return tiles * g / groups; }
+};
+
+inline Tiling make_tiling(int64_t rows, int64_t cin, int64_t cout, int64_t max_groups = kGroups) {
+  int64_t tile = std::max({kTileFloats / cout, cin, int64_t(16)});
+  tile = std::min(tile, std::max<int64_t>(1, (rows + kMinTiles - 1) / kMinTiles));
+  const int64_t tiles = (rows + tile - 1) / tile;
+  return {rows, tile, tiles, std::min(tiles, max_groups)};
+}
+
+// body(group, tile, scratch) for every tile, in parallel over the groups of consecutive
+// tiles; scratch holds `scratch_floats` floats per thread.
+template <class F>
+inline void for_tiles(const Tiling& tl, int64_t scratch_floats, F&& body) {
+  at::parallel_for(0, tl.groups, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<float> scratch(scratch_floats);
+    for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t t = tl.first_tile(g); t < tl.first_tile(g + 1); ++t) body(g, t, scratch.data());
+    }
+  });
+}
+
+struct Args {
+  int64_t rows, cin, cout;
+  const float* x;
+  const float* w;
+};
+
+inline Args check_x_w(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(cpu::sgemm_available(), "pointwise BN kernels: libtorch_cpu exports no sgemm_");
+  EFFNET_CHECK_DEVICE(x, at::kCPU);
+  EFFNET_CHECK_DTYPE(x, at::kFloat);
+  EFFNET_CHECK_DIM(x, 4);
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "x must be contiguous in channels_last format");
+  EFFNET_CHECK_DEVICE(weight, at::kCPU);
+  EFFNET_CHECK_DTYPE(weight, at::kFloat);
+  EFFNET_CHECK_DIM(weight, 2);
+  EFFNET_CHECK_CONTIGUOUS(weight);
+  TORCH_CHECK(weight.size(1) == x.size(1), "weight must be (Cout, ", x.size(1),
+              "), got shape ", weight.sizes());
+  TORCH_CHECK(x.numel() > 0 && weight.size(0) > 0, "x and weight must be non-empty");
+  return {x.numel() / x.size(1), x.size(1), weight.size(0), x.const_data_ptr<float>(),
+          weight.const_data_ptr<float>()};
+}
+
+inline void check_like_out(const at::Tensor& t, const char* name, const at::Tensor& x,
+                           int64_t cout) {
+  EFFNET_CHECK_DTYPE(t, at::kFloat);
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 4 && t.size(0) == x.size(0) &&
+                  t.size(1) == cout && t.size(2) == x.size(2) && t.size(3) == x.size(3),
+              name, " must be a cpu (", x.size(0), ", ", cout, ", ", x.size(2), ", ",
+              x.size(3), ") tensor, got ", t.sizes(), " on ", t.device());
+  TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), name,
+              " must be contiguous in channels_last format");
+}
+
+inline const float* channel_vector(const at::Tensor& t, const char* name, int64_t cout) {
+  EFFNET_CHECK_DTYPE(t, at::kFloat);
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.numel() == cout && t.is_contiguous(),
+              name, " must be a contiguous cpu (", cout, ") vector, got ", t.sizes());
+  return t.const_data_ptr<float>();
+}
+
+inline at::Tensor empty_like_out(const at::Tensor& x, int64_t channels) {
+  return cpu::empty_output({x.size(0), channels, x.size(2), x.size(3)}, x.options(),
+                           at::MemoryFormat::ChannelsLast);
+}
+
+// (sum_g, sum_g_yc) as float (C) tensors from per-tile partials part[t][2][C] (float),
+// summed in tile order in double.
+inline std::tuple<at::Tensor, at::Tensor> merge_tile_sums(const std::vector<float>& part,
+                                                          int64_t tiles, int64_t C,
+                                                          const at::TensorOptions& options) {
+  std::vector<double> total(2 * C, 0.0);
+  for (int64_t t = 0; t < tiles; ++t) {
+    for (int64_t i = 0; i < 2 * C; ++i) total[i] += double(part[t * 2 * C + i]);
+  }
+  at::Tensor sum_g = at::empty({C}, options), sum_g_yc = at::empty({C}, options);
+  float* s1 = sum_g.mutable_data_ptr<float>();
+  float* s2 = sum_g_yc.mutable_data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    s1[c] = float(total[c]);
+    s2[c] = float(total[C + c]);
+  }
+  return {sum_g, sum_g_yc};
+}
+
+// The (Cout, Cin) weight gradient from `groups` partials of `size` = Cout * Cin floats
+// each, summed in group order.
+inline at::Tensor sum_dw_partials(const float* dw_part, int64_t groups, int64_t cout,
+                                  int64_t cin, const at::TensorOptions& options) {
+  at::Tensor dweight = at::empty({cout, cin}, options);
+  float* out = dweight.mutable_data_ptr<float>();
+  const int64_t size = cout * cin;
+  at::parallel_for(0, size, 4096, [&](int64_t i0, int64_t i1) {
+    std::copy(dw_part + i0, dw_part + i1, out + i0);
+    for (int64_t g = 1; g < groups; ++g) {
+      const float* p = dw_part + g * size;
+      for (int64_t i = i0; i < i1; ++i) out[i] += p[i];
+    }
+  });
+  return dweight;
+}
+
+inline const float* kept_y(const std::optional<at::Tensor>& y, const at::Tensor& x, int64_t cout) {
+  if (!y.has_value()) return nullptr;
+  check_like_out(*y, "y", x, cout);
+  return y->const_data_ptr<float>();
+}
+
+// The inputs both backward primitives take, checked.
+struct BackwardInputs {
+  Args a;
+  const float* dout;
+  const float* y_kept;  // nullptr: recompute y per tile
+  const float* scale;
+  const float* shift;
+  const float* mean;
+};
+
+inline BackwardInputs check_backward(const at::Tensor& dout, const at::Tensor& x,
+                              const at::Tensor& weight, const std::optional<at::Tensor>& y,
+                              const at::Tensor& scale, const at::Tensor& shift,
+                              const at::Tensor& mean, int64_t act) {
+  const Args a = check_x_w(x, weight);
+  check_act(act);
+  check_like_out(dout, "dout", x, a.cout);
+  return {a, dout.const_data_ptr<float>(), kept_y(y, x, a.cout),
+          channel_vector(scale, "scale", a.cout), channel_vector(shift, "shift", a.cout),
+          channel_vector(mean, "mean", a.cout)};
+}
+
+}  // namespace effnet::cpu_pw

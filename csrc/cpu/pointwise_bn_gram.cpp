@@ -1,6 +1,6 @@
 // CPU training 1x1 conv + BatchNorm + activation where y = x W^T is recomputed, not kept
-// (pointwise_bn_train.cpp has the math and the tiling): the batch-sum terms moved to the
-// narrow input side through its second moments.
+// (pointwise_bn_train.cpp has the math, pointwise_bn_tiling.h the tiling and the merges):
+// the batch-sum terms moved to the narrow input side through its second moments.
 //
 //   mu = mean_p x_p (Cin),   Gc = sum_p (x_p - mu)(x_p - mu)^T (Cin, Cin),   P pixels
 //
@@ -79,16 +79,6 @@ EFFNET_GRAM_CLONES void weight_gram_row(const float* w, const double* gram, doub
   }
 }
 
-at::Tensor weight_gram(const float* w, const double* gram, int64_t cout, int64_t cin,
-                       const at::TensorOptions& f64) {
-  at::Tensor wg = at::empty({cout, cin}, f64);
-  double* out = wg.mutable_data_ptr<double>();
-  at::parallel_for(0, cout, 16, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) weight_gram_row(w + c * cin, gram, out + c * cin, cin);
-  });
-  return wg;
-}
-
 // m[j][k] = sum_c w[c][j] coef[c] w[c][k] for rows j in [j0, j1)
 EFFNET_GRAM_CLONES void weighted_gram_rows(const float* w, const double* coef, double* m,
                                            int64_t cout, int64_t cin, int64_t j0, int64_t j1) {
@@ -107,13 +97,22 @@ EFFNET_GRAM_CLONES void weighted_gram_rows(const float* w, const double* coef, d
 namespace {
 
 using gram_loops::shifted_rows;
-using gram_loops::weight_gram;
 using gram_loops::weight_gram_row;
 using gram_loops::weighted_gram_rows;
 
-
 // Rows averaged for the shift x0.
 constexpr int64_t kShiftRows = 256;
+
+// (Cout, Cin) float64 w @ gram, rows in parallel (each row on one thread: no reordering).
+at::Tensor weight_gram(const float* w, const double* gram, int64_t cout, int64_t cin,
+                       const at::TensorOptions& f64) {
+  at::Tensor wg = at::empty({cout, cin}, f64);
+  double* out = wg.mutable_data_ptr<double>();
+  at::parallel_for(0, cout, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) weight_gram_row(w + c * cin, gram, out + c * cin, cin);
+  });
+  return wg;
+}
 
 // (w mu)[c] = sum_k w[c][k] mu[k]
 std::vector<double> weight_times(const float* w, const double* mu, int64_t cout, int64_t cin) {
@@ -246,10 +245,11 @@ std::optional<at::Tensor> pw_bn_gram_finish(const at::Tensor& x,
   const double* mup = mu.const_data_ptr<double>();
   const float* cbp = coef_b.const_data_ptr<float>();
   const float* mean_p = mean.const_data_ptr<float>();
+  const float* ccp = coef_c.const_data_ptr<float>();
   std::vector<double> cc(cout), beta(cout);
   const std::vector<double> wmu = weight_times(a.w, mup, cout, cin);
   for (int64_t c = 0; c < cout; ++c) {
-    cc[c] = double(coef_c.const_data_ptr<float>()[c]);
+    cc[c] = double(ccp[c]);
     beta[c] = double(cbp[c]) + cc[c] * (wmu[c] - double(mean_p[c]));
   }
   std::optional<at::Tensor> dweight;

@@ -37,7 +37,6 @@
 
 #include "common/binding_registry.h"
 #include "common/checks.h"
-#include "depthwise_passes.h"
 #include "pointwise_bn_tiling.h"
 #include "pointwise_epilogue_decl.h"
 #include "sgemm.h"

@@ -98,13 +98,34 @@ for code, act in ((0, lambda t: t), (1, F.relu), (2, F.silu)):
     y = F.conv2d(x.double(), wd.double(), None, 1, 1, 1, 37)
     ref = act(y * scale.double()[:, None, None] + shift.double()[:, None, None])
     assert (got - ref).abs().max().item() < 1e-4, ("dw", code)
+from effnet_kernels import use_backend
+from effnet_kernels.nn import pointwise
+x = torch.randn(2, 8, 16, 16).contiguous(memory_format=torch.channels_last) + 0.5
+w, g, b, dy = torch.randn(24, 8, 1, 1) / 3, torch.rand(24) + 0.5, torch.randn(24), torch.randn(2, 24, 16, 16)
+for gram in (True, False):  # the tiled BN tile kernels, both backward routes
+    pointwise.GRAM = gram
+    grads = []
+    for dt in (torch.float32, torch.float64):
+        xs, ws = x.to(dt).detach().requires_grad_(), w.to(dt).detach().requires_grad_()
+        if dt == torch.float32:
+            with use_backend("cpu"):
+                out = pointwise.conv_bn_act_train(xs, ws, g, b, None, None, stride=1, padding=0,
+                                                  groups=1, momentum=0.1, eps=1e-3, act="silu")
+        else:
+            out = F.silu(F.batch_norm(F.conv2d(xs, ws), None, None, g.double(), b.double(), True,
+                                      0.1, 1e-3))
+        out.backward(dy.to(dt).contiguous(memory_format=torch.channels_last))
+        grads.append((out.double(), xs.grad.double(), ws.grad.double()))
+    for got, ref in zip(*grads):
+        assert (got - ref).abs().max().item() < 1e-4 * (1 + ref.abs().max().item()), ("bn", gram)
 """
 
 
 @pytest.mark.parametrize("isa", ["avx2", "base"])
 def test_narrower_isa_kernels_match(isa):
     """EFFNET_CPU_ISA forces the AVX2 or baseline copy of the CPU kernels (isa.h): the
-    pointwise epilogue and the depthwise forward with its per-tile activation."""
+    pointwise epilogue, the depthwise forward with its per-tile activation, and the tiled
+    1x1 conv + BN tile kernels on both backward routes (Gram and two-pass)."""
     env = dict(os.environ, EFFNET_CPU_ISA=isa)
     done = subprocess.run([sys.executable, "-c", _NARROW_ISA_CHECK], env=env,
                           capture_output=True, text=True)

@@ -22,7 +22,7 @@
 // Against the two-pass route this drops a conv (GEMM) and the read of dout of the
 // statistics-dependent pass; what it adds works on (P, Cin) and (Cin, Cin) tensors only.
 // mu and Gc are merged from per-tile sums of x - x0 (x0: the mean of the first rows, a
-// shift that keeps the float32 tile sums free of cancellation) in tile order in double;
+// shift that keeps the float32 tile sums free of cancellation) in a fixed order in double;
 // the (Cout, Cin) and (Cin, Cin) products run in double. Results depend on the shapes
 // only, not on the thread count.
 #include <ATen/Parallel.h>
@@ -135,21 +135,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_bn_stats_gram(
     }
     for (int64_t k = 0; k < cin; ++k) shift[k] = float(acc[k] / double(n));
   }
+  // Each group (one thread, its tiles in order) adds its tiles' float32 sums and Gram
+  // matrices of x - x0 into its own double partial; the partials are merged in group
+  // order. Memory: groups * (Cin + Cin^2) doubles, whatever the number of tiles.
   const Tiling tl = make_tiling(a.rows, cin, cin);
-  std::vector<float> sums(tl.tiles * cin, 0.0f), grams(tl.tiles * cin * cin);
-  for_tiles(tl, tl.tile * cin, [&](int64_t, int64_t t, float* xs) {
-    const int64_t rows = tl.count(t);
-    shifted_rows(a.x + tl.begin(t) * cin, shift.data(), xs, rows, cin, sums.data() + t * cin);
-    cpu::gemm_dtx(xs, xs, grams.data() + t * cin * cin, rows, cin, cin, false);
+  std::vector<double> group_sums(tl.groups * cin, 0.0), group_grams(tl.groups * cin * cin, 0.0);
+  for_tiles(tl, tl.tile * cin + cin * cin + cin, [&](int64_t g, int64_t t, float* scratch) {
+    float* xs = scratch;
+    float* tile_gram = xs + tl.tile * cin;
+    float* tile_sums = tile_gram + cin * cin;
+    std::fill(tile_sums, tile_sums + cin, 0.0f);
+    shifted_rows(a.x + tl.begin(t) * cin, shift.data(), xs, tl.count(t), cin, tile_sums);
+    cpu::gemm_dtx(xs, xs, tile_gram, tl.count(t), cin, cin, false);
+    double* gs = group_sums.data() + g * cin;
+    double* gg = group_grams.data() + g * cin * cin;
+    for (int64_t k = 0; k < cin; ++k) gs[k] += double(tile_sums[k]);
+    for (int64_t i = 0; i < cin * cin; ++i) gg[i] += double(tile_gram[i]);
   });
-  // Shifted first and second moments, summed in tile order in double, then centered.
+  // Shifted first and second moments, merged in group order, then centered.
   const auto f64 = x.options().dtype(at::kDouble);
   at::Tensor mu = at::zeros({cin}, f64), gram = at::zeros({cin, cin}, f64);
   double* m = mu.mutable_data_ptr<double>();
   double* gp = gram.mutable_data_ptr<double>();
-  for (int64_t t = 0; t < tl.tiles; ++t) {
-    for (int64_t k = 0; k < cin; ++k) m[k] += double(sums[t * cin + k]);
-    for (int64_t i = 0; i < cin * cin; ++i) gp[i] += double(grams[t * cin * cin + i]);
+  for (int64_t g = 0; g < tl.groups; ++g) {
+    for (int64_t k = 0; k < cin; ++k) m[k] += group_sums[g * cin + k];
+    for (int64_t i = 0; i < cin * cin; ++i) gp[i] += group_grams[g * cin * cin + i];
   }
   const double count = double(a.rows);
   for (int64_t j = 0; j < cin; ++j) {

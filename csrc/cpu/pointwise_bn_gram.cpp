@@ -30,7 +30,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -187,35 +186,20 @@ pw_bn_backward_gram(const at::Tensor& dout, const at::Tensor& x, const at::Tenso
                     int64_t act, bool need_dx, bool need_dweight) {
   const BackwardInputs in = check_backward(dout, x, weight, std::nullopt, scale, shift, mean, act);
   const Args& a = in.a;
-  const Tiling tl = make_tiling(a.rows, a.cin, a.cout,
-                                std::max<int64_t>(2, kDwPartialFloats / (a.cout * a.cin)));
-  std::optional<at::Tensor> dx, dweight;
-  float* dxp = nullptr;
-  if (need_dx) {
-    dx = empty_like_out(x, a.cin);
-    dxp = dx->mutable_data_ptr<float>();
-  }
-  // Each group's first tile writes its dW partial, later tiles add to it.
-  std::unique_ptr<float[]> dw_part(need_dweight ? new float[tl.groups * a.cout * a.cin] : nullptr);
+  const Tiling tl = backward_tiling(a);
   std::vector<float> part(tl.tiles * 2 * a.cout, 0.0f);
   const auto reduce_scale = EFFNET_PICK_ISA(cpu_pw, tile_bn_reduce_scale);
-  // Scratch: the recomputed y tile, overwritten by s = scale * g.
-  for_tiles(tl, tl.tile * a.cout, [&](int64_t g, int64_t t, float* scratch) {
-    const int64_t r0 = tl.begin(t), rows = tl.count(t);
-    cpu::gemm_xwt(a.x + r0 * a.cin, a.w, scratch, rows, a.cin, a.cout);
+  // Scratch: the recomputed y tile, overwritten by s = scale * g (the tile's part of dy
+  // that needs no batch sums), while the tile's sums are taken.
+  auto [dx, dweight] = tiled_input_grads(a, tl, x, need_dx, need_dweight,
+                                         [&](int64_t t, float* scratch) {
+    const int64_t r0 = tl.begin(t);
+    cpu::gemm_xwt(a.x + r0 * a.cin, a.w, scratch, tl.count(t), a.cin, a.cout);
     float* p = part.data() + t * 2 * a.cout;
-    reduce_scale(in.dout + r0 * a.cout, scratch, rows, a.cout, in.scale, in.shift, in.mean, act,
-                 p, p + a.cout);
-    if (need_dx) cpu::gemm_xw(scratch, a.w, dxp + r0 * a.cin, rows, a.cin, a.cout);
-    if (need_dweight) {
-      cpu::gemm_dtx(scratch, a.x + r0 * a.cin, dw_part.get() + g * a.cout * a.cin, rows, a.cin,
-                    a.cout, t != tl.first_tile(g));
-    }
+    reduce_scale(in.dout + r0 * a.cout, scratch, tl.count(t), a.cout, in.scale, in.shift, in.mean,
+                 act, p, p + a.cout);
   });
   auto [sum_g, sum_g_yc] = merge_tile_sums(part, tl.tiles, a.cout, x.options());
-  if (need_dweight) {  // check_x_w refuses empty x: every group has at least one tile
-    dweight = sum_dw_partials(dw_part.get(), tl.groups, a.cout, a.cin, x.options());
-  }
   return {sum_g, sum_g_yc, dx, dweight};
 }
 

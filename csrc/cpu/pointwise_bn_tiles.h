@@ -132,4 +132,3 @@ void tile_bn_grad(const float* dout, const float* y, float* dy, int64_t rows, in
     default: return bn_grad_tile<0>(dout, y, dy, rows, C, scale, shift, mean, coef_b, coef_c);
   }
 }
-

@@ -1,6 +1,7 @@
 // Shared pieces of the tiled CPU training 1x1 conv + BatchNorm kernels
-// (pointwise_bn_train.cpp, pointwise_bn_gram.cpp): the row tiling, the argument checks and
-// the order-fixed merges of per-tile sums and per-group weight-gradient partials.
+// (pointwise_bn_train.cpp, pointwise_bn_gram.cpp): the row tiling, the argument checks, the
+// order-fixed merges of per-tile sums and per-group weight-gradient partials, and the
+// pass both backward routes end with (dL/dy per tile, then its dx and dW GEMMs).
 //
 // Layout: x (N, Cin, H, W) and the conv's (N, Cout, H, W) tensors are channels_last, so
 // their P = N*H*W pixels are the rows of row-major (P, Cin) / (P, Cout) matrices; the
@@ -20,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -142,6 +144,45 @@ inline at::Tensor sum_dw_partials(const float* dw_part, int64_t groups, int64_t 
     }
   });
   return dweight;
+}
+
+// The tiling of the backward's gradient pass: fewer groups where Cout * Cin is large, each
+// group keeping its own dW partial (at most kDwPartialFloats in all).
+inline Tiling backward_tiling(const Args& a) {
+  return make_tiling(a.rows, a.cin, a.cout,
+                     std::max<int64_t>(2, kDwPartialFloats / (a.cout * a.cin)));
+}
+
+// (dx, dW) of the conv from dL/dy tile by tile: tile_dy(t, scratch) writes the tile's rows
+// of dL/dy, (count(t), Cout) row-major, into scratch (tile * Cout floats per thread); then
+// dx's rows = dy W and the group's dW partial += dy^T x. tile_dy runs for every tile even
+// where neither gradient is needed (callers may gather sums in it).
+template <class TileDy>
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> tiled_input_grads(
+    const Args& a, const Tiling& tl, const at::Tensor& x, bool need_dx, bool need_dweight,
+    TileDy&& tile_dy) {
+  std::optional<at::Tensor> dx, dweight;
+  float* dxp = nullptr;
+  if (need_dx) {
+    dx = empty_like_out(x, a.cin);
+    dxp = dx->mutable_data_ptr<float>();
+  }
+  // Each group's first tile writes its dW partial, later tiles add to it: no zeroing of
+  // groups * Cout * Cin floats on one thread first (up to 8 MB on B0's 14x14 expands).
+  std::unique_ptr<float[]> dw_part(need_dweight ? new float[tl.groups * a.cout * a.cin] : nullptr);
+  for_tiles(tl, tl.tile * a.cout, [&](int64_t g, int64_t t, float* scratch) {
+    const int64_t r0 = tl.begin(t), rows = tl.count(t);
+    tile_dy(t, scratch);
+    if (need_dx) cpu::gemm_xw(scratch, a.w, dxp + r0 * a.cin, rows, a.cin, a.cout);
+    if (need_dweight) {
+      cpu::gemm_dtx(scratch, a.x + r0 * a.cin, dw_part.get() + g * a.cout * a.cin, rows, a.cin,
+                    a.cout, t != tl.first_tile(g));
+    }
+  });
+  if (need_dweight) {  // check_x_w refuses empty x: every group has at least one tile
+    dweight = sum_dw_partials(dw_part.get(), tl.groups, a.cout, a.cin, x.options());
+  }
+  return {dx, dweight};
 }
 
 inline const float* kept_y(const std::optional<at::Tensor>& y, const at::Tensor& x, int64_t cout) {

@@ -26,7 +26,6 @@
 #include <torch/extension.h>
 
 #include <cstdint>
-#include <memory>
 #include <optional>
 #include <vector>
 
@@ -129,35 +128,15 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> pw_bn_backward(
   const Args& a = in.a;
   const float* bp = channel_vector(coef_b, "coef_b", a.cout);
   const float* cp = channel_vector(coef_c, "coef_c", a.cout);
-  std::optional<at::Tensor> dx, dweight;
-  if (!need_dx && !need_dweight) return {dx, dweight};
-  const Tiling tl = make_tiling(a.rows, a.cin, a.cout,
-                                std::max<int64_t>(2, kDwPartialFloats / (a.cout * a.cin)));
-  float* dxp = nullptr;
-  if (need_dx) {
-    dx = empty_like_out(x, a.cin);
-    dxp = dx->mutable_data_ptr<float>();
-  }
-  // Each group's first tile writes its dW partial, later tiles add to it: no zeroing of
-  // groups * Cout * Cin floats on one thread first (up to 8 MB on B0's 14x14 expands).
-  std::unique_ptr<float[]> dw_part(need_dweight ? new float[tl.groups * a.cout * a.cin] : nullptr);
+  if (!need_dx && !need_dweight) return {std::nullopt, std::nullopt};
+  const Tiling tl = backward_tiling(a);
   const auto grad = EFFNET_PICK_ISA(cpu_pw, tile_bn_grad);
   // Scratch: the recomputed y tile, overwritten by dy; with a kept y, dy alone.
-  for_tiles(tl, tl.tile * a.cout, [&](int64_t g, int64_t t, float* scratch) {
-    const int64_t r0 = tl.begin(t), rows = tl.count(t);
+  return tiled_input_grads(a, tl, x, need_dx, need_dweight, [&](int64_t t, float* scratch) {
     const float* yt = tile_y(a, tl, t, in.y_kept, scratch);
-    grad(in.dout + r0 * a.cout, yt, scratch, rows, a.cout, in.scale, in.shift, in.mean, bp, cp,
-         act);
-    if (need_dx) cpu::gemm_xw(scratch, a.w, dxp + r0 * a.cin, rows, a.cin, a.cout);
-    if (need_dweight) {
-      cpu::gemm_dtx(scratch, a.x + r0 * a.cin, dw_part.get() + g * a.cout * a.cin, rows, a.cin,
-                    a.cout, t != tl.first_tile(g));
-    }
+    grad(in.dout + tl.begin(t) * a.cout, yt, scratch, tl.count(t), a.cout, in.scale, in.shift,
+         in.mean, bp, cp, act);
   });
-  if (need_dweight) {  // check_x_w refuses empty x: every group has at least one tile
-    dweight = sum_dw_partials(dw_part.get(), tl.groups, a.cout, a.cin, x.options());
-  }
-  return {dx, dweight};
 }
 
 }  // namespace

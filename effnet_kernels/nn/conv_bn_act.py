@@ -3,7 +3,8 @@ and projection convs of the fused blocks (and the stem / head of our EfficientNe
 module-level call of the fused depthwise op (`dw_bn_act`).
 
   training  nn/pointwise.py: PyTorch's conv (a GEMM on channels_last CPU tensors), then
-            the fused BN + act passes; saves the conv input only
+            the fused BN + act passes; saves the conv input only. Traced calls
+            (torch.compile, torch.export) take F.conv2d + F.batch_norm + act instead
   eval      BN folded into the conv weights (memoized, nn/eval_fold.py); on CPU a float32
             1x1 conv runs as a tiled GEMM into cached memory with the act as its epilogue
             (nn/gemm_conv.py); other convs run as one oneDNN conv with the act as a post-op
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.depthwise import depthwise_conv_bn_act
+from ..ops.eager import plain_eager
 from .batchnorm import bn_call_args, sync_group
 from .eval_fold import folded_conv_bn
 from .gemm_conv import gemm_conv1x1_act, gemm_conv_eligible
@@ -85,8 +87,10 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str) -> Ten
         padding = conv.padding
     if args["training"] and bias is None and x.dtype in _RECOMPUTE_DTYPES \
             and conv.dilation == (1, 1) and len(set(conv.stride)) == len(set(padding)) == 1 \
-            and _values_per_channel(x, conv, padding[0]) > 1:
-        # Saves only x for backward (nn/pointwise.py); recomputes the conv there.
+            and _values_per_channel(x, conv, padding[0]) > 1 and plain_eager(x, weight):
+        # Saves only x for backward (nn/pointwise.py); recomputes the conv there. Traced
+        # calls (torch.compile, torch.export) take the plain ops below, which the tracer
+        # sees through: nn/pointwise.py calls the backend's primitives directly.
         return conv_bn_act_train(x, weight, bn.weight, bn.bias, args["running_mean"],
                                  args["running_var"], stride=conv.stride[0], padding=padding[0],
                                  groups=conv.groups, momentum=args["momentum"],

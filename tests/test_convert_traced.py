@@ -1,0 +1,122 @@
+"""Converted models under torch.compile(fullgraph=True) and torch.export, training and eval:
+the whole model traces as one graph (the fused ops appear as their custom ops, the rest as
+ATen ops) and gives the original model's numbers (parity vs float64, design.md §3).
+
+torch.compile runs with backend="aot_eager": it traces exactly what inductor would
+(dynamo + AOT autograd, forward and backward graphs) without inductor's code generation,
+which takes minutes per model on two cores."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from model_cases import assert_eval_parity, assert_train_parity, batch, randomize_bn
+
+import effnet_kernels
+from effnet_kernels.testing import parity
+
+timm = pytest.importorskip("timm")
+torchvision = pytest.importorskip("torchvision")
+
+CL = torch.channels_last
+# ("effnet_kernels", name): our own model, loaded with the timm model's state_dict.
+MODELS = [("timm", "efficientnet_b0"), ("timm", "tf_efficientnet_b0"),
+          ("torchvision", "efficientnet_b0"), ("effnet_kernels", "tf_efficientnet_b0")]
+
+
+def _original(source: str, name: str, drop: float = 0.0) -> torch.nn.Module:
+    if source in ("timm", "effnet_kernels"):
+        model = timm.create_model(name, pretrained=False, num_classes=10, drop_rate=0.0,
+                                  drop_path_rate=drop)
+    else:
+        model = torchvision.models.efficientnet_b0(weights=None, num_classes=10, dropout=0.0,
+                                                   stochastic_depth_prob=drop)
+    return randomize_bn(model).to(memory_format=CL)
+
+
+def _fused(source: str, name: str, original: torch.nn.Module) -> torch.nn.Module:
+    if source == "effnet_kernels":
+        ours = effnet_kernels.create_model(name, num_classes=10, drop_rate=0.0,
+                                            drop_path_rate=0.0)
+        ours.load_state_dict(original.state_dict())
+        return ours.to(memory_format=CL).train(original.training)
+    fused = copy.deepcopy(original)
+    report = effnet_kernels.convert(fused)
+    assert report.converted and not report.skipped, str(report)
+    return fused
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("source,name", MODELS)
+def test_compile_fullgraph_train_step_matches_original(source, name):
+    original = _original(source, name)
+    fused = _fused(source, name, original)
+    fused.compile(fullgraph=True, backend="aot_eager")
+    assert_train_parity(fused, original, *batch(2, 64, fmt=CL))
+
+
+@pytest.mark.parametrize("source,name", MODELS)
+def test_compile_fullgraph_eval_matches_original(source, name):
+    original = _original(source, name)
+    fused = _fused(source, name, original)
+    fused.compile(fullgraph=True, backend="aot_eager")
+    assert_eval_parity(fused, original, batch(2, 64, fmt=CL)[0])
+
+
+def test_compile_fullgraph_with_drop_connect():
+    """Stochastic depth on: the drop-connect op's custom op is in the graph; one step runs
+    and every parameter gets a finite gradient."""
+    fused = _fused("timm", "efficientnet_b0", _original("timm", "efficientnet_b0", drop=0.2)).train()
+    fused.compile(fullgraph=True, backend="aot_eager")
+    x, y = batch(2, 64, fmt=CL)
+    torch.nn.functional.cross_entropy(fused(x), y).backward()
+    grads = [p.grad for p in fused.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def _op_names(exported) -> set[str]:
+    return {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+
+
+def _assert_logits_match(got: torch.Tensor, original: torch.nn.Module, x: torch.Tensor,
+                         what: str) -> None:
+    """got vs the original's logits on x in its current mode, judged against float64."""
+    truth = copy.deepcopy(original).double()
+    with torch.no_grad():
+        same = original(x)
+        expected = truth(x.double())
+    p = parity(what, got, same, expected, torch.float32)
+    assert p.ok, str(p)
+
+
+@pytest.mark.parametrize("source,name", MODELS)
+def test_export_eval_matches_original(source, name):
+    original = _original(source, name).eval()
+    x = batch(2, 64, fmt=CL)[0]
+    exported = torch.export.export(_fused(source, name, original).eval(), (x,))
+    with torch.no_grad():
+        got = exported.module()(x)
+    _assert_logits_match(got, original, x, "eval logits")
+
+
+@pytest.mark.parametrize("source,name", MODELS)
+def test_export_train_sees_fused_ops(source, name):
+    """The training graph holds the fused depthwise and squeeze-excite ops (one node per
+    block each) and computes the original model's training-mode logits (batch statistics)."""
+    original = _original(source, name).train()
+    x = batch(2, 64, fmt=CL)[0]
+    exported = torch.export.export(_fused(source, name, original).train(), (x,))
+    ops = _op_names(exported)
+    assert {"effnet_kernels.dw_bn_act_fwd.default", "effnet_kernels.se_fwd.default"} <= ops, \
+        sorted(ops)
+    with torch.no_grad():
+        got = exported.module()(x)
+    _assert_logits_match(got, original, x, "train-mode logits")

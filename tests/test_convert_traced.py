@@ -1,6 +1,7 @@
-"""Converted models under torch.compile(fullgraph=True) and torch.export, training and eval:
-the whole model traces as one graph (the fused ops appear as their custom ops, the rest as
-ATen ops) and gives the original model's numbers (parity vs float64, design.md §3).
+"""Converted models under torch.compile(fullgraph=True) and torch.export, training and eval,
+and torch.onnx.export in eval: the whole model traces as one graph (the fused ops appear as
+their custom ops, the rest as ATen ops; in ONNX as their plain definition) and gives the
+original model's numbers (parity vs float64, design.md §3).
 
 torch.compile runs with backend="aot_eager": it traces exactly what inductor would
 (dynamo + AOT autograd, forward and backward graphs) without inductor's code generation,
@@ -120,3 +121,20 @@ def test_export_train_sees_fused_ops(source, name):
     with torch.no_grad():
         got = exported.module()(x)
     _assert_logits_match(got, original, x, "train-mode logits")
+
+
+@pytest.mark.parametrize("source,name", MODELS)
+def test_onnx_export_eval_runs_in_onnxruntime(source, name):
+    """torch.onnx.export (the dynamo exporter) of a converted model in eval: the fused ops
+    export as their plain-PyTorch definition (ONNX has no node for them), and
+    onnxruntime's logits match the original model's."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    original = _original(source, name).eval()
+    x = batch(2, 64)[0]
+    program = torch.onnx.export(_fused(source, name, original).eval(), (x,), dynamo=True,
+                                verbose=False)
+    session = ort.InferenceSession(program.model_proto.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    _assert_logits_match(torch.from_numpy(got), original, x, "onnxruntime logits")

@@ -33,7 +33,7 @@ from . import reference
 from .activations import act_code
 from .bn_math import COMPOSITE, as_dtype, vector_math
 from .checks import check_device, check_int_arg, check_same_dtype, check_tensor, check_vector
-from .eager import plain_eager, records_graph
+from .eager import onnx_exporting, plain_eager, records_graph
 from .geometry import acc_dtype, conv_geometry, dense, memory_format_of
 
 OP = "depthwise_conv_bn_act"
@@ -341,6 +341,11 @@ def depthwise_conv_bn_act(
     bn_weight, bn_bias = affine_or_identity(bn_weight, bn_bias, x)
     count = n * geo.out_h * geo.out_w
     sums = None
+    if onnx_exporting():  # ONNX has no node for the fused op: export its math
+        out = reference.depthwise_conv_bn_act(
+            x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
+            padding=padding, training=training, momentum=momentum, eps=eps, act=act)
+        return (out, _pool_sums(out)) if return_pool_sums else out
     if training and process_group is not None:
         from .depthwise_sync import SyncDepthwiseConvBNAct
 

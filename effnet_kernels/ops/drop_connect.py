@@ -32,7 +32,7 @@ from ..backends import register_impl, select
 from . import reference
 from .bn_math import as_dtype
 from .checks import check_same_dtype, check_tensor
-from .eager import plain_eager
+from .eager import onnx_exporting, plain_eager
 from .geometry import acc_dtype, dense, memory_format_of
 
 OP = "drop_connect_add"
@@ -196,6 +196,8 @@ def drop_connect_add(
     if not training or p == 0.0:
         fmt = _format(x)
         return torch.add(x, _same_format(shortcut, fmt)).contiguous(memory_format=fmt)
+    if onnx_exporting():  # ONNX has no node for the fused op: export its math
+        return reference.drop_connect_add(x, shortcut, p, training=True, generator=generator)
     eager = EAGER_FAST_PATH and plain_eager(x, shortcut)
     if eager and NATIVE_AUTOGRAD_NODE:
         native_node = getattr(select(OP, x), "dc_add_train", None)

@@ -34,3 +34,9 @@ def records_graph(*tensors) -> bool:
     """Whether autograd would record a graph through any of these tensors now; when not,
     an op may skip its autograd.Function and save nothing."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def onnx_exporting() -> bool:
+    """True while torch.onnx.export's dynamo exporter traces (it compiles, so the cheap
+    is_compiling check keeps eager calls from paying for is_in_onnx_export's ~1 us)."""
+    return torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export()

@@ -35,7 +35,7 @@ from . import reference
 from .activations import act_code, apply_act
 from .bn_math import as_dtype
 from .checks import check_device, check_tensor
-from .eager import plain_eager, records_graph
+from .eager import onnx_exporting, plain_eager, records_graph
 from .geometry import acc_dtype, dense, memory_format_of
 
 OP = "squeeze_excite"
@@ -270,6 +270,9 @@ def squeeze_excite(
         expand_bias = bias_or_zeros(expand_bias, expand_weight)
     _check_inputs(x, reduce_weight, reduce_bias, expand_weight, expand_bias, pooled)
     code = act_code(act)
+    if onnx_exporting():  # ONNX has no node for the fused op: export its math
+        return reference.squeeze_excite(x, reduce_weight, reduce_bias, expand_weight,
+                                        expand_bias, act=act)
     if EAGER_FAST_PATH and plain_eager(x, reduce_weight, reduce_bias, expand_weight,
                                        expand_bias, pooled):
         if not records_graph(x, reduce_weight, reduce_bias, expand_weight, expand_bias):

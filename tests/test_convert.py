@@ -178,6 +178,18 @@ def test_channels_last():
     assert all(p.grad is not None for p in fused.parameters())
 
 
+@pytest.mark.parametrize("name,fmt", [("efficientnet_b0", torch.channels_last),
+                                      ("tf_efficientnet_b0", torch.contiguous_format)])
+def test_grad_checkpointing_train_step_matches_original(name, fmt):
+    """timm's set_grad_checkpointing (torch.utils.checkpoint per block, recomputing each
+    block only up to its last saved tensor): logits, gradients and the running statistics,
+    which the recomputation updates a second time in the original, match."""
+    fused, original = converted_pair("timm", name, drop_rate=0.0, drop_path_rate=0.0)
+    fused.set_grad_checkpointing(True)
+    original.set_grad_checkpointing(True)
+    assert_train_parity(fused, original, *batch(2, 64, fmt=fmt))
+
+
 def test_eval_with_autograd_matches_original():
     """Eval mode with grad enabled (saliency, adversarial inputs) takes the differentiable
     path instead of the fused oneDNN conv + act, and input gradients match."""

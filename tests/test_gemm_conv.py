@@ -79,7 +79,7 @@ def test_training_conv_bn_act_gradcheck_channels_last():
     geo = ([1, 1], [0, 0], 1)
     assert gemm_conv_eligible(x, weight, *geo)
     assert torch.autograd.gradcheck(
-        lambda *a: ConvBNActTrain.apply(*a, geo, 1e-5, "silu")[0], (x, weight, gamma, beta))
+        lambda *a: ConvBNActTrain.apply(*a, geo, 1e-5, "silu", None)[0], (x, weight, gamma, beta))
 
 
 def test_eval_large_output_path_matches_onednn(monkeypatch):

@@ -143,4 +143,4 @@ def test_conv_bn_act_train_gradcheck(act, kernel, stride, padding):
             torch.randn(6, dtype=torch.float64)]
     args = [a.requires_grad_() for a in args]
     assert torch.autograd.gradcheck(
-        lambda x, w, g, b: ConvBNActTrain.apply(x, w, g, b, geo, 1e-5, act)[0], args)
+        lambda x, w, g, b: ConvBNActTrain.apply(x, w, g, b, geo, 1e-5, act, None)[0], args)

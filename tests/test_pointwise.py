@@ -110,7 +110,7 @@ def test_conv_bn_act_train_without_affine_and_grad_flags():
     torch.testing.assert_close(dw, dw_ref)
     geo = ([1, 1], [0, 0], 1)
     assert torch.autograd.gradcheck(
-        lambda w_: ConvBNActTrain.apply(x, w_, None, None, geo, 1e-5, "relu")[0], (w,))
+        lambda w_: ConvBNActTrain.apply(x, w_, None, None, geo, 1e-5, "relu", None)[0], (w,))
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

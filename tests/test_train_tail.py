@@ -102,7 +102,7 @@ def test_gradcheck(se_act, act):
 
     def run(y, *p):
         sums = y.detach().sum(dim=(2, 3))  # the depthwise epilogue's sums: no gradient
-        return SEProjectionTrain.apply(y, sums, *p, act_code(se_act), 1e-5, act_code(act))[0]
+        return SEProjectionTrain.apply(y, sums, *p, act_code(se_act), 1e-5, act_code(act), None)[0]
     assert torch.autograd.gradcheck(run, (y, *params))
 
 

@@ -230,8 +230,13 @@ def _tiled_backward(prims, dout, x, weight, y, gamma, beta, mean, var, eps, code
 
 
 class ConvBNActTrain(torch.autograd.Function):
+    """Outputs (out, mean, var). `running` is (running_mean, running_var, momentum) or None;
+    the running statistics are updated inside forward, as F.batch_norm updates them inside
+    the op that saves its tensors (see ops/depthwise.py's _DepthwiseFn: activation
+    checkpointing with early stop repeats the update where it repeats PyTorch's)."""
+
     @staticmethod
-    def forward(ctx, x, weight, gamma, beta, geo, eps, act):
+    def forward(ctx, x, weight, gamma, beta, geo, eps, act, running):
         code = act_code(act)
         ctx.tiles = _tile_prims(x, weight, geo)
         moments = None
@@ -246,6 +251,10 @@ class ConvBNActTrain(torch.autograd.Function):
             ctx.keep_y = _keeps_output(x, y.numel(), weight) and y.dtype == x.dtype
             # Unless kept, y is this call's own temporary: the act pass may overwrite it.
             out, mean, var = bn_act_forward(y, gamma, beta, eps, code, not ctx.keep_y)
+        if running is not None:
+            running_mean, running_var, momentum = running
+            vector_math(select(DEPTHWISE_OP, out)).bn_update_running(
+                running_mean, running_var, mean, var, momentum, out.numel() // out.shape[1])
         ctx.save_for_backward(x, weight, gamma, beta, mean, var, y if ctx.keep_y else None,
                               *(moments or (None, None)))
         ctx.geo, ctx.act, ctx.eps = geo, code, eps
@@ -269,7 +278,7 @@ class ConvBNActTrain(torch.autograd.Function):
             dx, dw = _conv_backward(dy, x, weight, ctx.geo, ctx.needs_input_grad[0],
                                     ctx.needs_input_grad[1])
         return (dx, dw, *bn_param_grads(ctx, gamma, beta, dgamma, sum_g, 2),
-                None, None, None)
+                None, None, None, None)
 
 
 def bn_param_grads(ctx, gamma: Tensor | None, beta: Tensor | None, dgamma: Tensor,
@@ -290,8 +299,6 @@ def conv_bn_act_train(x: Tensor, weight: Tensor, gamma: Tensor | None, beta: Ten
     """act(batch_norm(conv2d(x, weight), training=True)), saving only x for backward;
     updates the running statistics in place like F.batch_norm."""
     geo = ([stride, stride], [padding, padding], groups)
-    out, mean, var = ConvBNActTrain.apply(x, weight, gamma, beta, geo, eps, act)
-    if running_mean is not None and running_var is not None:
-        vector_math(select(DEPTHWISE_OP, out)).bn_update_running(
-            running_mean, running_var, mean, var, momentum, out.numel() // out.shape[1])
-    return out
+    running = None if running_mean is None or running_var is None else \
+        (running_mean, running_var, momentum)
+    return ConvBNActTrain.apply(x, weight, gamma, beta, geo, eps, act, running)[0]

@@ -73,15 +73,12 @@ def se_projection_train(y: Tensor, sums: Tensor, se: tuple, projection: tuple) -
     reduce, expand, se_act = se
     conv, bn, act = projection
     args = bn_call_args(bn)
-    out, mean, var = SEProjectionTrain.apply(
+    running = None if args["running_mean"] is None or args["running_var"] is None else \
+        (args["running_mean"], args["running_var"], args["momentum"])
+    return SEProjectionTrain.apply(
         y, sums, reduce.weight, bias_or_zeros(reduce.bias, reduce.weight), expand.weight,
         bias_or_zeros(expand.bias, expand.weight), conv.weight,
-        bn.weight, bn.bias, act_code(se_act), args["eps"], act_code(act))
-    if args["running_mean"] is not None and args["running_var"] is not None:
-        vector_math(select(DEPTHWISE_OP, out)).bn_update_running(
-            args["running_mean"], args["running_var"], mean, var, args["momentum"],
-            out.numel() // out.shape[1])
-    return out
+        bn.weight, bn.bias, act_code(se_act), args["eps"], act_code(act), running)[0]
 
 
 def _gated_transposed_product(dp: Tensor, gated_t: Tensor, bias: Tensor) -> Tensor:
@@ -98,12 +95,19 @@ def _gated_transposed_product(dp: Tensor, gated_t: Tensor, bias: Tensor) -> Tens
 
 
 class SEProjectionTrain(torch.autograd.Function):
+    """Outputs (out, bn mean, bn var). `running` is (running_mean, running_var, momentum)
+    or None, updated inside forward (see nn/pointwise.py's ConvBNActTrain)."""
+
     @staticmethod
-    def forward(ctx, y, sums, rw, rb, ew, eb, weight, gamma, beta, se_act, eps, act):
+    def forward(ctx, y, sums, rw, rb, ew, eb, weight, gamma, beta, se_act, eps, act, running):
         mean = sums / (y.shape[2] * y.shape[3])
         h, gate = excite_mlp(mean, rw, rb, ew, eb, se_act)
         p = gemm_conv1x1_act(y, weight, None, "identity", gate)
         out, bn_mean, bn_var = bn_act_forward(p, gamma, beta, eps, act, overwrite_y=False)
+        if running is not None:
+            running_mean, running_var, momentum = running
+            vector_math(select(DEPTHWISE_OP, out)).bn_update_running(
+                running_mean, running_var, bn_mean, bn_var, momentum, out.numel() // out.shape[1])
         ctx.save_for_backward(y, mean, h, gate, rw, rb, ew, eb, weight, gamma, beta, bn_mean,
                               bn_var, p)
         ctx.se_act, ctx.eps, ctx.act = se_act, eps, act
@@ -129,4 +133,4 @@ class SEProjectionTrain(torch.autograd.Function):
         torch.mul(w2d.t().unsqueeze(0), gate.unsqueeze(2), out=gated_t)
         dy = _gated_transposed_product(dp, gated_t, dmean)
         return (dy, None, drw, drb, dew, deb, as_dtype(dweight, weight.dtype).view_as(weight),
-                *bn_param_grads(ctx, gamma, beta, dgamma, sum_g, 7), None, None, None)
+                *bn_param_grads(ctx, gamma, beta, dgamma, sum_g, 7), None, None, None, None)

@@ -237,14 +237,23 @@ EAGER_FAST_PATH = True
 
 
 class _DepthwiseFn(torch.autograd.Function):
-    """Outputs (out, mean, var, pool sums); the sums are None unless `pool`."""
+    """Outputs (out, mean, var, pool sums); the sums are None unless `pool`.
+
+    In training the running statistics are updated here, inside forward, as F.batch_norm
+    updates them inside the op that saves its tensors: activation checkpointing that
+    recomputes a segment only up to its last saved tensor (torch.utils.checkpoint's early
+    stop) then repeats the update exactly where it repeats PyTorch's."""
 
     @staticmethod
     def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, geo, training,
-                eps, act, pool):
+                eps, act, pool, momentum):
         inputs = (x, weight, bn_weight, bn_bias, running_mean, running_var, *geo, training,
                   eps, act)
         out, mean, var, sums = _forward_math(*inputs, pool=pool)
+        count = x.shape[0] * geo[3] * geo[4]
+        if training and count > 0 and running_mean is not None and running_var is not None:
+            vector_math(select(OP, x)).bn_update_running(running_mean, running_var, mean, var,
+                                                         momentum, count)
         _setup_context(ctx, inputs, (out, mean, var))
         if sums is not None:
             ctx.mark_non_differentiable(sums)
@@ -255,7 +264,7 @@ class _DepthwiseFn(torch.autograd.Function):
         # create_graph=True (grad mode on here): take the custom op.
         bwd = dw_bn_act_bwd if torch.is_grad_enabled() else _backward_math
         return (*bwd(dy, *ctx.saved_tensors, *ctx.args), None, None, None, None, None, None,
-                None)
+                None, None)
 
 
 def _check_padding(padding, kernel: int):
@@ -359,10 +368,10 @@ def depthwise_conv_bn_act(
             out, sums = _eval_forward(x, weight, bn_weight, bn_bias, running_mean,
                                       running_var, geo, eps, code, return_pool_sums)
             return (out, sums) if return_pool_sums else out
-        out, mean, var, sums = _DepthwiseFn.apply(x, weight, bn_weight, bn_bias, running_mean,
-                                                  running_var, tuple(geo), training, eps, code,
-                                                  return_pool_sums)
-        bn = vector_math(select(OP, x))
+        out, _, _, sums = _DepthwiseFn.apply(x, weight, bn_weight, bn_bias, running_mean,
+                                             running_var, tuple(geo), training, eps, code,
+                                             return_pool_sums, momentum)
+        return (out, sums) if return_pool_sums else out
     else:
         out, mean, var = dw_bn_act_fwd(
             x, weight, bn_weight, bn_bias, running_mean, running_var, *geo, training, eps, code

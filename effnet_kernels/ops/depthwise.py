@@ -348,8 +348,6 @@ def depthwise_conv_bn_act(
             f"{torch.Size((n, c, geo.out_h, geo.out_w))}"
         )
     bn_weight, bn_bias = affine_or_identity(bn_weight, bn_bias, x)
-    count = n * geo.out_h * geo.out_w
-    sums = None
     if onnx_exporting():  # ONNX has no node for the fused op: export its math
         out = reference.depthwise_conv_bn_act(
             x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
@@ -358,11 +356,12 @@ def depthwise_conv_bn_act(
     if training and process_group is not None:
         from .depthwise_sync import SyncDepthwiseConvBNAct
 
-        out, mean, var, count = SyncDepthwiseConvBNAct.apply(
-            x, weight, bn_weight, bn_bias, geo, eps, code, process_group
-        )
-        bn = COMPOSITE
-    elif EAGER_FAST_PATH and plain_eager(x, weight, bn_weight, bn_bias, running_mean,
+        running = None if running_mean is None or running_var is None else \
+            (running_mean, running_var, momentum)
+        out = SyncDepthwiseConvBNAct.apply(x, weight, bn_weight, bn_bias, geo, eps, code,
+                                           process_group, running)[0]
+        return (out, _pool_sums(out)) if return_pool_sums else out
+    if EAGER_FAST_PATH and plain_eager(x, weight, bn_weight, bn_bias, running_mean,
                                          running_var):
         if not training and not records_graph(x, weight, bn_weight, bn_bias):
             out, sums = _eval_forward(x, weight, bn_weight, bn_bias, running_mean,
@@ -372,16 +371,14 @@ def depthwise_conv_bn_act(
                                              running_var, tuple(geo), training, eps, code,
                                              return_pool_sums, momentum)
         return (out, sums) if return_pool_sums else out
-    else:
-        out, mean, var = dw_bn_act_fwd(
-            x, weight, bn_weight, bn_bias, running_mean, running_var, *geo, training, eps, code
-        )
-        bn = COMPOSITE  # traced by torch.compile / export: plain torch ops
+    # Traced by torch.compile / export: the custom op, running statistics in plain torch ops.
+    out, mean, var = dw_bn_act_fwd(
+        x, weight, bn_weight, bn_bias, running_mean, running_var, *geo, training, eps, code
+    )
+    count = n * geo.out_h * geo.out_w
     if training and count > 0 and running_mean is not None and running_var is not None:
-        bn.bn_update_running(running_mean, running_var, mean, var, momentum, count)
-    if not return_pool_sums:
-        return out
-    return out, (_pool_sums(out) if sums is None else sums)
+        COMPOSITE.bn_update_running(running_mean, running_var, mean, var, momentum, count)
+    return (out, _pool_sums(out)) if return_pool_sums else out
 
 
 def pool_epilogue_available(x: Tensor) -> bool:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..backends import select
-from .bn_math import as_dtype, vector_math
+from .bn_math import COMPOSITE, as_dtype, vector_math
 from .depthwise import OP
 from .geometry import ConvGeometry, acc_dtype, dense, memory_format_of
 
@@ -38,8 +38,12 @@ def _global_stats(mean, var, count: int, group):
 
 
 class SyncDepthwiseConvBNAct(torch.autograd.Function):
+    """Outputs (out, mean, var, total count). `running` is (running_mean, running_var,
+    momentum) or None, updated inside forward with the global statistics, as
+    SyncBatchNorm does (see ops/depthwise.py's _DepthwiseFn on activation checkpointing)."""
+
     @staticmethod
-    def forward(ctx, x, weight, bn_weight, bn_bias, geo: ConvGeometry, eps, act, group):
+    def forward(ctx, x, weight, bn_weight, bn_bias, geo: ConvGeometry, eps, act, group, running):
         x = dense(x)
         prims = select(OP, x)
         c = x.shape[1]
@@ -50,6 +54,9 @@ class SyncDepthwiseConvBNAct(torch.autograd.Function):
         else:
             mean, var = x.new_zeros(c, dtype=acc), x.new_zeros(c, dtype=acc)
         mean, var, total = _global_stats(mean, var, count, group)
+        if running is not None and total > 0:
+            running_mean, running_var, momentum = running
+            COMPOSITE.bn_update_running(running_mean, running_var, mean, var, momentum, total)
         _, scale, shift = vector_math(prims).bn_affine(mean, var, bn_weight, bn_bias, eps)
         out = prims.dw_forward(x, weight, scale, shift, *geo, act)
         ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, var)
@@ -77,4 +84,4 @@ class SyncDepthwiseConvBNAct(torch.autograd.Function):
             geo.stride, geo.pad_top, geo.pad_left, act,
         )
         dgamma = as_dtype(sum_g_yc * invstd, bn_weight.dtype)  # local sums, as SyncBatchNorm
-        return dx, dweight, dgamma, as_dtype(sum_g, bn_bias.dtype), None, None, None, None
+        return dx, dweight, dgamma, as_dtype(sum_g, bn_bias.dtype), None, None, None, None, None

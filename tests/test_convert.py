@@ -24,6 +24,7 @@ from effnet_kernels.models.stem_head import (
     SameConvThenNorm,
 )
 from effnet_kernels.nn import DepthwiseSeparable, MBConv
+from effnet_kernels.testing import parity
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -188,6 +189,52 @@ def test_grad_checkpointing_train_step_matches_original(name, fmt):
     fused.set_grad_checkpointing(True)
     original.set_grad_checkpointing(True)
     assert_train_parity(fused, original, *batch(2, 64, fmt=fmt))
+
+
+def _freeze_torchvision(model: nn.Module) -> nn.Module:
+    """torchvision's FrozenBatchNorm2d in place of every BatchNorm2d (detection-style)."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+                for key in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(frozen, key).copy_(getattr(child, key).detach())
+                setattr(module, name, frozen)
+    return model
+
+
+@pytest.mark.parametrize("source", ["timm", "torchvision", "effnet_kernels"])
+def test_norms_frozen_after_convert_match_original(source):
+    """Norm modules swapped after convert() (frozen BN for fine-tuning) make the fused
+    blocks run the module graph they now hold: eval and train-mode logits match the
+    original frozen the same way. (timm: the blocks are frozen; the stem and head norms
+    are applied by their convs, see README.)"""
+    freeze_batch_norm_2d = pytest.importorskip("timm.layers").freeze_batch_norm_2d
+    if source == "torchvision":
+        fused, original = converted_pair("torchvision", "efficientnet_b0", dropout=0.0)
+        freeze = _freeze_torchvision
+    else:
+        fused, original = converted_pair("timm", "efficientnet_b0", drop_rate=0.0,
+                                         drop_path_rate=0.0)
+        if source == "effnet_kernels":
+            fused = effnet_kernels.create_model("efficientnet_b0", num_classes=CLASSES,
+                                                drop_rate=0.0, drop_path_rate=0.0)
+            fused.load_state_dict(original.state_dict())
+            freeze = freeze_batch_norm_2d
+        else:
+            def freeze(model):
+                model.blocks = freeze_batch_norm_2d(model.blocks)
+                return model
+    fused, original = freeze(fused), freeze(original)
+    x = batch(2, 32)[0]
+    for mode in ("eval", "train"):
+        truth = copy.deepcopy(original).double()
+        for model in (fused, original, truth):
+            model.train(mode == "train")
+        with torch.no_grad():
+            p = parity(f"{mode} logits", fused(x), original(x), truth(x.double()), torch.float32)
+        assert p.ok, str(p)
 
 
 def test_eval_with_autograd_matches_original():

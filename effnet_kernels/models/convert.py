@@ -24,7 +24,16 @@ from torch import Tensor, nn
 from ..nn.activations import act_name
 from ..nn.conv_bn_act import conv_bn_act
 from ..nn.eval_plan import eval_block
-from ..nn.mbconv import DepthwiseSeparable, MBConv, check_conv, dw_se_projection, read_se
+from ..nn.mbconv import (
+    DepthwiseSeparable,
+    MBConv,
+    check_conv,
+    dw_se_projection,
+    norms_replaced,
+    read_se,
+    record_norms,
+    unfused_forward,
+)
 from ..ops.drop_connect import drop_connect_add
 from .stem_head import fuse_stem_and_head
 
@@ -91,8 +100,12 @@ class TorchvisionMBConv(nn.Module):
         self.acts = (expand_act, dw_act, se_act)
         object.__setattr__(self, "unfused", tv_block)
         self.train(tv_block.training)
+        record_norms(self, tuple(f"block.{i}.1" for i in range(len(layers))
+                                 if i != len(layers) - 2))
 
     def forward(self, x: Tensor) -> Tensor:
+        if norms_replaced(self):
+            return unfused_forward(self, x)
         shortcut, layers = x, self.block
         expand = (layers[0][0], layers[0][1], self.acts[0]) if self.has_expand else None
         dw, se, proj = layers[-3], layers[-2], layers[-1]

@@ -21,6 +21,7 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nn.activations import ACT_FUNCTIONS
 from ..nn.conv_bn_act import SameConv2d, conv_bn_act
 from ..nn.mbconv import DepthwiseSeparable, MBConv
 from .config import (
@@ -34,6 +35,14 @@ from .config import (
 )
 
 TF_BN_EPS = 1e-3
+
+
+def _conv_norm_act(x: Tensor, conv: nn.Module, norm: nn.Module, act: str) -> Tensor:
+    """The fused conv + BN + act; a norm that is no BatchNorm (e.g. a FrozenBatchNorm2d
+    swapped in to freeze the model) runs as its own module."""
+    if isinstance(norm, nn.BatchNorm2d | nn.SyncBatchNorm):
+        return conv_bn_act(x, conv, norm, act)
+    return ACT_FUNCTIONS[act](norm(conv(x)))
 
 
 class EfficientNet(nn.Module):
@@ -100,9 +109,9 @@ class EfficientNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        x = conv_bn_act(x, self.conv_stem, self.bn1, self.act)
+        x = _conv_norm_act(x, self.conv_stem, self.bn1, self.act)
         x = self.blocks(x)
-        return conv_bn_act(x, self.conv_head, self.bn2, self.act)
+        return _conv_norm_act(x, self.conv_head, self.bn2, self.act)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.global_pool(x).flatten(1)

@@ -25,7 +25,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..nn.conv_bn_act import SameConv2d, conv_bn_act, is_same_conv
-from ..nn.mbconv import check_conv, read_bn
+from ..nn.mbconv import check_conv, norms_replaced, read_bn, record_norms
 
 _BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _BN_SETTINGS = ("num_features", "eps", "momentum", "affine", "track_running_stats")
@@ -109,8 +109,11 @@ class FusedConvNormActivation(nn.Sequential):
         self.act = act
         object.__setattr__(self, "unfused", layer)
         self.train(layer.training)
+        record_norms(self, ("1",))
 
     def forward(self, x: Tensor) -> Tensor:
+        if norms_replaced(self):  # e.g. frozen after convert(): the Sequential's own forward
+            return super().forward(x)
         return conv_bn_act(x, self[0], self[1], self.act)
 
     def restore(self) -> nn.Module:

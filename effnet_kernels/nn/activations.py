@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import nn
 
 _ACT_MODULES = {nn.SiLU: "silu", nn.ReLU: "relu", nn.Identity: "identity"}
+# act name -> the PyTorch function (the unfused paths)
+ACT_FUNCTIONS = {"silu": F.silu, "relu": F.relu, "identity": lambda t: t}
 
 
 def act_name(module: nn.Module | None) -> str | None:

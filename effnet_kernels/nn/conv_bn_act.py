@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..ops.depthwise import depthwise_conv_bn_act
 from ..ops.eager import plain_eager
+from .activations import ACT_FUNCTIONS
 from .batchnorm import bn_call_args, sync_group
 from .eval_fold import folded_conv_bn
 from .gemm_conv import gemm_conv1x1_act, gemm_conv_eligible
@@ -31,7 +32,6 @@ _ONEDNN_ACTS = {"silu": "swish", "relu": "relu", "identity": "none"}
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 _ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
                                                                       "_convolution_pointwise")
-_ACTS = {"silu": F.silu, "relu": F.relu, "identity": lambda t: t}
 # Eval 1x1 convs run as a GEMM into cached memory with the act as an epilogue
 # (nn/gemm_conv.py) for float32; for other dtypes only when the output is above glibc's
 # largest mmap threshold, where ATen's outputs are fresh pages on every call (page faults
@@ -75,7 +75,7 @@ def _values_per_channel(x: Tensor, conv: nn.Conv2d, padding: int) -> int:
 def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str) -> Tensor:
     """act(bn(conv(x))) with BatchNorm2d's exact bookkeeping; BN folded into the conv in eval."""
     if bn.training and sync_group(bn) is not None:
-        return _ACTS[act](bn(conv(x)))  # SyncBatchNorm: torch's module syncs the statistics
+        return ACT_FUNCTIONS[act](bn(conv(x)))  # SyncBatchNorm: torch's module syncs the statistics
     args = bn_call_args(bn)
     if args["training"]:
         weight, bias = conv.weight, conv.bias
@@ -106,7 +106,7 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str) -> Ten
     if args["training"]:
         y = F.batch_norm(y, args["running_mean"], args["running_var"], bn.weight, bn.bias,
                          True, args["momentum"], args["eps"])
-    return _ACTS[act](y)
+    return ACT_FUNCTIONS[act](y)
 
 
 def _conv_out_bytes(x: Tensor, weight: Tensor) -> int:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..ops.depthwise import pool_epilogue_available
 from ..ops.drop_connect import drop_connect_add
 from ..ops.squeeze_excite import squeeze_excite
-from .activations import act_name
+from .activations import ACT_FUNCTIONS, act_name
 from .batchnorm import is_plain_batchnorm
 from .conv_bn_act import SameConv2d, conv_bn_act, dw_bn_act, is_same_conv
 from .eval_plan import eval_block
@@ -141,6 +141,38 @@ def _adopt(block: nn.Module, timm_block: nn.Module) -> None:
     block.train(timm_block.training)
 
 
+def record_norms(block: nn.Module, names: tuple[str, ...]) -> None:
+    """Remember the classes of the norm modules the fused forward reads (`names`: paths
+    under `block`) as they were validated when the block was built."""
+    block.fused_norm_names = names
+    block.fused_norm_types = norm_types(block, names)
+
+
+def norm_types(block: nn.Module, names: tuple[str, ...]) -> tuple[type, ...]:
+    return tuple(type(block.get_submodule(n)) for n in names)
+
+
+def norms_replaced(block: nn.Module) -> bool:
+    """Whether a norm module was swapped for another kind of module after the block was
+    built (timm's freeze_batch_norm_2d, convert_sync_batchnorm after convert(), ...): the
+    fused forward would then compute something else than the module graph now holds."""
+    return norm_types(block, block.fused_norm_names) != block.fused_norm_types
+
+
+def unfused_forward(block: nn.Module, x: Tensor) -> Tensor:
+    """The original timm / torchvision block's own forward over this block's current
+    children (the same objects) in this block's mode: exactly what the unconverted model
+    with the same changes computes."""
+    original = block.unfused
+    original._modules.update(block._modules)
+    original.training = block.training
+    return original(x)
+
+
+def _bn_act(bn: nn.Module, y: Tensor, act: str) -> Tensor:
+    return ACT_FUNCTIONS[act](bn(y))
+
+
 def _drop_prob(block: nn.Module) -> float:
     """The drop-path rate, read live from timm's drop_path module when the block has one."""
     drop_path = block._modules.get("drop_path")
@@ -191,6 +223,7 @@ class MBConv(nn.Module):
         self.acts = (act, act, self.se.act if se_channels else None)
         self.has_skip = stride == 1 and in_chs == out_chs
         self.drop_path_rate = drop_path_rate
+        record_norms(self, ("bn1", "bn2", "bn3"))
 
     @classmethod
     def from_timm(cls, block: nn.Module) -> MBConv:
@@ -212,9 +245,12 @@ class MBConv(nn.Module):
         self.acts = acts + (se[2] if se else None,)
         self.has_skip = bool(block.has_skip)
         self.drop_path_rate = _drop_prob(self)
+        record_norms(self, ("bn1", "bn2", "bn3"))
         return self
 
     def forward(self, x: Tensor) -> Tensor:
+        if norms_replaced(self):
+            return self._unfused(x)
         expand = (self.conv_pw, self.bn1, self.acts[0])
         depthwise = (self.conv_dw, self.bn2, self.acts[1])
         projection = (self.conv_pwl, self.bn3, "identity")
@@ -225,6 +261,18 @@ class MBConv(nn.Module):
         shortcut = x
         x = conv_bn_act(x, *expand)
         x = dw_se_projection(x, depthwise, se, projection)
+        if self.has_skip:
+            x = drop_connect_add(x, shortcut, _drop_prob(self), training=self.training)
+        return x
+
+    def _unfused(self, x: Tensor) -> Tensor:
+        if hasattr(self, "unfused"):
+            return unfused_forward(self, x)
+        shortcut = x
+        x = _bn_act(self.bn1, self.conv_pw(x), self.acts[0])
+        x = _bn_act(self.bn2, self.conv_dw(x), self.acts[1])
+        x = self.se(x)
+        x = _bn_act(self.bn3, self.conv_pwl(x), "identity")
         if self.has_skip:
             x = drop_connect_add(x, shortcut, _drop_prob(self), training=self.training)
         return x
@@ -250,6 +298,7 @@ class DepthwiseSeparable(nn.Module):
         self.acts = (act, pw_act, self.se.act if se_channels else None)
         self.has_skip = stride == 1 and in_chs == out_chs
         self.drop_path_rate = drop_path_rate
+        record_norms(self, ("bn1", "bn2"))
 
     @classmethod
     def from_timm(cls, block: nn.Module) -> DepthwiseSeparable:
@@ -266,9 +315,12 @@ class DepthwiseSeparable(nn.Module):
         self.acts = acts + (se[2] if se else None,)
         self.has_skip = bool(block.has_skip)
         self.drop_path_rate = _drop_prob(self)
+        record_norms(self, ("bn1", "bn2"))
         return self
 
     def forward(self, x: Tensor) -> Tensor:
+        if norms_replaced(self):
+            return self._unfused(x)
         depthwise = (self.conv_dw, self.bn1, self.acts[0])
         projection = (self.conv_pw, self.bn2, self.acts[1])
         se = _se_parts(self)
@@ -277,6 +329,17 @@ class DepthwiseSeparable(nn.Module):
             return out
         shortcut = x
         x = dw_se_projection(x, depthwise, se, projection)
+        if self.has_skip:
+            x = drop_connect_add(x, shortcut, _drop_prob(self), training=self.training)
+        return x
+
+    def _unfused(self, x: Tensor) -> Tensor:
+        if hasattr(self, "unfused"):
+            return unfused_forward(self, x)
+        shortcut = x
+        x = _bn_act(self.bn1, self.conv_dw(x), self.acts[0])
+        x = self.se(x)
+        x = _bn_act(self.bn2, self.conv_pw(x), self.acts[1])
         if self.has_skip:
             x = drop_connect_add(x, shortcut, _drop_prob(self), training=self.training)
         return x

@@ -17,12 +17,6 @@ from torch import nn
 
 import effnet_kernels
 from effnet_kernels.models.convert import TorchvisionMBConv
-from effnet_kernels.models.stem_head import (
-    ConvThenNorm,
-    FusedConvNormActivation,
-    NormAppliedByConv,
-    SameConvThenNorm,
-)
 from effnet_kernels.nn import DepthwiseSeparable, MBConv
 from effnet_kernels.testing import parity
 
@@ -85,9 +79,9 @@ def test_train_step_parity_autocast_bfloat16(device):
 
 
 STEM_HEAD = {
-    "timm": {"conv_stem": SameConvThenNorm, "bn1": NormAppliedByConv,
-             "conv_head": ConvThenNorm, "bn2": NormAppliedByConv},
-    "torchvision": {"features.0": FusedConvNormActivation, "features.8": FusedConvNormActivation},
+    "timm": {"bn1": "FusedBatchNormAct2d", "bn2": "FusedBatchNormAct2d"},
+    "torchvision": {"features.0": "FusedConvNormActivation",
+                    "features.8": "FusedConvNormActivation"},
 }
 
 
@@ -99,11 +93,12 @@ def test_state_and_identity_preserved(source, name):
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     blocks = dict(model.named_modules())
+    before_types = {n: type(m) for n, m in blocks.items()}
     report = effnet_kernels.convert(model)
     assert len(report.converted) == 16
     stem_head = STEM_HEAD[source]
     assert list(report.stem_head) == list(stem_head)
-    assert all(isinstance(model.get_submodule(n), t) for n, t in stem_head.items())
+    assert all(type(model.get_submodule(n)).__name__ == t for n, t in stem_head.items())
     assert list(model.state_dict()) == list(before)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -114,6 +109,7 @@ def test_state_and_identity_preserved(source, name):
 
     assert effnet_kernels.revert(model) == 16 + len(stem_head)
     assert all(model.get_submodule(n) is blocks[n] for n in report.converted + report.stem_head)
+    assert all(type(m) is before_types[n] for n, m in model.named_modules())
     assert dict(model.named_modules()).keys() == blocks.keys()
     assert all(model.get_submodule(n) is m for n, m in blocks.items() if n)
 
@@ -126,7 +122,8 @@ def test_stem_and_head_follow_moves_and_loads_and_revert_keeps_them():
     model = copy.deepcopy(original)
     effnet_kernels.convert(model)
     model.double(), original.double()
-    assert isinstance(model.bn1, NormAppliedByConv) and model.bn1.running_mean.dtype == torch.float64
+    assert type(model.bn1).__name__ == "FusedBatchNormAct2d"
+    assert model.bn1.running_mean.dtype == torch.float64
     other = randomize_bn(make("timm", "efficientnet_b0"))
     model.load_state_dict(other.state_dict())
     original.load_state_dict(other.state_dict())
@@ -146,11 +143,11 @@ def test_unfusable_stem_is_left_and_reported():
     model.bn2.act = nn.GELU()
     with pytest.warns(UserWarning, match="left 1 unfused"):
         report = effnet_kernels.convert(model)
-    assert report.stem_head == ["conv_stem", "bn1"]
-    assert "GELU" in report.skipped["conv_head + bn2"]
+    assert report.stem_head == ["bn1"]
+    assert "GELU" in report.skipped["bn2"]
     assert type(model.conv_head) is nn.Conv2d and type(model.bn2).__name__ == "BatchNormAct2d"
     again = effnet_kernels.convert(model, warn=False)
-    assert not again.converted and again.stem_head == [] and list(again.skipped) == ["conv_head + bn2"]
+    assert not again.converted and again.stem_head == [] and list(again.skipped) == ["bn2"]
 
 
 def test_reads_settings_from_modules():
@@ -208,8 +205,7 @@ def _freeze_torchvision(model: nn.Module) -> nn.Module:
 def test_norms_frozen_after_convert_match_original(source):
     """Norm modules swapped after convert() (frozen BN for fine-tuning) make the fused
     blocks run the module graph they now hold: eval and train-mode logits match the
-    original frozen the same way. (timm: the blocks are frozen; the stem and head norms
-    are applied by their convs, see README.)"""
+    original frozen the same way."""
     freeze_batch_norm_2d = pytest.importorskip("timm.layers").freeze_batch_norm_2d
     if source == "torchvision":
         fused, original = converted_pair("torchvision", "efficientnet_b0", dropout=0.0)
@@ -221,11 +217,7 @@ def test_norms_frozen_after_convert_match_original(source):
             fused = effnet_kernels.create_model("efficientnet_b0", num_classes=CLASSES,
                                                 drop_rate=0.0, drop_path_rate=0.0)
             fused.load_state_dict(original.state_dict())
-            freeze = freeze_batch_norm_2d
-        else:
-            def freeze(model):
-                model.blocks = freeze_batch_norm_2d(model.blocks)
-                return model
+        freeze = freeze_batch_norm_2d
     fused, original = freeze(fused), freeze(original)
     x = batch(2, 32)[0]
     for mode in ("eval", "train"):
@@ -234,6 +226,32 @@ def test_norms_frozen_after_convert_match_original(source):
             model.train(mode == "train")
         with torch.no_grad():
             p = parity(f"{mode} logits", fused(x), original(x), truth(x.double()), torch.float32)
+        assert p.ok, str(p)
+
+
+@pytest.mark.parametrize("source,name", [("timm", "efficientnet_b0"),
+                                         ("torchvision", "efficientnet_b0")])
+def test_norms_put_in_eval_mode_in_a_training_model(source, name):
+    """The usual way to freeze BatchNorm while training the rest (every BatchNorm2d
+    instance to eval after model.train()) reaches every norm of a converted model, stem
+    and head included: a training step matches the original treated the same way."""
+    kw = {"drop_rate": 0.0, "drop_path_rate": 0.0} if source == "timm" else {"dropout": 0.0}
+    fused, original = converted_pair(source, name, **kw)
+    x, y = batch(2, 32)
+    results = []
+    for model in (fused, original, copy.deepcopy(original).double()):
+        model.train()
+        frozen = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        for m in frozen:
+            m.eval()
+        inputs = x.to(next(model.parameters()).dtype)
+        logits = model(inputs)
+        F.cross_entropy(logits, y).backward()
+        results.append((len(frozen), logits.detach(), model.conv_stem.weight.grad
+                        if source == "timm" else model.features[0][0].weight.grad))
+    assert results[0][0] == results[1][0] > 0
+    for what, i in (("logits", 1), ("stem weight grad", 2)):
+        p = parity(what, results[0][i], results[1][i], results[2][i], torch.float32)
         assert p.ok, str(p)
 
 

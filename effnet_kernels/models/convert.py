@@ -35,7 +35,7 @@ from ..nn.mbconv import (
     unfused_forward,
 )
 from ..ops.drop_connect import drop_connect_add
-from .stem_head import fuse_stem_and_head
+from .stem_head import fuse_stem_and_head, unfuse_timm_norms
 
 
 @dataclass
@@ -192,4 +192,4 @@ def revert(model: nn.Module) -> int:
             original = fused.unfused
             original.train(fused.training)
         _set_child(model, name, original)
-    return len(restored)
+    return len(restored) + unfuse_timm_norms(model)

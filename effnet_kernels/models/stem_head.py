@@ -1,103 +1,31 @@
-"""The stem and head conv + BatchNorm + act of timm and torchvision EfficientNets as one
-fused layer (nn/conv_bn_act.py), for convert().
+"""The stem and head conv + BatchNorm + act of timm and torchvision EfficientNets on the
+fused kernels, for convert().
 
 Unfused, each is three passes over a large activation: conv, BN, act (on B0 at 224 the
-stem's 32 x 112 x 112 output). Fused (conv_bn_act): in eval one conv with the BN folded
-into its weights and the act applied in the same pass (a oneDNN post-op for the 3x3 stem,
-the GEMM epilogue for the 1x1 head); in training our conv + BN + act that saves only its
-input.
+stem's 32 x 112 x 112 output).
 
 torchvision: `features[0]` and `features[-1]` are Conv2dNormActivation Sequentials (conv,
 bn, act). FusedConvNormActivation is the same Sequential, holding the same children under
-the same names, with a fused forward.
+the same names, with a fused forward (conv_bn_act, nn/conv_bn_act.py): in eval one conv
+with the BN folded into its weights and the act applied in the same pass (a oneDNN post-op
+for the 3x3 stem, the GEMM epilogue for the 1x1 head); in training our conv + BN + act
+that saves only its input. A norm swapped after convert() (frozen, say) makes it run the
+Sequential's own forward.
 
 timm: the conv and its BatchNormAct2d are siblings called one after the other by the
-model's own forward (conv_stem then bn1, conv_head then bn2). The conv becomes
-ConvThenNorm, a Conv2d holding the same Parameters whose forward is conv + BN + act; the
-BatchNormAct2d becomes NormAppliedByConv, which holds the same Parameters and buffers
-under the same names (state_dict unchanged) and passes its input through.
-SyncBatchNorm: convert_sync_batchnorm first, then convert(); the norm modules made here
-are not BatchNorm instances, so a later conversion leaves them local.
+model's own forward (conv_stem then bn1, conv_head then bn2), so the conv is left alone
+and the norm's class becomes FusedBatchNormAct2d (models/timm_norm.py): BN + act as fused
+passes (nn/bn_act.py), the same object still a BatchNormAct2d for code that finds norms by
+class. (Fusing the conv too would make the conv apply the norm its sibling no longer
+applies, which breaks as soon as that sibling is replaced or frozen by class.)
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..nn.conv_bn_act import SameConv2d, conv_bn_act, is_same_conv
-from ..nn.mbconv import check_conv, norms_replaced, read_bn, record_norms
-
-_BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-_BN_SETTINGS = ("num_features", "eps", "momentum", "affine", "track_running_stats")
-
-
-class NormAppliedByConv(nn.Module):
-    """The BatchNorm of a ConvThenNorm: its Parameters, buffers and settings, applied by
-    the conv before it; its own forward passes the input through."""
-
-    def __init__(self, bn: nn.BatchNorm2d):
-        super().__init__()
-        for name in _BN_SETTINGS:
-            setattr(self, name, getattr(bn, name))
-        for name in _BN_STATE:
-            if name in bn._parameters:
-                self.register_parameter(name, bn._parameters[name])
-            else:
-                self.register_buffer(name, bn._buffers.get(name))
-        object.__setattr__(self, "unfused", bn)
-        self.train(bn.training)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x
-
-    def restore(self) -> nn.Module:
-        """The replaced BatchNorm, holding this module's current tensors."""
-        bn = self.unfused
-        for name in _BN_STATE:
-            target = bn._parameters if name in bn._parameters else bn._buffers
-            target[name] = getattr(self, name)
-        bn.train(self.training)
-        return bn
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum} (applied by the conv)"
-
-
-class _ConvThenNormMixin:
-    """forward = act(norm(conv(x))) with the sibling NormAppliedByConv `norm`."""
-
-    def _adopt(self, conv: nn.Conv2d, norm: NormAppliedByConv, act: str) -> None:
-        self.weight, self.bias = conv.weight, conv.bias
-        object.__setattr__(self, "norm", norm)
-        object.__setattr__(self, "unfused", conv)
-        self.act = act
-        self.train(conv.training)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return conv_bn_act(x, self, self.norm, self.act)
-
-    def restore(self) -> nn.Module:
-        conv = self.unfused
-        conv.weight, conv.bias = self.weight, self.bias
-        conv.train(self.training)
-        return conv
-
-
-class ConvThenNorm(_ConvThenNormMixin, nn.Conv2d):
-    """A Conv2d that also applies the BatchNorm and act after it (timm stem / head)."""
-
-
-class SameConvThenNorm(_ConvThenNormMixin, SameConv2d):
-    """ConvThenNorm with TensorFlow SAME padding (timm's Conv2dSame)."""
-
-
-def _conv_then_norm(conv: nn.Conv2d, norm: NormAppliedByConv, act: str) -> nn.Conv2d:
-    cls = SameConvThenNorm if is_same_conv(conv) else ConvThenNorm
-    fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                bias=conv.bias is not None, device="meta")
-    fused._adopt(conv, norm, act)
-    return fused
+from ..nn.conv_bn_act import conv_bn_act
+from ..nn.mbconv import norms_replaced, read_bn, record_norms
 
 
 class FusedConvNormActivation(nn.Sequential):
@@ -124,16 +52,22 @@ class FusedConvNormActivation(nn.Sequential):
         return layer
 
 
-_FUSED = (ConvThenNorm, SameConvThenNorm, NormAppliedByConv, FusedConvNormActivation)
-
-
-def _timm_pairs(model: nn.Module) -> list[tuple[str, str]]:
+def _timm_norms(model: nn.Module) -> list[str]:
     kind = type(model)
     if kind.__module__.startswith("timm.") and kind.__name__ in ("EfficientNet",
                                                                  "EfficientNetFeatures"):
-        return [(c, b) for c, b in (("conv_stem", "bn1"), ("conv_head", "bn2"))
-                if c in model._modules and b in model._modules]
+        return [b for b in ("bn1", "bn2") if b in model._modules]
     return []
+
+
+def unfuse_timm_norms(model: nn.Module) -> int:
+    """Give every FusedBatchNormAct2d in `model` back its class; returns how many."""
+    fused = [m for m in model.modules() if type(m).__name__ == "FusedBatchNormAct2d"]
+    if fused:
+        from .timm_norm import unfuse_norm
+        for bn in fused:
+            unfuse_norm(bn)
+    return len(fused)
 
 
 def _torchvision_layers(model: nn.Module) -> list[str]:
@@ -151,24 +85,23 @@ def fuse_stem_and_head(model: nn.Module, read_cna) -> tuple[list[str], dict[str,
     fused, skipped = [], {}
     for prefix, module in list(model.named_modules()):
         dot = f"{prefix}." if prefix else ""
-        for conv_name, bn_name in _timm_pairs(module):
-            conv, bn = module._modules[conv_name], module._modules[bn_name]
-            if isinstance(conv, _FUSED):
+        for bn_name in _timm_norms(module):
+            bn, what = module._modules[bn_name], f"{dot}{bn_name}"
+            if type(bn).__name__ == "FusedBatchNormAct2d":
                 continue
-            what = f"{dot}{conv_name} + {bn_name}"
             try:
-                check_conv(conv, f"{dot}{conv_name}", depthwise=False)
-                act = read_bn(bn, f"{dot}{bn_name}")
+                read_bn(bn, what)
             except ValueError as err:
                 skipped[what] = str(err)
                 continue
-            norm = NormAppliedByConv(bn)
-            setattr(module, conv_name, _conv_then_norm(conv, norm, act))
-            setattr(module, bn_name, norm)
-            fused += [f"{dot}{conv_name}", f"{dot}{bn_name}"]
+            from .timm_norm import fuse_norm
+            if fuse_norm(bn):
+                fused.append(what)
+            else:
+                skipped[what] = f"{type(bn).__name__} is not timm's BatchNormAct2d"
         for index in _torchvision_layers(module):
             layer = module.features[int(index)]
-            if isinstance(layer, _FUSED):
+            if isinstance(layer, FusedConvNormActivation):
                 continue
             name = f"{dot}features.{index}"
             try:

@@ -94,7 +94,7 @@ def _keeps_output(x: Tensor, y_numel: int, weight: Tensor) -> bool:
 _UNIT_KERNELS: dict[tuple, Tensor] = {}
 
 
-def _unit_kernel(y: Tensor) -> Tensor:
+def unit_kernel(y: Tensor) -> Tensor:
     key = (y.shape[1], y.dtype, y.device)
     unit = _UNIT_KERNELS.get(key)
     if unit is None:
@@ -108,7 +108,7 @@ def bn_act_forward(y: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: fl
                    code: int, overwrite_y: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(act(batch_norm(y)), mean, biased var) with batch statistics: one statistics pass
     and one affine + act pass, written over y when overwrite_y and the backend can."""
-    prims, unit = select(DEPTHWISE_OP, y), _unit_kernel(y)
+    prims, unit = select(DEPTHWISE_OP, y), unit_kernel(y)
     h, w = y.shape[2:]
     mean, var = prims.dw_stats(y, unit, 1, 0, 0, h, w)
     _, scale, shift = vector_math(prims).bn_affine(mean, var, gamma, beta, eps)
@@ -124,7 +124,7 @@ def bn_act_backward(dout: Tensor, y: Tensor, gamma: Tensor | None, beta: Tensor 
     """(dL/dy, dgamma, dbeta) in the accumulation dtype, for out = bn_act_forward(y, ...)
     and the gradient dout of out: one reduction pass and one pass writing dL/dy."""
     dout = dout.contiguous(memory_format=memory_format_of(y))
-    prims, unit = select(DEPTHWISE_OP, y), _unit_kernel(y)
+    prims, unit = select(DEPTHWISE_OP, y), unit_kernel(y)
     bn = vector_math(prims)
     invstd, scale, shift = bn.bn_affine(mean, var, gamma, beta, eps)
     if keeps_intermediates(prims, y):  # keep g = dout * act'(z); the last pass skips act'
@@ -195,7 +195,7 @@ def _tiled_forward(prims, x, weight, gamma, beta, eps, code):
     _, scale, shift = vector_math(prims).bn_affine(mean, var, gamma, beta, eps)
     if keep:
         h, w = y.shape[2:]
-        out = prims.dw_forward(y, _unit_kernel(y), scale, shift, 1, 0, 0, h, w, code)
+        out = prims.dw_forward(y, unit_kernel(y), scale, shift, 1, 0, 0, h, w, code)
     else:
         out = prims.pw_bn_forward(x, w2d, scale, shift, code)
     return y, out, mean, var, moments

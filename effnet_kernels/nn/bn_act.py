@@ -1,0 +1,87 @@
+"""BatchNorm + activation on their own (no conv to fuse them with) as the fused kernels'
+passes: the norm of timm's stem and head in a converted model (models/timm_norm.py).
+
+  training  forward: one statistics pass and one act(y * scale + shift) pass
+            (nn/pointwise.py bn_act_forward); backward: one reduction pass and one pass
+            writing dL/dy (bn_act_backward). Saves y (the input, which BatchNorm2d saves
+            too) and the per-channel mean / biased var; updates the running statistics
+            inside forward, as F.batch_norm does.
+  eval      act(y * scale + shift) in one pass, BN taken from the running statistics.
+
+Unfused, BatchNorm2d + SiLU make two passes in eval and about six in training. Calls these
+passes cannot take (traced, autocast, half dtypes, SyncBatchNorm, a graph through an eval
+BN) return None and the caller runs the module's own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from ..backends import select
+from ..ops.activations import act_code
+from ..ops.bn_math import as_dtype, vector_math
+from ..ops.depthwise import OP as DEPTHWISE_OP
+from ..ops.eager import plain_eager, records_graph
+from ..ops.geometry import acc_dtype, memory_format_of
+from .batchnorm import bn_call_args, sync_group
+from .pointwise import bn_act_backward, bn_act_forward, bn_param_grads, unit_kernel
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+class BNActTrain(torch.autograd.Function):
+    """act(batch_norm(y)) with batch statistics; `running` is (running_mean, running_var,
+    momentum) or None."""
+
+    @staticmethod
+    def forward(ctx, y, gamma, beta, eps, code, running):
+        out, mean, var = bn_act_forward(y, gamma, beta, eps, code, overwrite_y=False)
+        if running is not None:
+            running_mean, running_var, momentum = running
+            vector_math(select(DEPTHWISE_OP, y)).bn_update_running(
+                running_mean, running_var, mean, var, momentum, y.numel() // y.shape[1])
+        ctx.save_for_backward(y, gamma, beta, mean, var)
+        ctx.eps, ctx.code = eps, code
+        return out
+
+    @staticmethod
+    @once_differentiable  # the primitives record no graph: double backward raises
+    def backward(ctx, dout):
+        y, gamma, beta, mean, var = ctx.saved_tensors
+        dy, dgamma, sum_g = bn_act_backward(dout, y, gamma, beta, mean, var, ctx.eps, ctx.code)
+        return (as_dtype(dy, y.dtype), *bn_param_grads(ctx, gamma, beta, dgamma, sum_g, 1),
+                None, None, None)
+
+
+def _eval(y: Tensor, bn: nn.Module, code: int, eps: float) -> Tensor:
+    prims = select(DEPTHWISE_OP, y)
+    acc = acc_dtype(y.dtype)
+    _, scale, shift = vector_math(prims).bn_affine(
+        as_dtype(bn.running_mean, acc), as_dtype(bn.running_var, acc), bn.weight, bn.bias, eps)
+    h, w = y.shape[2:]
+    out = prims.dw_forward(y, unit_kernel(y), scale, shift, 1, 0, 0, h, w, code)
+    return out.contiguous(memory_format=memory_format_of(y))
+
+
+def bn_act(y: Tensor, bn: nn.Module, act: str) -> Tensor | None:
+    """act(bn(y)) with BatchNorm2d's bookkeeping through the fused passes, or None where
+    they do not serve this call (the caller then runs the module itself)."""
+    if not (y.dim() == 4 and y.dtype in _DTYPES and y.numel() > 0 and plain_eager(y)
+            and not torch.is_autocast_enabled(y.device.type)
+            and (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last))):
+        return None
+    if bn.weight is not None and bn.weight.dtype != torch.float32 and bn.weight.dtype != y.dtype:
+        return None
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    if use_batch_stats:
+        if y.numel() // y.shape[1] <= 1 or sync_group(bn) is not None:
+            return None  # BatchNorm2d raises its own error / SyncBatchNorm syncs
+        args = bn_call_args(bn)  # counts the batch: no return None after this
+        running = None if args["running_mean"] is None or args["running_var"] is None else \
+            (args["running_mean"], args["running_var"], args["momentum"])
+        return BNActTrain.apply(y, bn.weight, bn.bias, args["eps"], act_code(act), running)
+    if records_graph(y, bn.weight, bn.bias):
+        return None
+    return _eval(y, bn, act_code(act), bn.eps)

@@ -155,8 +155,10 @@ def norm_types(block: nn.Module, names: tuple[str, ...]) -> tuple[type, ...]:
 def norms_replaced(block: nn.Module) -> bool:
     """Whether a norm module was swapped for another kind of module after the block was
     built (timm's freeze_batch_norm_2d, convert_sync_batchnorm after convert(), ...): the
-    fused forward would then compute something else than the module graph now holds."""
-    return norm_types(block, block.fused_norm_names) != block.fused_norm_types
+    fused forward would then compute something else than the module graph now holds.
+    Blocks pickled before norms were recorded count as unchanged."""
+    names = block.__dict__.get("fused_norm_names")
+    return names is not None and norm_types(block, names) != block.fused_norm_types
 
 
 def unfused_forward(block: nn.Module, x: Tensor) -> Tensor:

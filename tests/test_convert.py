@@ -219,7 +219,7 @@ def test_norms_frozen_after_convert_match_original(source):
             fused.load_state_dict(original.state_dict())
         freeze = freeze_batch_norm_2d
     fused, original = freeze(fused), freeze(original)
-    x = batch(2, 32)[0]
+    x, y = batch(2, 32)
     for mode in ("eval", "train"):
         truth = copy.deepcopy(original).double()
         for model in (fused, original, truth):
@@ -227,6 +227,39 @@ def test_norms_frozen_after_convert_match_original(source):
         with torch.no_grad():
             p = parity(f"{mode} logits", fused(x), original(x), truth(x.double()), torch.float32)
         assert p.ok, str(p)
+    F.cross_entropy(fused(x), y).backward()
+    assert all(torch.isfinite(q.grad).all() for q in fused.parameters() if q.requires_grad)
+    frozen = {n: type(m) for n, m in fused.named_modules() if "Frozen" in type(m).__name__}
+    assert frozen
+    if source != "effnet_kernels":
+        effnet_kernels.revert(fused)
+        assert {n: type(m) for n, m in fused.named_modules() if n in frozen} == frozen
+
+
+def test_revert_keeps_norms_frozen_after_convert():
+    """revert() right after freezing (no forward in between) hands the frozen norms to
+    the original blocks."""
+    freeze_batch_norm_2d = pytest.importorskip("timm.layers").freeze_batch_norm_2d
+    fused, _ = converted_pair("timm", "efficientnet_b0")
+    fused = freeze_batch_norm_2d(fused)
+    effnet_kernels.revert(fused)
+    kinds = {type(m).__name__ for n, m in fused.blocks.named_modules() if n.endswith("bn1")}
+    assert kinds == {"FrozenBatchNormAct2d"}
+
+
+def test_our_model_stays_fused_under_sync_batchnorm():
+    """convert_sync_batchnorm on our model (the only order there is: nothing to convert)
+    keeps its blocks on the fused path, whose ops synchronize the statistics; without a
+    process group it computes what the local BatchNorm2d model does."""
+    from effnet_kernels.nn.batchnorm import convert_sync_batchnorm
+    from effnet_kernels.nn.mbconv import norms_replaced
+    local = effnet_kernels.create_model("efficientnet_b0", num_classes=CLASSES, drop_rate=0.0,
+                                        drop_path_rate=0.0)
+    synced = convert_sync_batchnorm(copy.deepcopy(local))
+    blocks = [m for m in synced.modules() if isinstance(m, MBConv | DepthwiseSeparable)]
+    assert len(blocks) == 16 and not any(norms_replaced(b) for b in blocks)
+    x = batch(2, 32)[0]
+    torch.testing.assert_close(synced.train()(x), local.train()(x))
 
 
 @pytest.mark.parametrize("source,name", [("timm", "efficientnet_b0"),

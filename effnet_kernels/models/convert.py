@@ -32,6 +32,7 @@ from ..nn.mbconv import (
     norms_replaced,
     read_se,
     record_norms,
+    sync_unfused_children,
     unfused_forward,
 )
 from ..ops.drop_connect import drop_connect_add
@@ -189,7 +190,7 @@ def revert(model: nn.Module) -> int:
         if hasattr(fused, "restore"):
             original = fused.restore()
         else:
-            original = fused.unfused
+            original = sync_unfused_children(fused)
             original.train(fused.training)
         _set_child(model, name, original)
     return len(restored) + unfuse_timm_norms(model)

@@ -40,7 +40,7 @@ TF_BN_EPS = 1e-3
 def _conv_norm_act(x: Tensor, conv: nn.Module, norm: nn.Module, act: str) -> Tensor:
     """The fused conv + BN + act; a norm that is no BatchNorm (e.g. a FrozenBatchNorm2d
     swapped in to freeze the model) runs as its own module."""
-    if isinstance(norm, nn.BatchNorm2d | nn.SyncBatchNorm):
+    if type(norm) in (nn.BatchNorm2d, nn.SyncBatchNorm):
         return conv_bn_act(x, conv, norm, act)
     return ACT_FUNCTIONS[act](norm(conv(x)))
 

@@ -63,11 +63,10 @@ def _timm_norms(model: nn.Module) -> list[str]:
 def unfuse_timm_norms(model: nn.Module) -> int:
     """Give every FusedBatchNormAct2d in `model` back its class; returns how many."""
     fused = [m for m in model.modules() if type(m).__name__ == "FusedBatchNormAct2d"]
-    if fused:
-        from .timm_norm import unfuse_norm
-        for bn in fused:
-            unfuse_norm(bn)
-    return len(fused)
+    if not fused:
+        return 0
+    from .timm_norm import unfuse_norm
+    return sum(unfuse_norm(bn) for bn in fused)
 
 
 def _torchvision_layers(model: nn.Module) -> list[str]:
@@ -85,7 +84,10 @@ def fuse_stem_and_head(model: nn.Module, read_cna) -> tuple[list[str], dict[str,
     fused, skipped = [], {}
     for prefix, module in list(model.named_modules()):
         dot = f"{prefix}." if prefix else ""
-        for bn_name in _timm_norms(module):
+        names = _timm_norms(module)
+        if names:
+            from .timm_norm import fuse_norm
+        for bn_name in names:
             bn, what = module._modules[bn_name], f"{dot}{bn_name}"
             if type(bn).__name__ == "FusedBatchNormAct2d":
                 continue
@@ -94,7 +96,6 @@ def fuse_stem_and_head(model: nn.Module, read_cna) -> tuple[list[str], dict[str,
             except ValueError as err:
                 skipped[what] = str(err)
                 continue
-            from .timm_norm import fuse_norm
             if fuse_norm(bn):
                 fused.append(what)
             else:

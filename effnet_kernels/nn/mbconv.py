@@ -142,31 +142,48 @@ def _adopt(block: nn.Module, timm_block: nn.Module) -> None:
 
 
 def record_norms(block: nn.Module, names: tuple[str, ...]) -> None:
-    """Remember the classes of the norm modules the fused forward reads (`names`: paths
-    under `block`) as they were validated when the block was built."""
-    block.fused_norm_names = names
-    block.fused_norm_types = norm_types(block, names)
+    """Remember the kinds of the norm modules the fused forward reads (`names`: dotted
+    paths under `block`) as they were validated when the block was built."""
+    block.fused_norm_paths = tuple(tuple(n.split(".")) for n in names)
+    block.fused_norm_types = _norm_kinds(block, block.fused_norm_paths)
 
 
-def norm_types(block: nn.Module, names: tuple[str, ...]) -> tuple[type, ...]:
-    return tuple(type(block.get_submodule(n)) for n in names)
+def _norm_kinds(block: nn.Module, paths: tuple[tuple[str, ...], ...]) -> tuple[type, ...]:
+    """The norms' classes, SyncBatchNorm counted as BatchNorm2d (the fused ops synchronize
+    its statistics themselves)."""
+    kinds = []
+    for path in paths:
+        module = block
+        for part in path:
+            module = module._modules[part]
+        kind = type(module)
+        kinds.append(nn.BatchNorm2d if kind is nn.SyncBatchNorm else kind)
+    return tuple(kinds)
 
 
 def norms_replaced(block: nn.Module) -> bool:
     """Whether a norm module was swapped for another kind of module after the block was
-    built (timm's freeze_batch_norm_2d, convert_sync_batchnorm after convert(), ...): the
-    fused forward would then compute something else than the module graph now holds.
-    Blocks pickled before norms were recorded count as unchanged."""
-    names = block.__dict__.get("fused_norm_names")
-    return names is not None and norm_types(block, names) != block.fused_norm_types
+    built (timm's freeze_batch_norm_2d, torchvision's FrozenBatchNorm2d, ...): the fused
+    forward would then compute something else than the module graph now holds. Blocks
+    pickled before norms were recorded count as unchanged."""
+    paths = block.__dict__.get("fused_norm_paths")
+    return paths is not None and _norm_kinds(block, paths) != block.fused_norm_types
+
+
+def sync_unfused_children(block: nn.Module) -> nn.Module:
+    """The original timm / torchvision block (`block.unfused`) holding this block's current
+    children (the same objects; a norm frozen after convert() included)."""
+    original, children = block.unfused, block.unfused._modules
+    for name, child in block._modules.items():
+        if children.get(name) is not child:
+            children[name] = child
+    return original
 
 
 def unfused_forward(block: nn.Module, x: Tensor) -> Tensor:
-    """The original timm / torchvision block's own forward over this block's current
-    children (the same objects) in this block's mode: exactly what the unconverted model
-    with the same changes computes."""
-    original = block.unfused
-    original._modules.update(block._modules)
+    """The original block's own forward over this block's current children, in this
+    block's mode: exactly what the unconverted model with the same changes computes."""
+    original = sync_unfused_children(block)
     original.training = block.training
     return original(x)
 

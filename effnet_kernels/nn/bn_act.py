@@ -21,10 +21,10 @@ from torch.autograd.function import once_differentiable
 
 from ..backends import select
 from ..ops.activations import act_code
-from ..ops.bn_math import as_dtype, vector_math
+from ..ops.bn_math import as_dtype, running_stats, update_running, vector_math
 from ..ops.depthwise import OP as DEPTHWISE_OP
+from ..ops.depthwise import depthwise_conv_bn_act
 from ..ops.eager import plain_eager, records_graph
-from ..ops.geometry import acc_dtype, memory_format_of
 from .batchnorm import bn_call_args, sync_group
 from .pointwise import bn_act_backward, bn_act_forward, bn_param_grads, unit_kernel
 
@@ -38,10 +38,8 @@ class BNActTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, gamma, beta, eps, code, running):
         out, mean, var = bn_act_forward(y, gamma, beta, eps, code, overwrite_y=False)
-        if running is not None:
-            running_mean, running_var, momentum = running
-            vector_math(select(DEPTHWISE_OP, y)).bn_update_running(
-                running_mean, running_var, mean, var, momentum, y.numel() // y.shape[1])
+        update_running(vector_math(select(DEPTHWISE_OP, y)), running, mean, var,
+                       y.numel() // y.shape[1])
         ctx.save_for_backward(y, gamma, beta, mean, var)
         ctx.eps, ctx.code = eps, code
         return out
@@ -53,16 +51,6 @@ class BNActTrain(torch.autograd.Function):
         dy, dgamma, sum_g = bn_act_backward(dout, y, gamma, beta, mean, var, ctx.eps, ctx.code)
         return (as_dtype(dy, y.dtype), *bn_param_grads(ctx, gamma, beta, dgamma, sum_g, 1),
                 None, None, None)
-
-
-def _eval(y: Tensor, bn: nn.Module, code: int, eps: float) -> Tensor:
-    prims = select(DEPTHWISE_OP, y)
-    acc = acc_dtype(y.dtype)
-    _, scale, shift = vector_math(prims).bn_affine(
-        as_dtype(bn.running_mean, acc), as_dtype(bn.running_var, acc), bn.weight, bn.bias, eps)
-    h, w = y.shape[2:]
-    out = prims.dw_forward(y, unit_kernel(y), scale, shift, 1, 0, 0, h, w, code)
-    return out.contiguous(memory_format=memory_format_of(y))
 
 
 def bn_act(y: Tensor, bn: nn.Module, act: str) -> Tensor | None:
@@ -79,9 +67,10 @@ def bn_act(y: Tensor, bn: nn.Module, act: str) -> Tensor | None:
         if y.numel() // y.shape[1] <= 1 or sync_group(bn) is not None:
             return None  # BatchNorm2d raises its own error / SyncBatchNorm syncs
         args = bn_call_args(bn)  # counts the batch: no return None after this
-        running = None if args["running_mean"] is None or args["running_var"] is None else \
-            (args["running_mean"], args["running_var"], args["momentum"])
+        running = running_stats(args["running_mean"], args["running_var"], args["momentum"])
         return BNActTrain.apply(y, bn.weight, bn.bias, args["eps"], act_code(act), running)
     if records_graph(y, bn.weight, bn.bias):
         return None
-    return _eval(y, bn, act_code(act), bn.eps)
+    # The depthwise op's eval pass with a unit kernel: act(y * scale + shift).
+    return depthwise_conv_bn_act(y, unit_kernel(y), bn.weight, bn.bias, bn.running_mean,
+                                 bn.running_var, padding=0, training=False, eps=bn.eps, act=act)

@@ -51,7 +51,7 @@ from torch.autograd.function import once_differentiable
 
 from ..backends import select
 from ..ops.activations import act_code
-from ..ops.bn_math import as_dtype, vector_math
+from ..ops.bn_math import as_dtype, running_stats, update_running, vector_math
 from ..ops.depthwise import OP as DEPTHWISE_OP
 from ..ops.depthwise import keeps_intermediates
 from ..ops.geometry import memory_format_of
@@ -251,10 +251,8 @@ class ConvBNActTrain(torch.autograd.Function):
             ctx.keep_y = _keeps_output(x, y.numel(), weight) and y.dtype == x.dtype
             # Unless kept, y is this call's own temporary: the act pass may overwrite it.
             out, mean, var = bn_act_forward(y, gamma, beta, eps, code, not ctx.keep_y)
-        if running is not None:
-            running_mean, running_var, momentum = running
-            vector_math(select(DEPTHWISE_OP, out)).bn_update_running(
-                running_mean, running_var, mean, var, momentum, out.numel() // out.shape[1])
+        update_running(vector_math(select(DEPTHWISE_OP, out)), running, mean, var,
+                       out.numel() // out.shape[1])
         ctx.save_for_backward(x, weight, gamma, beta, mean, var, y if ctx.keep_y else None,
                               *(moments or (None, None)))
         ctx.geo, ctx.act, ctx.eps = geo, code, eps
@@ -299,6 +297,5 @@ def conv_bn_act_train(x: Tensor, weight: Tensor, gamma: Tensor | None, beta: Ten
     """act(batch_norm(conv2d(x, weight), training=True)), saving only x for backward;
     updates the running statistics in place like F.batch_norm."""
     geo = ([stride, stride], [padding, padding], groups)
-    running = None if running_mean is None or running_var is None else \
-        (running_mean, running_var, momentum)
+    running = running_stats(running_mean, running_var, momentum)
     return ConvBNActTrain.apply(x, weight, gamma, beta, geo, eps, act, running)[0]

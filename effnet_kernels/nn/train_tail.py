@@ -34,7 +34,7 @@ from torch.autograd.function import once_differentiable
 from .._ext import ext_module
 from ..backends import select
 from ..ops.activations import act_code
-from ..ops.bn_math import as_dtype, vector_math
+from ..ops.bn_math import as_dtype, running_stats, update_running, vector_math
 from ..ops.depthwise import OP as DEPTHWISE_OP
 from ..ops.eager import plain_eager
 from ..ops.squeeze_excite import bias_or_zeros, excite_mlp, mlp_backward
@@ -73,8 +73,7 @@ def se_projection_train(y: Tensor, sums: Tensor, se: tuple, projection: tuple) -
     reduce, expand, se_act = se
     conv, bn, act = projection
     args = bn_call_args(bn)
-    running = None if args["running_mean"] is None or args["running_var"] is None else \
-        (args["running_mean"], args["running_var"], args["momentum"])
+    running = running_stats(args["running_mean"], args["running_var"], args["momentum"])
     return SEProjectionTrain.apply(
         y, sums, reduce.weight, bias_or_zeros(reduce.bias, reduce.weight), expand.weight,
         bias_or_zeros(expand.bias, expand.weight), conv.weight,
@@ -104,10 +103,8 @@ class SEProjectionTrain(torch.autograd.Function):
         h, gate = excite_mlp(mean, rw, rb, ew, eb, se_act)
         p = gemm_conv1x1_act(y, weight, None, "identity", gate)
         out, bn_mean, bn_var = bn_act_forward(p, gamma, beta, eps, act, overwrite_y=False)
-        if running is not None:
-            running_mean, running_var, momentum = running
-            vector_math(select(DEPTHWISE_OP, out)).bn_update_running(
-                running_mean, running_var, bn_mean, bn_var, momentum, out.numel() // out.shape[1])
+        update_running(vector_math(select(DEPTHWISE_OP, out)), running, bn_mean, bn_var,
+                       out.numel() // out.shape[1])
         ctx.save_for_backward(y, mean, h, gate, rw, rb, ew, eb, weight, gamma, beta, bn_mean,
                               bn_var, p)
         ctx.se_act, ctx.eps, ctx.act = se_act, eps, act

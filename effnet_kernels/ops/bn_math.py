@@ -57,6 +57,22 @@ def bn_update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, v
         running_var.lerp_(as_dtype(unbiased, running_var.dtype), momentum)
 
 
+def running_stats(running_mean: Tensor | None, running_var: Tensor | None,
+                  momentum: float) -> tuple | None:
+    """What an autograd Function that updates the running statistics inside its forward
+    takes: (running_mean, running_var, momentum), or None when there are none to update."""
+    if running_mean is None or running_var is None:
+        return None
+    return running_mean, running_var, momentum
+
+
+def update_running(bn, running: tuple | None, mean: Tensor, var: Tensor, count: int) -> None:
+    """bn.bn_update_running (bn: vector_math(prims) or COMPOSITE) for running_stats(...)."""
+    if running is not None:
+        running_mean, running_var, momentum = running
+        bn.bn_update_running(running_mean, running_var, mean, var, momentum, count)
+
+
 COMPOSITE = types.SimpleNamespace(
     bn_affine=bn_affine, bn_backward_coefs=bn_backward_coefs, bn_update_running=bn_update_running
 )

@@ -31,7 +31,7 @@ from .._ext import ext_module
 from ..backends import register_impl, select
 from . import reference
 from .activations import act_code
-from .bn_math import COMPOSITE, as_dtype, vector_math
+from .bn_math import COMPOSITE, as_dtype, running_stats, vector_math
 from .checks import check_device, check_int_arg, check_same_dtype, check_tensor, check_vector
 from .eager import onnx_exporting, plain_eager, records_graph
 from .geometry import acc_dtype, conv_geometry, dense, memory_format_of
@@ -356,10 +356,9 @@ def depthwise_conv_bn_act(
     if training and process_group is not None:
         from .depthwise_sync import SyncDepthwiseConvBNAct
 
-        running = None if running_mean is None or running_var is None else \
-            (running_mean, running_var, momentum)
         out = SyncDepthwiseConvBNAct.apply(x, weight, bn_weight, bn_bias, geo, eps, code,
-                                           process_group, running)[0]
+                                           process_group,
+                                           running_stats(running_mean, running_var, momentum))[0]
         return (out, _pool_sums(out)) if return_pool_sums else out
     if EAGER_FAST_PATH and plain_eager(x, weight, bn_weight, bn_bias, running_mean,
                                          running_var):

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..backends import select
-from .bn_math import COMPOSITE, as_dtype, vector_math
+from .bn_math import COMPOSITE, as_dtype, update_running, vector_math
 from .depthwise import OP
 from .geometry import ConvGeometry, acc_dtype, dense, memory_format_of
 
@@ -54,9 +54,8 @@ class SyncDepthwiseConvBNAct(torch.autograd.Function):
         else:
             mean, var = x.new_zeros(c, dtype=acc), x.new_zeros(c, dtype=acc)
         mean, var, total = _global_stats(mean, var, count, group)
-        if running is not None and total > 0:
-            running_mean, running_var, momentum = running
-            COMPOSITE.bn_update_running(running_mean, running_var, mean, var, momentum, total)
+        if total > 0:
+            update_running(COMPOSITE, running, mean, var, total)
         _, scale, shift = vector_math(prims).bn_affine(mean, var, bn_weight, bn_bias, eps)
         out = prims.dw_forward(x, weight, scale, shift, *geo, act)
         ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, var)

@@ -115,5 +115,6 @@ def test_converted_timm_model_pickles_and_reverts():
     model.eval(), loaded.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
-    assert effnet_kernels.revert(loaded) == 16 + 2
+    assert type(loaded.conv_head).__name__ == "GemmConv2d"
+    assert effnet_kernels.revert(loaded) == 16 + 3
     assert type(loaded.bn1).__name__ == "BatchNormAct2d"

@@ -36,7 +36,7 @@ from ..nn.mbconv import (
     unfused_forward,
 )
 from ..ops.drop_connect import drop_connect_add
-from .stem_head import fuse_stem_and_head, unfuse_timm_norms
+from .stem_head import fuse_stem_and_head, unfuse_timm_stem_head
 
 
 @dataclass
@@ -193,4 +193,4 @@ def revert(model: nn.Module) -> int:
             original = sync_unfused_children(fused)
             original.train(fused.training)
         _set_child(model, name, original)
-    return len(restored) + unfuse_timm_norms(model)
+    return len(restored) + unfuse_timm_stem_head(model)

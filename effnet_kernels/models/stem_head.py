@@ -13,11 +13,13 @@ that saves only its input. A norm swapped after convert() (frozen, say) makes it
 Sequential's own forward.
 
 timm: the conv and its BatchNormAct2d are siblings called one after the other by the
-model's own forward (conv_stem then bn1, conv_head then bn2), so the conv is left alone
-and the norm's class becomes FusedBatchNormAct2d (models/timm_norm.py): BN + act as fused
-passes (nn/bn_act.py), the same object still a BatchNormAct2d for code that finds norms by
-class. (Fusing the conv too would make the conv apply the norm its sibling no longer
-applies, which breaks as soon as that sibling is replaced or frozen by class.)
+model's own forward (conv_stem then bn1, conv_head then bn2), so the conv stays a conv
+of its own and the norm's class becomes FusedBatchNormAct2d (models/timm_norm.py): BN +
+act as fused passes (nn/bn_act.py), the same object still a BatchNormAct2d for code that
+finds norms by class. (Fusing the conv too would make the conv apply the norm its
+sibling no longer applies, which breaks as soon as that sibling is replaced or frozen by
+class.) The 1x1 head conv's class becomes GemmConv2d (nn/gemm_conv2d.py), still an
+nn.Conv2d, whose CPU calls run as GEMMs instead of oneDNN's slower 1x1 conv.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..nn.conv_bn_act import conv_bn_act
+from ..nn.gemm_conv2d import from_gemm_conv, to_gemm_conv
 from ..nn.mbconv import norms_replaced, read_bn, record_norms
 
 
@@ -52,21 +55,25 @@ class FusedConvNormActivation(nn.Sequential):
         return layer
 
 
-def _timm_norms(model: nn.Module) -> list[str]:
+def _is_timm_efficientnet(model: nn.Module) -> bool:
     kind = type(model)
-    if kind.__module__.startswith("timm.") and kind.__name__ in ("EfficientNet",
-                                                                 "EfficientNetFeatures"):
-        return [b for b in ("bn1", "bn2") if b in model._modules]
-    return []
+    return kind.__module__.startswith("timm.") and kind.__name__ in ("EfficientNet",
+                                                                     "EfficientNetFeatures")
 
 
-def unfuse_timm_norms(model: nn.Module) -> int:
-    """Give every FusedBatchNormAct2d in `model` back its class; returns how many."""
+def _timm_norms(model: nn.Module) -> list[str]:
+    return [b for b in ("bn1", "bn2") if b in model._modules] if _is_timm_efficientnet(model) else []
+
+
+def unfuse_timm_stem_head(model: nn.Module) -> int:
+    """Give every FusedBatchNormAct2d and GemmConv2d in `model` back its class; returns
+    how many."""
+    undone = sum(from_gemm_conv(m) for m in model.modules())
     fused = [m for m in model.modules() if type(m).__name__ == "FusedBatchNormAct2d"]
     if not fused:
-        return 0
+        return undone
     from .timm_norm import unfuse_norm
-    return sum(unfuse_norm(bn) for bn in fused)
+    return undone + sum(unfuse_norm(bn) for bn in fused)
 
 
 def _torchvision_layers(model: nn.Module) -> list[str]:
@@ -100,6 +107,9 @@ def fuse_stem_and_head(model: nn.Module, read_cna) -> tuple[list[str], dict[str,
                 fused.append(what)
             else:
                 skipped[what] = f"{type(bn).__name__} is not timm's BatchNormAct2d"
+        head = module._modules.get("conv_head") if _is_timm_efficientnet(module) else None
+        if head is not None and to_gemm_conv(head):
+            fused.append(f"{dot}conv_head")
         for index in _torchvision_layers(module):
             layer = module.features[int(index)]
             if isinstance(layer, FusedConvNormActivation):

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..nn.activations import act_name
 from ..nn.bn_act import bn_act
+from ..nn.class_swap import swap_class
 
 
 class FusedBatchNormAct2d(BatchNormAct2d):
@@ -32,15 +33,9 @@ class FusedBatchNormAct2d(BatchNormAct2d):
 
 def fuse_norm(bn: nn.Module) -> bool:
     """Make a BatchNormAct2d (exactly that class) a FusedBatchNormAct2d in place."""
-    if type(bn) is not BatchNormAct2d:
-        return False
-    bn.__class__ = FusedBatchNormAct2d
-    return True
+    return swap_class(bn, BatchNormAct2d, FusedBatchNormAct2d)
 
 
 def unfuse_norm(bn: nn.Module) -> bool:
     """Undo fuse_norm; False for any other module."""
-    if type(bn) is not FusedBatchNormAct2d:
-        return False
-    bn.__class__ = BatchNormAct2d
-    return True
+    return swap_class(bn, FusedBatchNormAct2d, BatchNormAct2d)

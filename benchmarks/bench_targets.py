@@ -83,7 +83,7 @@ def op_rows(rounds: int) -> None:
 
 def e2e_rows() -> None:
     rows = run_e2e("efficientnet_b0", CPU, torch.float32, 8, 224,
-                   ("eager", "converted", "compile", "onnxruntime"),
+                   ("eager", "converted", "compile", "converted_compile", "onnxruntime"),
                    threads=torch.get_num_threads(), warmup=1, rounds=5,
                    skip=lambda p, why: print(f"skipped {p}: {why}"))
     print("| provider | mode | ms | img/s | saved MB/img | page faults per call |")
@@ -95,7 +95,7 @@ def e2e_rows() -> None:
               f"{faults if faults is not None else float('nan'):.0f} |")
     ms = {(r["provider"], r["mode"]): r for r in rows}
     ours = ms.get(("converted", "train"))
-    for base in ("eager", "compile"):
+    for base in ("eager", "compile", "converted_compile"):
         if ours and (base, "train") in ms:
             print(f"train step vs {base}: x{ms[(base, 'train')]['median_ms'] / ours['median_ms']:.2f}")
     infer, ort = ms.get(("converted", "infer")), ms.get(("onnxruntime", "infer"))

@@ -1,7 +1,8 @@
 """End-to-end EfficientNet: training and inference throughput, activation memory.
 
 Providers: "eager" (the timm model as is), "converted" (effnet_kernels.convert of a copy),
-"compile" (torch.compile of the timm model) and "onnxruntime" (inference only, CPU).
+"compile" (torch.compile of the timm model), "converted_compile" (torch.compile of a
+converted copy) and "onnxruntime" (inference only, CPU).
 A training step is forward + cross-entropy + backward + SGD(momentum) step. Saved
 activations are counted with torch.autograd.graph.saved_tensors_hooks over one training
 forward: unique storages, parameters excluded, divided by the batch size. On a GPU the
@@ -24,7 +25,7 @@ import torch
 from .providers import Unavailable
 from .timing import measure_interleaved, synchronize
 
-PROVIDERS = ("eager", "converted", "compile", "onnxruntime")
+PROVIDERS = ("eager", "converted", "compile", "converted_compile", "onnxruntime")
 DROP_PATH_RATE = 0.2
 
 
@@ -69,6 +70,10 @@ def build_models(name: str, device: torch.device, providers, skip, notes: dict,
                 notes[p] = str(rep).splitlines()[0] if not isinstance(rep, torch.nn.Module) else ""
             elif p == "compile":
                 models[p] = torch.compile(copy.deepcopy(base))
+            elif p == "converted_compile":
+                model = copy.deepcopy(base)
+                _convert_fn()(model)
+                models[p] = torch.compile(model)
         except Unavailable as exc:
             skip(p, str(exc))
         except Exception as exc:  # noqa: BLE001

@@ -4,7 +4,9 @@ module-level call of the fused depthwise op (`dw_bn_act`).
 
   training  nn/pointwise.py: PyTorch's conv (a GEMM on channels_last CPU tensors), then
             the fused BN + act passes; saves the conv input only. Traced calls
-            (torch.compile, torch.export) take F.conv2d + F.batch_norm + act instead
+            (torch.compile, torch.export) take the same passes as one custom op
+            (nn/pointwise_op.py); under autocast or the ONNX exporter, F.conv2d +
+            F.batch_norm + act
   eval      BN folded into the conv weights (memoized, nn/eval_fold.py); on CPU a float32
             1x1 conv runs as a tiled GEMM into cached memory with the act as its epilogue
             (nn/gemm_conv.py); other convs run as one oneDNN conv with the act as a post-op
@@ -17,13 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.activations import act_code
 from ..ops.depthwise import depthwise_conv_bn_act
-from ..ops.eager import plain_eager
+from ..ops.eager import onnx_exporting, plain_eager
 from .activations import ACT_FUNCTIONS
 from .batchnorm import bn_call_args, sync_group
 from .eval_fold import folded_conv_bn
 from .gemm_conv import gemm_conv1x1_act, gemm_conv_eligible
 from .pointwise import conv_bn_act_train
+from .pointwise_op import conv_bn_act_train_traced
 
 _RECOMPUTE_DTYPES = (torch.float32, torch.float64)
 # Eval conv + act on CPU that the GEMM epilogue does not take (k > 1, bfloat16): oneDNN
@@ -87,14 +91,18 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str) -> Ten
         padding = conv.padding
     if args["training"] and bias is None and x.dtype in _RECOMPUTE_DTYPES \
             and conv.dilation == (1, 1) and len(set(conv.stride)) == len(set(padding)) == 1 \
-            and _values_per_channel(x, conv, padding[0]) > 1 and plain_eager(x, weight):
-        # Saves only x for backward (nn/pointwise.py); recomputes the conv there. Traced
-        # calls (torch.compile, torch.export) take the plain ops below, which the tracer
-        # sees through: nn/pointwise.py calls the backend's primitives directly.
-        return conv_bn_act_train(x, weight, bn.weight, bn.bias, args["running_mean"],
-                                 args["running_var"], stride=conv.stride[0], padding=padding[0],
-                                 groups=conv.groups, momentum=args["momentum"],
-                                 eps=args["eps"], act=act)
+            and _values_per_channel(x, conv, padding[0]) > 1:
+        train = dict(stride=conv.stride[0], padding=padding[0], groups=conv.groups,
+                     momentum=args["momentum"], eps=args["eps"])
+        if plain_eager(x, weight):
+            # Saves only x for backward (nn/pointwise.py); recomputes the conv there.
+            return conv_bn_act_train(x, weight, bn.weight, bn.bias, args["running_mean"],
+                                     args["running_var"], act=act, **train)
+        if _traced_op_serves(x):
+            # torch.compile / export: the same passes as one custom op (nn/pointwise_op.py).
+            return conv_bn_act_train_traced(x, weight, bn.weight, bn.bias,
+                                            args["running_mean"], args["running_var"],
+                                            act=act_code(act), **train)
     if not args["training"] and _onednn_fusable(x, weight, act):
         if gemm_conv_eligible(x, weight, conv.stride, padding, conv.groups) and (
                 x.dtype == torch.float32 or _conv_out_bytes(x, weight) > _GLIBC_MMAP_MAX):
@@ -107,6 +115,19 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str) -> Ten
         y = F.batch_norm(y, args["running_mean"], args["running_var"], bn.weight, bn.bias,
                          True, args["momentum"], args["eps"])
     return ACT_FUNCTIONS[act](y)
+
+
+# Switch for in-process A/B measurements and tests: traced training calls take the custom
+# op of nn/pointwise_op.py (True) or F.conv2d + F.batch_norm + act (False).
+TRACED_OP = True
+
+
+def _traced_op_serves(x: Tensor) -> bool:
+    """Whether a traced training call takes the custom op: torch.compile or export (not
+    the ONNX exporter, which has no node for it), without autocast (the op computes in
+    x's dtype, where autocast would run the conv in a lower one)."""
+    return (TRACED_OP and torch.compiler.is_compiling() and not onnx_exporting()
+            and not torch.is_autocast_enabled(x.device.type))
 
 
 def _conv_out_bytes(x: Tensor, weight: Tensor) -> int:

@@ -45,10 +45,16 @@ def epilogue_gemm_serves(x: Tensor) -> bool:
 
 def gemm_conv_eligible(x: Tensor, weight: Tensor, stride, padding, groups: int) -> bool:
     """Whether conv2d(x, weight) is a plain channels_last GEMM this module can run."""
+    return type(x) is Tensor and gemm_conv_layout(x, weight, stride, padding, groups)
+
+
+def gemm_conv_layout(x: Tensor, weight: Tensor, stride, padding, groups: int) -> bool:
+    """gemm_conv_eligible from the tensors' metadata only (any Tensor type: the fake
+    implementations of custom ops decide with it what the real ones will do)."""
     return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in _DTYPES
             and weight.dtype == x.dtype and weight.shape[2:] == (1, 1) and groups == 1
             and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and x.numel() > 0
-            and x.is_contiguous(memory_format=torch.channels_last) and type(x) is Tensor
+            and x.is_contiguous(memory_format=torch.channels_last)
             and ext_module() is not None)
 
 

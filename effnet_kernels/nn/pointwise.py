@@ -55,7 +55,13 @@ from ..ops.bn_math import as_dtype, running_stats, update_running, vector_math
 from ..ops.depthwise import OP as DEPTHWISE_OP
 from ..ops.depthwise import keeps_intermediates
 from ..ops.geometry import memory_format_of
-from .gemm_conv import epilogue_gemm_serves, gemm_conv1x1, gemm_conv1x1_backward, gemm_conv_eligible
+from .gemm_conv import (
+    epilogue_gemm_serves,
+    gemm_conv1x1,
+    gemm_conv1x1_backward,
+    gemm_conv_eligible,
+    gemm_conv_layout,
+)
 
 
 def _conv(x, weight, geo):
@@ -159,7 +165,7 @@ def _tile_prims(x: Tensor, weight: Tensor, geo):
     of at most TILED_MAX_WEIGHT values."""
     cout, cin = weight.shape[:2]
     if not TILED or x.dtype != torch.float32 or cout <= cin or cout * cin > TILED_MAX_WEIGHT \
-            or not gemm_conv_eligible(x, weight, *geo) or not epilogue_gemm_serves(x):
+            or not gemm_conv_layout(x, weight, *geo) or not epilogue_gemm_serves(x):
         return None
     prims = select(DEPTHWISE_OP, x)
     return prims if hasattr(prims, "pw_bn_stats") else None
@@ -178,18 +184,59 @@ def _gram_route(prims, x: Tensor) -> bool:
         x.numel() // x.shape[1] >= GRAM_MIN_ROWS_PER_INPUT * x.shape[1]
 
 
-def _tiled_forward(prims, x, weight, gamma, beta, eps, code):
-    """(y if kept else None, out, mean, var, (mu, gram) of the Gram route or None) with
+def train_plan(x: Tensor, weight: Tensor, geo) -> tuple[object | None, bool, bool]:
+    """(tiled primitives or None, whether y is kept, whether the Gram route runs) of a
+    training call, from the tensors' metadata only: ConvBNActTrain and the custom ops'
+    fake implementations (nn/conv_bn_act_op.py) decide alike."""
+    tiles = _tile_prims(x, weight, geo)
+    (stride, _), (padding, _), _ = geo
+    k = weight.shape[-1]
+    out_hw = [(size + 2 * padding - k) // stride + 1 for size in x.shape[2:]]
+    keep = _keeps_output(x, x.shape[0] * weight.shape[0] * out_hw[0] * out_hw[1], weight)
+    return tiles, keep, tiles is not None and not keep and _gram_route(tiles, x)
+
+
+def train_forward(x, weight, gamma, beta, geo, eps, code):
+    """(out, mean, var, y if kept else None, (mu, gram) of the Gram route or None) of
+    act(batch_norm(conv2d(x, weight))) with batch statistics."""
+    tiles, keep, gram = train_plan(x, weight, geo)
+    if tiles is not None:
+        return _tiled_forward(tiles, x, weight, gamma, beta, eps, code, keep, gram)
+    y = _conv(x, weight, geo)
+    # Under autocast y may be in another dtype than x; the conv backward needs both in
+    # one, so such a y is recomputed (in x's dtype) instead of kept.
+    keep = keep and y.dtype == x.dtype
+    # Unless kept, y is this call's own temporary: the act pass may overwrite it.
+    out, mean, var = bn_act_forward(y, gamma, beta, eps, code, not keep)
+    return out, mean, var, y if keep else None, None
+
+
+def train_backward(dout, x, weight, gamma, beta, mean, var, y, moments, geo, eps, code,
+                   needs):
+    """(dx, dweight, dgamma, dbeta) in the accumulation dtype (None where `needs`, the
+    (dx, dweight) flags, says so) for out = train_forward(...)[0] and its gradient dout."""
+    tiles = _tile_prims(x, weight, geo)
+    if tiles is not None:
+        return _tiled_backward(tiles, dout, x, weight, y, gamma, beta, mean, var, eps, code,
+                               needs, moments)
+    if y is None:
+        y = _conv(x, weight, geo)
+    dy, dgamma, sum_g = bn_act_backward(dout, y, gamma, beta, mean, var, eps, code)
+    dx, dweight = _conv_backward(dy, x, weight, geo, *needs)
+    return dx, dweight, dgamma, sum_g
+
+
+def _tiled_forward(prims, x, weight, gamma, beta, eps, code, keep, gram):
+    """(out, mean, var, y if kept else None, (mu, gram) of the Gram route or None) with
     the statistics taken on each GEMM tile in cache, or from x's mean mu and centered Gram
     matrix (no conv) where y is recomputed; a y that is not kept never goes through memory
     (out recomputes it)."""
     cout = weight.shape[0]
-    keep = _keeps_output(x, x.numel() // x.shape[1] * cout, weight)
     w2d = weight.reshape(cout, -1).contiguous()
     moments = None
-    if not keep and _gram_route(prims, x):
-        mean, var, mu, gram = prims.pw_bn_stats_gram(x, w2d)
-        y, moments = None, (mu, gram)
+    if gram:
+        mean, var, mu, gram_matrix = prims.pw_bn_stats_gram(x, w2d)
+        y, moments = None, (mu, gram_matrix)
     else:
         mean, var, y = prims.pw_bn_stats(x, w2d, keep)
     _, scale, shift = vector_math(prims).bn_affine(mean, var, gamma, beta, eps)
@@ -198,7 +245,7 @@ def _tiled_forward(prims, x, weight, gamma, beta, eps, code):
         out = prims.dw_forward(y, unit_kernel(y), scale, shift, 1, 0, 0, h, w, code)
     else:
         out = prims.pw_bn_forward(x, w2d, scale, shift, code)
-    return y, out, mean, var, moments
+    return out, mean, var, y, moments
 
 
 def _tiled_backward(prims, dout, x, weight, y, gamma, beta, mean, var, eps, code, needs,
@@ -238,23 +285,10 @@ class ConvBNActTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, gamma, beta, geo, eps, act, running):
         code = act_code(act)
-        ctx.tiles = _tile_prims(x, weight, geo)
-        moments = None
-        if ctx.tiles is not None:
-            y, out, mean, var, moments = _tiled_forward(ctx.tiles, x, weight, gamma, beta, eps,
-                                                        code)
-            ctx.keep_y = y is not None
-        else:
-            y = _conv(x, weight, geo)
-            # Under autocast y may be in another dtype than x; the conv backward needs both
-            # in one, so such a y is recomputed (in x's dtype) instead of kept.
-            ctx.keep_y = _keeps_output(x, y.numel(), weight) and y.dtype == x.dtype
-            # Unless kept, y is this call's own temporary: the act pass may overwrite it.
-            out, mean, var = bn_act_forward(y, gamma, beta, eps, code, not ctx.keep_y)
+        out, mean, var, y, moments = train_forward(x, weight, gamma, beta, geo, eps, code)
         update_running(vector_math(select(DEPTHWISE_OP, out)), running, mean, var,
                        out.numel() // out.shape[1])
-        ctx.save_for_backward(x, weight, gamma, beta, mean, var, y if ctx.keep_y else None,
-                              *(moments or (None, None)))
+        ctx.save_for_backward(x, weight, gamma, beta, mean, var, y, *(moments or (None, None)))
         ctx.geo, ctx.act, ctx.eps = geo, code, eps
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
@@ -263,18 +297,9 @@ class ConvBNActTrain(torch.autograd.Function):
     @once_differentiable  # the primitives record no graph: double backward raises
     def backward(ctx, dout, _dmean, _dvar):
         x, weight, gamma, beta, mean, var, y, mu, gram = ctx.saved_tensors
-        if ctx.tiles is not None:
-            dx, dw, dgamma, sum_g = _tiled_backward(ctx.tiles, dout, x, weight, y, gamma, beta,
-                                                    mean, var, ctx.eps, ctx.act,
-                                                    ctx.needs_input_grad[:2],
-                                                    None if mu is None else (mu, gram))
-        else:
-            if not ctx.keep_y:
-                y = _conv(x, weight, ctx.geo)
-            dy, dgamma, sum_g = bn_act_backward(dout, y, gamma, beta, mean, var, ctx.eps,
-                                                ctx.act)
-            dx, dw = _conv_backward(dy, x, weight, ctx.geo, ctx.needs_input_grad[0],
-                                    ctx.needs_input_grad[1])
+        dx, dw, dgamma, sum_g = train_backward(dout, x, weight, gamma, beta, mean, var, y,
+                                               None if mu is None else (mu, gram), ctx.geo,
+                                               ctx.eps, ctx.act, ctx.needs_input_grad[:2])
         return (dx, dw, *bn_param_grads(ctx, gamma, beta, dgamma, sum_g, 2),
                 None, None, None, None)
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import effnet_kernels
 from effnet_kernels._ext import ext_module
 from effnet_kernels.nn import conv_bn_act as conv_bn_act_module
+from effnet_kernels.nn import eval_conv
 from effnet_kernels.nn.gemm_conv import gemm_conv1x1, gemm_conv1x1_backward, gemm_conv_eligible
 from effnet_kernels.nn.pointwise import ConvBNActTrain
 
@@ -96,7 +97,7 @@ def test_eval_large_output_path_matches_onednn(monkeypatch):
     conv, bn, x = conv.float(), bn.float(), x.float()
     with torch.no_grad():
         default = conv_bn_act_module.conv_bn_act(x, conv, bn, "silu")
-        monkeypatch.setattr(conv_bn_act_module, "_GLIBC_MMAP_MAX", 0)
+        monkeypatch.setattr(eval_conv, "_GLIBC_MMAP_MAX", 0)
         forced = conv_bn_act_module.conv_bn_act(x, conv, bn, "silu")
     torch.testing.assert_close(forced, ref.float(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(default, ref.float(), atol=1e-5, rtol=1e-5)

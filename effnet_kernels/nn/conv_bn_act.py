@@ -7,9 +7,10 @@ module-level call of the fused depthwise op (`dw_bn_act`).
             (torch.compile, torch.export) take the same passes as one custom op
             (nn/pointwise_op.py); under autocast or the ONNX exporter, F.conv2d +
             F.batch_norm + act
-  eval      BN folded into the conv weights (memoized, nn/eval_fold.py); on CPU a float32
-            1x1 conv runs as a tiled GEMM into cached memory with the act as its epilogue
-            (nn/gemm_conv.py); other convs run as one oneDNN conv with the act as a post-op
+  eval      BN folded into the conv weights (memoized, nn/eval_fold.py); on CPU the conv
+            and act in one pass (nn/eval_conv.py: a float32 1x1 conv as a tiled GEMM
+            with the act as its epilogue, other convs as one oneDNN conv with the act as
+            a post-op), under torch.compile / export as one custom op
 Also TensorFlow SAME padding (timm's Conv2dSame semantics) for the tf_ variants.
 """
 
@@ -24,23 +25,12 @@ from ..ops.depthwise import depthwise_conv_bn_act
 from ..ops.eager import onnx_exporting, plain_eager
 from .activations import ACT_FUNCTIONS
 from .batchnorm import bn_call_args, sync_group
+from .eval_conv import conv_act_eval, eager_eval_serves, eval_conv_act, traced_eval_serves
 from .eval_fold import folded_conv_bn
-from .gemm_conv import gemm_conv1x1_act, gemm_conv_eligible
 from .pointwise import conv_bn_act_train
 from .pointwise_op import conv_bn_act_train_traced
 
 _RECOMPUTE_DTYPES = (torch.float32, torch.float64)
-# Eval conv + act on CPU that the GEMM epilogue does not take (k > 1, bfloat16): oneDNN
-# applies the activation as a post-op of the conv, saving a pass over its output.
-_ONEDNN_ACTS = {"silu": "swish", "relu": "relu", "identity": "none"}
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-_ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
-                                                                      "_convolution_pointwise")
-# Eval 1x1 convs run as a GEMM into cached memory with the act as an epilogue
-# (nn/gemm_conv.py) for float32; for other dtypes only when the output is above glibc's
-# largest mmap threshold, where ATen's outputs are fresh pages on every call (page faults
-# cost more than the conv).
-_GLIBC_MMAP_MAX = 32 << 20
 # timm's dynamic TF-SAME convs (class names, so timm stays an optional dependency).
 _TIMM_SAME_CONVS = ("Conv2dSame", "Conv2dSameExport")
 
@@ -103,13 +93,12 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str) -> Ten
             return conv_bn_act_train_traced(x, weight, bn.weight, bn.bias,
                                             args["running_mean"], args["running_var"],
                                             act=act_code(act), **train)
-    if not args["training"] and _onednn_fusable(x, weight, act):
-        if gemm_conv_eligible(x, weight, conv.stride, padding, conv.groups) and (
-                x.dtype == torch.float32 or _conv_out_bytes(x, weight) > _GLIBC_MMAP_MAX):
-            return gemm_conv1x1_act(x, weight, bias, act)
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, weight, bias, list(padding), list(conv.stride), list(conv.dilation), conv.groups,
-            _ONEDNN_ACTS[act], [], "")
+    if not args["training"]:
+        geo = (conv.stride, padding, conv.dilation, conv.groups)
+        if eager_eval_serves(x, weight, bias):
+            return eval_conv_act(x, weight, bias, *geo, act)
+        if traced_eval_serves(x, weight, bias):  # torch.compile / export: one custom op
+            return conv_act_eval(x, weight, bias, *map(list, geo[:3]), conv.groups, act)
     y = F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
     if args["training"]:
         y = F.batch_norm(y, args["running_mean"], args["running_var"], bn.weight, bn.bias,
@@ -128,20 +117,6 @@ def _traced_op_serves(x: Tensor) -> bool:
     x's dtype, where autocast would run the conv in a lower one)."""
     return (TRACED_OP and torch.compiler.is_compiling() and not onnx_exporting()
             and not torch.is_autocast_enabled(x.device.type))
-
-
-def _conv_out_bytes(x: Tensor, weight: Tensor) -> int:
-    """Output bytes of a stride-1 conv of x with weight."""
-    return x.numel() // x.shape[1] * weight.shape[0] * x.element_size()
-
-
-def _onednn_fusable(x: Tensor, weight: Tensor, act: str) -> bool:
-    """Whether the eval conv (BN folded) + act can run as one oneDNN conv with the
-    activation as a post-op: CPU, a oneDNN dtype, and no autograd graph to record (the
-    fused op has no derivative)."""
-    return (x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and _ONEDNN_AVAILABLE
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not torch.compiler.is_compiling() and type(x) is Tensor)
 
 
 def dw_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str,

@@ -1,0 +1,87 @@
+"""Eval conv + bias + activation on CPU in one pass over the output (the BatchNorm already
+folded into weight and bias, nn/eval_fold.py), and the same as a custom op for traced
+calls, so a compiled converted model keeps it.
+
+  float32 1x1 convs on channels_last x   a GEMM tile by tile with bias + act applied to
+                                         each tile in cache (nn/gemm_conv.py)
+  other convs (k > 1, bfloat16)          one oneDNN conv with the act as its post-op
+
+  effnet_kernels::conv_act_eval(x, weight, bias, stride, padding, dilation, groups, act)
+                                         -> act(conv2d(x, weight, bias)) in x's memory format
+
+Neither records an autograd graph: callers take them only where none is recorded
+(inference, no_grad), and the custom op has no autograd formula.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ops.eager import onnx_exporting, records_graph
+from ..ops.geometry import memory_format_of
+from .gemm_conv import gemm_conv1x1_act, gemm_conv_eligible
+
+ONEDNN_ACTS = {"silu": "swish", "relu": "relu", "identity": "none"}
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                                    "_convolution_pointwise")
+# Eval 1x1 convs run as a GEMM into cached memory with the act as an epilogue for float32;
+# for other dtypes only when the output is above glibc's largest mmap threshold, where
+# ATen's outputs are fresh pages on every call (page faults cost more than the conv).
+_GLIBC_MMAP_MAX = 32 << 20
+
+# Switch for in-process A/B measurements and tests: traced eval calls take the custom op
+# (True) or F.conv2d + act (False).
+TRACED_OP = True
+
+
+def _conv_out_bytes(x: Tensor, weight: Tensor) -> int:
+    """Output bytes of a stride-1 conv of x with weight."""
+    return x.numel() // x.shape[1] * weight.shape[0] * x.element_size()
+
+
+def eval_conv_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation,
+                  groups: int, act: str) -> Tensor:
+    """act(conv2d(x, weight, bias)) in one pass, for a CPU tensor of a oneDNN dtype."""
+    if gemm_conv_eligible(x, weight, stride, padding, groups) and (
+            x.dtype == torch.float32 or _conv_out_bytes(x, weight) > _GLIBC_MMAP_MAX):
+        return gemm_conv1x1_act(x, weight, bias, act)
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, weight, bias, list(padding), list(stride), list(dilation), groups,
+        ONEDNN_ACTS[act], [], "")
+
+
+def _cpu_onednn_call(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    return (x.device.type == "cpu" and x.dtype in ONEDNN_DTYPES and ONEDNN_AVAILABLE
+            and not records_graph(x, weight, bias))
+
+
+def eager_eval_serves(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether an eager eval call takes eval_conv_act: CPU, a oneDNN dtype, no autograd
+    graph to record, a plain tensor and no tracing."""
+    return (_cpu_onednn_call(x, weight, bias) and not torch.compiler.is_compiling()
+            and type(x) is Tensor)
+
+
+def traced_eval_serves(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether a traced eval call (torch.compile, export; not the ONNX exporter) takes the
+    custom op: the same conditions as eager, without autocast."""
+    return (TRACED_OP and torch.compiler.is_compiling() and not onnx_exporting()
+            and _cpu_onednn_call(x, weight, bias) and not torch.is_autocast_enabled("cpu"))
+
+
+@torch.library.custom_op("effnet_kernels::conv_act_eval", mutates_args=())
+def conv_act_eval(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int],
+                  padding: list[int], dilation: list[int], groups: int, act: str) -> Tensor:
+    out = eval_conv_act(x, weight, bias, stride, padding, dilation, groups, act)
+    return out.contiguous(memory_format=memory_format_of(x))
+
+
+@conv_act_eval.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, act):
+    k = weight.shape[2:]
+    size = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (k[i] - 1) - 1) // stride[i] + 1
+            for i in range(2)]
+    return torch.empty((x.shape[0], weight.shape[0], *size), dtype=x.dtype, device=x.device,
+                       memory_format=memory_format_of(x))

@@ -22,6 +22,13 @@ def ext_module():
     return _load()[0]
 
 
+@torch.compiler.assume_constant_result
+def ext_built() -> bool:
+    """Whether the compiled module loaded; a constant to torch.compile (checks in traced
+    code do not trace the import)."""
+    return _load()[0] is not None
+
+
 def ext_error() -> str | None:
     """Why the compiled module is missing (None when it loaded)."""
     return _load()[1]

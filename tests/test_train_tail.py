@@ -1,8 +1,9 @@
 """The CPU training tail of a block (nn/train_tail.py): the squeeze-excite gate folded into
 the projection conv's weights. Whole timm blocks against their originals (output, input
 gradient, every parameter gradient, BN running statistics and counters) under the parity
-rule, float64 gradcheck of the autograd function, when the tail applies and when it steps
-aside, and that the gated activation is not saved for backward."""
+rule, eager and under torch.compile (the custom op of nn/train_tail_op.py: opcheck,
+gradcheck), float64 gradcheck of the autograd function, when the tail applies and when it
+steps aside, and that the gated activation is not saved for backward."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from model_cases import randomize_bn
 
-from effnet_kernels.nn import DepthwiseSeparable, MBConv, train_tail
+from effnet_kernels.nn import DepthwiseSeparable, MBConv, mbconv, train_tail, train_tail_op
 from effnet_kernels.nn.train_tail import SEProjectionTrain, train_tail_applies
 from effnet_kernels.ops.activations import act_code
 from effnet_kernels.testing import parity
@@ -85,6 +86,76 @@ def test_block_training_matches_timm(name, hw, tail, dtype, tail_calls):
     for n, t in truth[3].items():
         if not t.is_floating_point():
             assert torch.equal(got[3][n], t), n  # num_batches_tracked
+
+
+@pytest.mark.parametrize("name,hw,tail", [("ds", 12, True), ("mb_res", 8, True),
+                                          ("mb_late", 8, False)])
+def test_compiled_block_training_matches_timm(name, hw, tail, monkeypatch):
+    """torch.compile (fullgraph): the tail as the custom op of nn/train_tail_op.py."""
+    calls = []
+    traced = mbconv.se_projection_traced
+    monkeypatch.setattr(mbconv, "se_projection_traced",
+                        lambda *a: calls.append(1) or traced(*a))
+    original = _timm_block(name)
+    cls = DepthwiseSeparable if name == "ds" else MBConv
+    fused = cls.from_timm(copy.deepcopy(original))
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    cin = original.conv_dw.in_channels if name == "ds" else original.conv_pw.in_channels
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, cin, hw, hw, generator=g).contiguous(memory_format=CL)
+    with torch.no_grad():
+        out_shape = copy.deepcopy(original)(x).shape
+    dout = torch.randn(out_shape, generator=g).contiguous(memory_format=CL)
+    truth = _step(copy.deepcopy(original).double(), x.double(), dout.double())
+    same = _step(original, x, dout)
+    out, dx, grads, buffers = _step(compiled, x, dout)
+    got = (out, dx, *({k.removeprefix("_orig_mod."): v for k, v in d.items()}
+                      for d in (grads, buffers)))
+    torch._dynamo.reset()
+    assert len(calls) == (1 if tail else 0)
+    scale = max(t.abs().max().item() for t in truth[2].values())
+    checks = [("out", got[0], same[0], truth[0], None), ("dx", got[1], same[1], truth[1], None)]
+    checks += [(f"grad {n}", got[2][n], same[2][n], t, scale) for n, t in truth[2].items()]
+    checks += [(f"buffer {n}", got[3][n], same[3][n], t, None) for n, t in truth[3].items()
+               if t.is_floating_point()]
+    failures = [str(p) for what, a, b, t, sc in checks
+                if not (p := parity(what, a, b, t, torch.float32, scale=sc)).ok]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+def test_gated_op_opcheck(dtype, affine):
+    g = torch.Generator().manual_seed(0)
+    n, c, cout, h, w = 2, 6, 4, 5, 3
+    y = torch.randn(n, c, h, w, generator=g, dtype=dtype).contiguous(memory_format=CL)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    gate = torch.rand(n, c, generator=g, dtype=acc)
+    weight = torch.randn(cout, c, 1, 1, generator=g, dtype=dtype)
+    gamma = torch.rand(cout, generator=g) + 0.5 if affine else None
+    beta = torch.randn(cout, generator=g) if affine else None
+    args = [y.requires_grad_(), gate.requires_grad_(), weight.requires_grad_(),
+            *(t if t is None else t.requires_grad_() for t in (gamma, beta)), 1e-3, 2]
+    torch.library.opcheck(train_tail_op.gated_conv_bn_act_fwd, args)
+    out, mean, var, p = train_tail_op.gated_conv_bn_act_fwd(*args)
+    plain = [t if t is None else t.detach() for t in args[:5]]
+    torch.library.opcheck(train_tail_op.gated_conv_bn_act_bwd,
+                          (torch.randn_like(out), *plain, mean, var, p, 1e-3, 2))
+
+
+def test_gated_op_gradcheck():
+    g = torch.Generator().manual_seed(2)
+    y = torch.randn(2, 5, 3, 3, generator=g, dtype=torch.float64)
+    inputs = (y.contiguous(memory_format=CL), torch.rand(2, 5, generator=g, dtype=torch.float64),
+              torch.randn(4, 5, 1, 1, generator=g, dtype=torch.float64) * 0.5,
+              torch.rand(4, generator=g, dtype=torch.float64) + 0.5,
+              torch.randn(4, generator=g, dtype=torch.float64))
+    inputs = tuple(t.requires_grad_() for t in inputs)
+
+    def run(*t):
+        return train_tail_op.gated_conv_bn_act_fwd(*t, 1e-5, 2)[0]
+    assert torch.autograd.gradcheck(run, inputs)
 
 
 @pytest.mark.parametrize("se_act,act", [("silu", "identity"), ("relu", "silu")])

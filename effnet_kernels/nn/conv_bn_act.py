@@ -3,10 +3,10 @@ and projection convs of the fused blocks (and the stem / head of our EfficientNe
 module-level call of the fused depthwise op (`dw_bn_act`).
 
   training  nn/pointwise.py: PyTorch's conv (a GEMM on channels_last CPU tensors), then
-            the fused BN + act passes; saves the conv input only. Traced calls
+            the fused BN + act passes; saves the conv input only. Traced CPU calls
             (torch.compile, torch.export) take the same passes as one custom op
-            (nn/pointwise_op.py); under autocast or the ONNX exporter, F.conv2d +
-            F.batch_norm + act
+            (nn/pointwise_op.py); other traced calls (GPU, autocast, the ONNX
+            exporter) take F.conv2d + F.batch_norm + act
   eval      BN folded into the conv weights (memoized, nn/eval_fold.py); on CPU the conv
             and act in one pass (nn/eval_conv.py: a float32 1x1 conv as a tiled GEMM
             with the act as its epilogue, other convs as one oneDNN conv with the act as
@@ -113,10 +113,12 @@ TRACED_OP = True
 
 def _traced_op_serves(x: Tensor) -> bool:
     """Whether a traced training call takes the custom op: torch.compile or export (not
-    the ONNX exporter, which has no node for it), without autocast (the op computes in
-    x's dtype, where autocast would run the conv in a lower one)."""
-    return (TRACED_OP and torch.compiler.is_compiling() and not onnx_exporting()
-            and not torch.is_autocast_enabled(x.device.type))
+    the ONNX exporter, which has no node for it) of a CPU tensor (where the op was
+    measured faster than inductor's conv + BN + act; on a GPU inductor keeps them),
+    without autocast (the op computes in x's dtype, where autocast would run the conv in
+    a lower one)."""
+    return (TRACED_OP and x.device.type == "cpu" and torch.compiler.is_compiling()
+            and not onnx_exporting() and not torch.is_autocast_enabled(x.device.type))
 
 
 def dw_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str,

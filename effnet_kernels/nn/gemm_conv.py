@@ -26,7 +26,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .._ext import ext_module
+from .._ext import ext_built, ext_module
 from ..ops.activations import act_code, apply_act_
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -54,8 +54,7 @@ def gemm_conv_layout(x: Tensor, weight: Tensor, stride, padding, groups: int) ->
     return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in _DTYPES
             and weight.dtype == x.dtype and weight.shape[2:] == (1, 1) and groups == 1
             and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and x.numel() > 0
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and ext_module() is not None)
+            and x.is_contiguous(memory_format=torch.channels_last) and ext_built())
 
 
 def _rows(t: Tensor) -> Tensor:

@@ -35,6 +35,7 @@ from .eval_plan import eval_block
 from .eval_tail import dw_se_project, eval_tail_applies
 from .squeeze_excite import SqueezeExcite
 from .train_tail import se_projection_train, train_tail_applies
+from .train_tail_op import se_projection_traced, traced_tail_applies
 
 
 def se_gate(x: Tensor, conv_reduce: nn.Conv2d, conv_expand: nn.Conv2d, act: str,
@@ -50,7 +51,8 @@ def dw_se_projection(x: Tensor, depthwise: tuple, se: tuple | None,
     conv_expand, act) tuple. On CPU in eval without autograd it runs as nn/eval_tail.py;
     elsewhere the SE pool comes from the depthwise kernel's epilogue where the backend has
     one (one pass over the activation fewer), and in training on CPU the SE gate goes into
-    the projection's weights (nn/train_tail.py)."""
+    the projection's weights (nn/train_tail.py; traced by torch.compile / export, as the
+    custom op of nn/train_tail_op.py)."""
     if se is None:
         return conv_bn_act(dw_bn_act(x, *depthwise), *projection)
     if eval_tail_applies(x, depthwise, se, projection):
@@ -61,7 +63,10 @@ def dw_se_projection(x: Tensor, depthwise: tuple, se: tuple | None,
             return se_projection_train(y, sums, se, projection)
         x = se_gate(y, *se, pooled=sums)
     else:
-        x = se_gate(dw_bn_act(x, *depthwise), *se)
+        y = dw_bn_act(x, *depthwise)
+        if traced_tail_applies(y, projection):  # torch.compile / export on CPU
+            return se_projection_traced(y, se, projection)
+        x = se_gate(y, *se)
     return conv_bn_act(x, *projection)
 
 

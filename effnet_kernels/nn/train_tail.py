@@ -40,7 +40,7 @@ from ..ops.eager import plain_eager
 from ..ops.squeeze_excite import bias_or_zeros, excite_mlp, mlp_backward
 from .batchnorm import bn_call_args, is_plain_batchnorm
 from .conv_bn_act import is_same_conv
-from .gemm_conv import epilogue_gemm_serves, gemm_conv1x1_act, gemm_conv_eligible, sample_rows
+from .gemm_conv import epilogue_gemm_serves, gemm_conv1x1_act, gemm_conv_layout, sample_rows
 from .pointwise import bn_act_backward, bn_act_forward, bn_param_grads
 
 # Switch for in-process A/B measurements (benchmarks); the unfused order is always correct.
@@ -51,18 +51,24 @@ _DTYPES = (torch.float32, torch.float64)
 
 def train_tail_applies(y: Tensor, projection: tuple) -> bool:
     """Whether se_projection_train may run the projection (conv, bn, act) on the depthwise
-    output y: CPU float32 / float64 channels_last plain eager tensors, no autocast, a
-    bias-free 1x1 stride-1 conv, a plain BatchNorm2d in training, more pixels than output
-    channels, and more than one value per output channel."""
+    output y: a plain eager call on a plain tensor, and tail_shapes_fit."""
+    return plain_eager(y) and type(y) is torch.Tensor and tail_shapes_fit(y, projection)
+
+
+def tail_shapes_fit(y: Tensor, projection: tuple) -> bool:
+    """The tail's conditions on tensors and modules, from metadata only: CPU float32 /
+    float64 channels_last y, no autocast, a bias-free 1x1 stride-1 conv, a plain
+    BatchNorm2d in training, more pixels than output channels, and more than one value
+    per output channel."""
     conv, bn, _ = projection
     if not ENABLED or y.device.type != "cpu" or y.dtype not in _DTYPES \
-            or torch.is_autocast_enabled("cpu") or not plain_eager(y):
+            or torch.is_autocast_enabled("cpu"):
         return False
     if not (bn.training and is_plain_batchnorm(bn)) or conv.bias is not None \
             or is_same_conv(conv) or conv.weight.dtype != y.dtype:
         return False
     n, _, h, w = y.shape
-    return (gemm_conv_eligible(y, conv.weight, conv.stride, conv.padding, conv.groups)
+    return (gemm_conv_layout(y, conv.weight, conv.stride, conv.padding, conv.groups)
             and h * w >= 2 * conv.out_channels and n * h * w > 1)
 
 
@@ -93,6 +99,36 @@ def _gated_transposed_product(dp: Tensor, gated_t: Tensor, bias: Tensor) -> Tens
     return out
 
 
+def gated_projection_forward(y, gate, weight, gamma, beta, eps, act):
+    """(out, bn mean, bn var, p): p = conv1x1(y * gate[n, c]) as per-sample GEMMs with the
+    gate in the weights, out = act(batch_norm(p)) with batch statistics."""
+    p = gemm_conv1x1_act(y, weight, None, "identity", gate)
+    out, bn_mean, bn_var = bn_act_forward(p, gamma, beta, eps, act, overwrite_y=False)
+    return out, bn_mean, bn_var, p
+
+
+def gated_projection_grads(dout, y, gate, weight, gamma, beta, bn_mean, bn_var, p, eps, act):
+    """(dp, dgate, dweight, dgamma, dbeta) of gated_projection_forward for the gradient
+    dout of out; dgamma / dbeta in the accumulation dtype, dweight in weight's."""
+    dp, dgamma, sum_g = bn_act_backward(dout, p, gamma, beta, bn_mean, bn_var, eps, act)
+    w2d = as_dtype(weight.flatten(1), gate.dtype)
+    m = as_dtype(torch.bmm(sample_rows(dp).transpose(1, 2), sample_rows(y)), gate.dtype)
+    dgate = (m * w2d).sum(1)
+    dweight = m.mul_(gate.unsqueeze(1)).sum(0)
+    return dp, dgate, as_dtype(dweight, weight.dtype).view_as(weight), dgamma, sum_g
+
+
+def gated_input_grad(dp: Tensor, gate: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """dp_n @ (W * gate[n]) + bias[n] per sample: dL/dy through the gated conv, plus bias
+    (N, C) (what each pixel gets through the SE's pooled mean, or zeros)."""
+    w2d = as_dtype(weight.flatten(1), gate.dtype)
+    # (W * gate[n])^T written straight into a contiguous (N, C, Cout) buffer (a plain
+    # product would take W^T's strides and need a copy).
+    gated_t = gate.new_empty((gate.shape[0], w2d.shape[1], w2d.shape[0]))
+    torch.mul(w2d.t().unsqueeze(0), gate.unsqueeze(2), out=gated_t)
+    return _gated_transposed_product(dp, gated_t, bias)
+
+
 class SEProjectionTrain(torch.autograd.Function):
     """Outputs (out, bn mean, bn var). `running` is (running_mean, running_var, momentum)
     or None, updated inside forward (see nn/pointwise.py's ConvBNActTrain)."""
@@ -101,8 +137,8 @@ class SEProjectionTrain(torch.autograd.Function):
     def forward(ctx, y, sums, rw, rb, ew, eb, weight, gamma, beta, se_act, eps, act, running):
         mean = sums / (y.shape[2] * y.shape[3])
         h, gate = excite_mlp(mean, rw, rb, ew, eb, se_act)
-        p = gemm_conv1x1_act(y, weight, None, "identity", gate)
-        out, bn_mean, bn_var = bn_act_forward(p, gamma, beta, eps, act, overwrite_y=False)
+        out, bn_mean, bn_var, p = gated_projection_forward(y, gate, weight, gamma, beta, eps,
+                                                           act)
         update_running(vector_math(select(DEPTHWISE_OP, out)), running, bn_mean, bn_var,
                        out.numel() // out.shape[1])
         ctx.save_for_backward(y, mean, h, gate, rw, rb, ew, eb, weight, gamma, beta, bn_mean,
@@ -116,18 +152,10 @@ class SEProjectionTrain(torch.autograd.Function):
     def backward(ctx, dout, _dmean, _dvar):
         y, mean, h, gate, rw, rb, ew, eb, weight, gamma, beta, bn_mean, bn_var, p = \
             ctx.saved_tensors
-        dp, dgamma, sum_g = bn_act_backward(dout, p, gamma, beta, bn_mean, bn_var, ctx.eps,
-                                            ctx.act)
-        w2d = as_dtype(weight.flatten(1), gate.dtype)
-        m = as_dtype(torch.bmm(sample_rows(dp).transpose(1, 2), sample_rows(y)), gate.dtype)
-        dgate = (m * w2d).sum(1)
+        dp, dgate, dweight, dgamma, sum_g = gated_projection_grads(
+            dout, y, gate, weight, gamma, beta, bn_mean, bn_var, p, ctx.eps, ctx.act)
         dmean, drw, drb, dew, deb = mlp_backward(dgate, mean, h, gate, rw, rb, ew, eb,
                                                  ctx.se_act, y.shape[2] * y.shape[3])
-        dweight = m.mul_(gate.unsqueeze(1)).sum(0)
-        # (W * gate[n])^T written straight into a contiguous (N, C, Cout) buffer (a plain
-        # product would take W^T's strides and need a copy).
-        gated_t = gate.new_empty((gate.shape[0], w2d.shape[1], w2d.shape[0]))
-        torch.mul(w2d.t().unsqueeze(0), gate.unsqueeze(2), out=gated_t)
-        dy = _gated_transposed_product(dp, gated_t, dmean)
-        return (dy, None, drw, drb, dew, deb, as_dtype(dweight, weight.dtype).view_as(weight),
+        dy = gated_input_grad(dp, gate, weight, dmean)
+        return (dy, None, drw, drb, dew, deb, dweight,
                 *bn_param_grads(ctx, gamma, beta, dgamma, sum_g, 7), None, None, None, None)

@@ -56,7 +56,7 @@ def test_opcheck_on_every_route(name, affine):
     assert (tiles is not None, keep, gram) == case[-1]
     args = (x.requires_grad_(), weight.requires_grad_(),
             *(t.requires_grad_() if t is not None else None for t in (gamma, beta)),
-            stride, k // 2, 1, 1e-3, 2)
+            stride, k // 2, 1, 1e-3, 2, "cpu")
     with use_backend("cpu"):
         torch.library.opcheck(conv_bn_act_train_fwd, args)
         out, mean, var, y, mu, gram_matrix = conv_bn_act_train_fwd(*args)
@@ -118,6 +118,33 @@ def test_compiled_call_takes_the_op_and_matches(name, act, monkeypatch):
     failures = [str(p) for key in truth
                 if not (p := parity(key, got[key], same[key], truth[key], x.dtype)).ok]
     assert not failures, "\n".join(failures)
+
+
+def test_compiled_call_follows_the_forced_backend():
+    """Compiled under auto (the cpu tiles, Gram route), then called under a forced
+    reference backend: torch.compile recompiles and the call takes the reference route."""
+    case = CASES["tiled_gram"]
+    x = _tensors(case)[0]
+    conv, bn = _module(case)
+    dout = torch.randn(conv(x).shape).contiguous(memory_format=CL)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: cba.conv_bn_act(t, conv, bn, "silu"),
+                             backend="aot_eager", fullgraph=True)
+    got = {}
+    for backend in ("auto", "reference", "auto"):
+        inp = x.detach().clone().requires_grad_()
+        with use_backend(backend):
+            out = compiled(inp)
+            out.backward(dout)
+        got.setdefault(backend, []).append((out.detach(), inp.grad))
+    torch._dynamo.reset()
+    truth = _train_call(copy.deepcopy(conv).double(), copy.deepcopy(bn).double(), x.double(),
+                        dout.double(), "silu", None)
+    same = _train_call(copy.deepcopy(conv), copy.deepcopy(bn), x, dout, "silu", None)
+    for runs in got.values():
+        for out, dx in runs:
+            assert parity("out", out, same["out"], truth["out"], torch.float32).ok
+            assert parity("dx", dx, same["dx"], truth["dx"], torch.float32).ok
 
 
 def test_switch_off_takes_plain_ops(monkeypatch):

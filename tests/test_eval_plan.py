@@ -183,3 +183,48 @@ def test_inference_tensors_are_planned_per_call(plan_calls):
     assert len(plan_calls) == 2 and plan_calls[0] is not plan_calls[1]
     _assert_module_route(got, same_route)
     torch.testing.assert_close(again, got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("source,name,hw", [("timm", "efficientnet_b0", 64),
+                                            ("timm", "tf_efficientnet_b2", 45),
+                                            ("torchvision", "efficientnet_b0", 40)])
+def test_compiled_model_runs_every_block_as_one_op(source, name, hw, plan_calls):
+    """torch.compile (fullgraph): each block is the block_eval custom op, its plan
+    prepared in the graph; the logits are the eager plan's and within the parity rule of
+    the original model."""
+    original = _model(source, name).to(memory_format=CL)
+    fused = copy.deepcopy(original)
+    ek.convert(fused)
+    x = torch.randn(2, 3, hw, hw, generator=torch.Generator().manual_seed(0))
+    x = x.contiguous(memory_format=CL)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        got = compiled(x)
+        assert len(plan_calls) == len(_blocks(fused))
+        eager = fused(x)
+        same = original(x)
+        truth = copy.deepcopy(original).double()(x.double())
+    torch._dynamo.reset()
+    _assert_module_route(got, eager)
+    assert_parity(f"{name} compiled eval logits", got, same, truth, torch.float32)
+
+
+@pytest.mark.parametrize("expand,se,padding", [(True, True, 1), (False, True, -1),
+                                               (True, False, 2)])
+def test_block_eval_opcheck(expand, se, padding):
+    g = torch.Generator().manual_seed(0)
+    cin, mid, cout, k = 8, 16, 12, 3 if padding != 2 else 5
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g)
+    x = rand(2, cin if expand else mid, 9, 7).contiguous(memory_format=CL)
+    args = (x, rand(mid, cin, 1, 1) if expand else None, rand(mid) if expand else None,
+            rand(mid, 1, k, k), torch.rand(mid, generator=g) + 0.5, rand(mid),
+            rand(mid, 4).contiguous() if se else None, rand(4) if se else None,
+            rand(4, mid).contiguous() if se else None, rand(mid) if se else None,
+            rand(cout, mid, 1, 1), rand(cout), [2, 2, 2, 0], 2 if padding == 2 else 1,
+            padding, False)
+    torch.library.opcheck(eval_plan.block_eval, args)
+    out = eval_plan.block_eval(*args)
+    assert out.is_contiguous(memory_format=CL)

@@ -91,7 +91,8 @@ def test_calls_it_does_not_serve_run_conv2d(case):
     to_gemm_conv(fused)
     x = torch.randn(2, 8, 5, 5)
     if case == "bfloat16":
-        base, fused, x = base.bfloat16(), fused.bfloat16(), x.bfloat16().contiguous(memory_format=CL)
+        base, fused = base.bfloat16(), fused.bfloat16()
+        x = x.bfloat16().contiguous(memory_format=CL)
     elif case != "autocast":
         assert not x.is_contiguous(memory_format=CL)
     else:

@@ -62,7 +62,9 @@ def _is_timm_efficientnet(model: nn.Module) -> bool:
 
 
 def _timm_norms(model: nn.Module) -> list[str]:
-    return [b for b in ("bn1", "bn2") if b in model._modules] if _is_timm_efficientnet(model) else []
+    if not _is_timm_efficientnet(model):
+        return []
+    return [b for b in ("bn1", "bn2") if b in model._modules]
 
 
 def unfuse_timm_stem_head(model: nn.Module) -> int:

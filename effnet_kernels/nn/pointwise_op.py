@@ -16,9 +16,9 @@ decision from the tensors' metadata. Which route serves a call also depends on t
 (effnet_kernels.use_backend): the backend forced when the call was traced is an argument
 of both ops, so the real and fake implementations decide under the same one, and
 torch.compile recompiles when a different backend is forced. dx / dweight come back with
-no elements where the autograd formula does not need them. The running statistics are updated by the caller
-with plain torch ops (an autograd-registered custom op must be functional), as the
-depthwise op's traced path does.
+no elements where the autograd formula does not need them. The running statistics are
+updated by the caller with plain torch ops (an autograd-registered custom op must be
+functional), as the depthwise op's traced path does.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ model keeps the SE gate folded into the projection's weights.
       p   = conv1x1(y * gate[n, c])       per-sample GEMMs, the gate in the weights
       out = act(batch_norm(p))            batch statistics (mean, biased var)
   gated_conv_bn_act_bwd(dout, y, gate, weight, gamma, beta, mean, var, p, eps, act)
-      -> (dy, dgate, dweight, dgamma, dbeta)
-      dy = dp_n @ (W * gate[n]),  dgate = sum_o W * (dp_n^T @ y_n),  dW = sum_n gate[n] ...
+      -> (dy, dgate, dweight, dgamma, dbeta), with dp = dL/dp and M_n = dp_n^T @ y_n:
+      dy_n = dp_n @ (W * gate[n]),   dgate[n] = sum_o W * M_n,   dW = sum_n M_n * gate[n]
 
 y is channels_last (N, C, H, W), gate (N, C) in the accumulation dtype, p is kept for
 backward (it is narrow). Unlike the eager autograd.Function, which takes the SE's pooled

@@ -70,12 +70,14 @@ def _timm_norms(model: nn.Module) -> list[str]:
 def unfuse_timm_stem_head(model: nn.Module) -> int:
     """Give every FusedBatchNormAct2d and GemmConv2d in `model` back its class; returns
     how many."""
-    undone = sum(from_gemm_conv(m) for m in model.modules())
-    fused = [m for m in model.modules() if type(m).__name__ == "FusedBatchNormAct2d"]
-    if not fused:
-        return undone
-    from .timm_norm import unfuse_norm
-    return undone + sum(unfuse_norm(bn) for bn in fused)
+    undone = 0
+    for module in model.modules():
+        if type(module).__name__ == "FusedBatchNormAct2d":
+            from .timm_norm import unfuse_norm  # imports timm: only when there is one
+            undone += unfuse_norm(module)
+        else:
+            undone += from_gemm_conv(module)
+    return undone
 
 
 def _torchvision_layers(model: nn.Module) -> list[str]:

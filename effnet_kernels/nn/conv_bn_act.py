@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..ops.activations import act_code
 from ..ops.depthwise import depthwise_conv_bn_act
-from ..ops.eager import onnx_exporting, plain_eager
+from ..ops.eager import plain_eager, traced_cpu_call
 from .activations import ACT_FUNCTIONS
 from .batchnorm import bn_call_args, sync_group
 from .eval_conv import conv_act_eval, eager_eval_serves, eval_conv_act, traced_eval_serves
@@ -112,13 +112,9 @@ TRACED_OP = True
 
 
 def _traced_op_serves(x: Tensor) -> bool:
-    """Whether a traced training call takes the custom op: torch.compile or export (not
-    the ONNX exporter, which has no node for it) of a CPU tensor (where the op was
-    measured faster than inductor's conv + BN + act; on a GPU inductor keeps them),
-    without autocast (the op computes in x's dtype, where autocast would run the conv in
-    a lower one)."""
-    return (TRACED_OP and x.device.type == "cpu" and torch.compiler.is_compiling()
-            and not onnx_exporting() and not torch.is_autocast_enabled(x.device.type))
+    """Whether a traced training call takes the custom op: a traced CPU call (where the op
+    was measured faster than inductor's conv + BN + act; on a GPU inductor keeps them)."""
+    return TRACED_OP and traced_cpu_call(x)
 
 
 def dw_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops.eager import onnx_exporting, records_graph
+from ..ops.eager import records_graph, traced_cpu_call
 from ..ops.geometry import memory_format_of
 from .gemm_conv import gemm_conv1x1_act, gemm_conv_eligible
 
@@ -65,10 +65,9 @@ def eager_eval_serves(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 
 
 def traced_eval_serves(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether a traced eval call (torch.compile, export; not the ONNX exporter) takes the
-    custom op: the same conditions as eager, without autocast."""
-    return (TRACED_OP and torch.compiler.is_compiling() and not onnx_exporting()
-            and _cpu_onednn_call(x, weight, bias) and not torch.is_autocast_enabled("cpu"))
+    """Whether a traced eval call takes the custom op: a traced CPU call (ops/eager.py)
+    under the eager conditions."""
+    return TRACED_OP and traced_cpu_call(x) and _cpu_onednn_call(x, weight, bias)
 
 
 @torch.library.custom_op("effnet_kernels::conv_act_eval", mutates_args=())

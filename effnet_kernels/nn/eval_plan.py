@@ -51,7 +51,7 @@ from ..ops.bn_math import bn_affine as composite_bn_affine
 from ..ops.bn_math import vector_math
 from ..ops.depthwise import KERNEL_SIZES
 from ..ops.depthwise import OP as DW_OP
-from ..ops.eager import onnx_exporting, plain_eager
+from ..ops.eager import plain_eager, records_graph, traced_cpu_call
 from ..ops.geometry import conv_geometry
 from .conv_bn_act import is_same_conv
 from .eval_fold import fold_conv_bn
@@ -124,15 +124,20 @@ def _unchanged(watched: tuple) -> bool:
 
 
 def _parts_apply(x: Tensor, expand, depthwise, se, projection) -> bool:
-    """The per-call conditions that do not depend on the prepared tensors."""
-    if not (ENABLED and type(x) is Tensor and x.device.type == "cpu"
-            and x.dtype == torch.float32 and x.dim() == 4 and x.numel() > 0
-            and x.is_contiguous(memory_format=torch.channels_last)):
-        return False
-    if torch.is_autocast_enabled("cpu") or not plain_eager(x):
+    """The per-call conditions of an eager call that do not depend on the prepared
+    tensors."""
+    if not (type(x) is Tensor and _input_and_norms_fit(x, expand, depthwise, projection)
+            and not torch.is_autocast_enabled("cpu") and plain_eager(x)):
         return False
     prims = _cpu_prims()
-    if prims is None or select(DW_OP, x) is not prims:
+    return prims is not None and select(DW_OP, x) is prims
+
+
+def _input_and_norms_fit(x: Tensor, expand, depthwise, projection) -> bool:
+    """What every planned call needs (eager or traced): the plan on, CPU float32
+    channels_last non-empty 4-D input, every BatchNorm in eval with running statistics."""
+    if not (ENABLED and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and x.numel() > 0 and x.is_contiguous(memory_format=torch.channels_last)):
         return False
     for part in (expand, depthwise, projection):
         if part is not None and (part[1].training or part[1]._buffers.get("running_mean") is None
@@ -239,10 +244,8 @@ def eval_block(block: nn.Module, x: Tensor, expand: tuple | None, depthwise: tup
     act) for SE (None: no SE)."""
     if torch.compiler.is_compiling():
         return _traced_eval_block(x, expand, depthwise, se, projection, skip)
-    if not _parts_apply(x, expand, depthwise, se, projection):
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or any(
-            t is not None and t.requires_grad for t in _sources(expand, depthwise, se, projection))):
+    if not _parts_apply(x, expand, depthwise, se, projection) \
+            or records_graph(x, *_sources(expand, depthwise, se, projection)):
         return None
     plan = _plan_for(block, expand, depthwise, se, projection, skip)
     if plan is None:
@@ -297,19 +300,10 @@ def _traced_eval_block(x: Tensor, expand, depthwise, se, projection, skip) -> Te
     """eval_block for a traced call (torch.compile, export; not the ONNX exporter): the
     plan's tensors prepared in torch ops (in the graph), its run as the block_eval custom
     op; None where the eager plan would not apply either."""
-    if not (ENABLED and TRACED_OP and not onnx_exporting() and x.device.type == "cpu"
-            and x.dtype == torch.float32 and x.dim() == 4 and x.numel() > 0
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and not torch.is_autocast_enabled("cpu") and _cpu_plan_built()
-            and forced_backend() in ("auto", "cpu")):
-        return None
-    for part in (expand, depthwise, projection):
-        if part is not None and (part[1].training or part[1]._buffers.get("running_mean") is None
-                                 or part[1]._buffers.get("running_var") is None):
-            return None
-    sources = _sources(expand, depthwise, se, projection)
-    if torch.is_grad_enabled() and (x.requires_grad or any(
-            t is not None and t.requires_grad for t in sources)):
+    if not (TRACED_OP and traced_cpu_call(x) and _cpu_plan_built()
+            and forced_backend() in ("auto", "cpu")
+            and _input_and_norms_fit(x, expand, depthwise, projection)) \
+            or records_graph(x, *_sources(expand, depthwise, se, projection)):
         return None
     plan = _build(expand, depthwise, se, projection, skip,
                   _slots(expand, depthwise, se, projection), bn_affine=composite_bn_affine)

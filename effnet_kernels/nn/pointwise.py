@@ -54,7 +54,7 @@ from ..ops.activations import act_code
 from ..ops.bn_math import as_dtype, running_stats, update_running, vector_math
 from ..ops.depthwise import OP as DEPTHWISE_OP
 from ..ops.depthwise import keeps_intermediates
-from ..ops.geometry import memory_format_of
+from ..ops.geometry import conv_geometry, memory_format_of
 from .gemm_conv import (
     epilogue_gemm_serves,
     gemm_conv1x1,
@@ -187,12 +187,11 @@ def _gram_route(prims, x: Tensor) -> bool:
 def train_plan(x: Tensor, weight: Tensor, geo) -> tuple[object | None, bool, bool]:
     """(tiled primitives or None, whether y is kept, whether the Gram route runs) of a
     training call, from the tensors' metadata only: ConvBNActTrain and the custom ops'
-    fake implementations (nn/conv_bn_act_op.py) decide alike."""
+    fake implementations (nn/pointwise_op.py) decide alike."""
     tiles = _tile_prims(x, weight, geo)
     (stride, _), (padding, _), _ = geo
-    k = weight.shape[-1]
-    out_hw = [(size + 2 * padding - k) // stride + 1 for size in x.shape[2:]]
-    keep = _keeps_output(x, x.shape[0] * weight.shape[0] * out_hw[0] * out_hw[1], weight)
+    out = conv_geometry(x.shape[2], x.shape[3], weight.shape[-1], stride, padding)
+    keep = _keeps_output(x, x.shape[0] * weight.shape[0] * out.out_h * out.out_w, weight)
     return tiles, keep, tiles is not None and not keep and _gram_route(tiles, x)
 
 

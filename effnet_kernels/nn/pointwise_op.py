@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 
 from ..backends import forced_backend, use_backend
-from ..ops.bn_math import COMPOSITE, as_dtype, running_stats, update_running
-from ..ops.geometry import acc_dtype, memory_format_of
-from .pointwise import train_backward, train_forward, train_plan
+from ..ops.bn_math import COMPOSITE, running_stats, update_running
+from ..ops.geometry import acc_dtype, conv_geometry, memory_format_of
+from .pointwise import bn_param_grads, train_backward, train_forward, train_plan
 
 
 def _geo(stride: int, padding: int, groups: int):
@@ -45,9 +45,8 @@ def _nothing(x: Tensor) -> Tensor:
 
 
 def _out_shape(x: Tensor, weight: Tensor, stride: int, padding: int) -> list[int]:
-    k = weight.shape[-1]
-    return [x.shape[0], weight.shape[0],
-            *((size + 2 * padding - k) // stride + 1 for size in x.shape[2:])]
+    geo = conv_geometry(x.shape[2], x.shape[3], weight.shape[-1], stride, padding)
+    return [x.shape[0], weight.shape[0], geo.out_h, geo.out_w]
 
 
 @torch.library.custom_op("effnet_kernels::conv_bn_act_train_fwd", mutates_args=())
@@ -119,13 +118,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, *_):
     x, weight, gamma, beta, mean, var, y, mu, gram = ctx.saved_tensors
-    need_dx, need_dweight, need_dgamma, need_dbeta = ctx.needs_input_grad[:4]
+    need_dx, need_dweight = ctx.needs_input_grad[:2]
     dx, dweight, dgamma, dbeta = conv_bn_act_train_bwd(
         dout, x, weight, gamma, beta, mean, var, y, mu, gram, *ctx.args, need_dx,
         need_dweight)
     return (dx if need_dx else None, dweight if need_dweight else None,
-            as_dtype(dgamma, gamma.dtype) if need_dgamma else None,
-            as_dtype(dbeta, beta.dtype) if need_dbeta else None) + (None,) * 6
+            *bn_param_grads(ctx, gamma, beta, dgamma, dbeta, 2)) + (None,) * 6
 
 
 conv_bn_act_train_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -23,11 +23,12 @@ import torch
 from torch import Tensor
 
 from ..ops.activations import act_code
-from ..ops.bn_math import COMPOSITE, as_dtype, running_stats, update_running
-from ..ops.eager import onnx_exporting
+from ..ops.bn_math import COMPOSITE, running_stats, update_running
+from ..ops.eager import traced_cpu_call
 from ..ops.geometry import acc_dtype
 from ..ops.squeeze_excite import bias_or_zeros, excite_mlp
 from .batchnorm import bn_call_args
+from .pointwise import bn_param_grads
 from .train_tail import (
     gated_input_grad,
     gated_projection_forward,
@@ -91,18 +92,16 @@ def _backward(ctx, dout, *_):
     need = ctx.needs_input_grad
     return (dy if need[0] else None, dgate if need[1] else None,
             dweight if need[2] else None,
-            as_dtype(dgamma, gamma.dtype) if need[3] else None,
-            as_dtype(dbeta, beta.dtype) if need[4] else None, None, None)
+            *bn_param_grads(ctx, gamma, beta, dgamma, dbeta, 3), None, None)
 
 
 gated_conv_bn_act_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def traced_tail_applies(y: Tensor, projection: tuple) -> bool:
-    """Whether a traced call (torch.compile, export; not the ONNX exporter) runs the
-    training tail as the custom op: the shapes and modules the eager tail takes."""
-    return (TRACED_OP and torch.compiler.is_compiling() and not onnx_exporting()
-            and tail_shapes_fit(y, projection))
+    """Whether a traced call runs the training tail as the custom op: a traced CPU call
+    (ops/eager.py) with the shapes and modules the eager tail takes."""
+    return TRACED_OP and traced_cpu_call(y) and tail_shapes_fit(y, projection)
 
 
 def se_projection_traced(y: Tensor, se: tuple, projection: tuple) -> Tensor:

@@ -36,6 +36,15 @@ def records_graph(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def traced_cpu_call(x: Tensor) -> bool:
+    """True while torch.compile or torch.export traces a call on CPU tensor x, outside
+    autocast and the ONNX exporter: where the CPU fused routes run as custom ops (ONNX has
+    no node for them; under autocast they would compute in x's dtype where the original
+    computes in a lower one)."""
+    return (torch.compiler.is_compiling() and x.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu") and not onnx_exporting())
+
+
 def onnx_exporting() -> bool:
     """True while torch.onnx.export's dynamo exporter traces (it compiles, so the cheap
     is_compiling check keeps eager calls from paying for is_in_onnx_export's ~1 us)."""

@@ -9,6 +9,8 @@
 //   dw_forward          out = act(z)
 //   dw_forward_pool     (out, pooled[n][c] = sum over out's pixels of out): the
 //                       squeeze-excite pool as an epilogue of the forward pass
+//   dw_expand_forward   dw_forward(_pool) with x = act_e(conv1x1(x_narrow) + bias_e), the
+//                       eval expand conv computed per input row and never stored
 //   dw_backward_reduce  g = dy * act'(z);  sum_g[c] = sum g,  sum_g_yc[c] = sum g (y - mean)
 //   dw_backward_reduce_stash  the same, keeping g (float storage) for dw_backward(g, ...,
 //                       act = identity), which then skips act', and with keep_y also y,
@@ -390,6 +392,70 @@ std::tuple<at::Tensor, at::Tensor> dw_forward_pool(const at::Tensor& x, const at
                       true);
 }
 
+// The eval plan's expand conv + depthwise conv in one pass (float32, channels_last): the
+// depthwise input act_e(x expand_weight^T + expand_bias) is computed row by row into a
+// per-thread cache of K rows (ExpandedRows, depthwise_kernels.h) and never stored. With
+// `pool`, also the (N, C) sums of out (as dw_forward_pool).
+std::tuple<at::Tensor, at::Tensor> dw_expand_forward(
+    const at::Tensor& x, const at::Tensor& expand_weight, const at::Tensor& expand_bias,
+    int64_t expand_act, const at::Tensor& weight, const at::Tensor& scale,
+    const at::Tensor& shift, int64_t stride, int64_t pad_top, int64_t pad_left, int64_t out_h,
+    int64_t out_w, int64_t act, bool pool) {
+  TORCH_CHECK(cpu::sgemm_available(), "dw_expand_forward: libtorch_cpu exports no sgemm_");
+  EFFNET_CHECK_DEVICE(x, at::kCPU);
+  EFFNET_CHECK_DTYPE(x, at::kFloat);
+  EFFNET_CHECK_DIM(x, 4);
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "x must be contiguous in channels_last format");
+  EFFNET_CHECK_DEVICE(expand_weight, at::kCPU);
+  EFFNET_CHECK_DTYPE(expand_weight, at::kFloat);
+  EFFNET_CHECK_DIM(expand_weight, 4);
+  const int64_t cin = x.size(1), C = expand_weight.size(0);
+  TORCH_CHECK(expand_weight.size(1) == cin && expand_weight.size(2) == 1 &&
+                  expand_weight.size(3) == 1,
+              "expand_weight must be (C, ", cin, ", 1, 1), got shape ", expand_weight.sizes());
+  EFFNET_CHECK_DEVICE(expand_bias, at::kCPU);
+  EFFNET_CHECK_DTYPE(expand_bias, at::kFloat);
+  TORCH_CHECK(expand_bias.dim() == 1 && expand_bias.size(0) == C,
+              "expand_bias must have shape (", C, ",), got ", expand_bias.sizes());
+  check_act(expand_act);
+  // The depthwise part is checked as dw_forward checks it, on the expanded shape.
+  const auto expanded = at::empty({1}, x.options()).as_strided(
+      {x.size(0), C, x.size(2), x.size(3)}, {0, 0, 0, 0});
+  EFFNET_CHECK_DTYPE(weight, at::kFloat);
+  EFFNET_CHECK_DIM(weight, 4);
+  const int64_t k = weight.size(3);
+  TORCH_CHECK(weight.size(0) == C && weight.size(1) == 1 && weight.size(2) == k,
+              "weight must be (C, 1, k, k) with C = ", C, ", got shape ", weight.sizes());
+  TORCH_CHECK(k == 1 || k == 3 || k == 5 || k == 7,
+              "weight kernel size must be 1, 3, 5 or 7, got ", k);
+  TORCH_CHECK(stride == 1 || stride == 2, "stride must be 1 or 2, got ", stride);
+  TORCH_CHECK(pad_top >= 0 && pad_left >= 0, "pad_top and pad_left must be >= 0, got ", pad_top,
+              ", ", pad_left);
+  check_act(act);
+  const auto sc = per_channel(scale, "scale", expanded), sh = per_channel(shift, "shift", expanded);
+  Geo g = make_geo(expanded, weight, stride, pad_top, pad_left, out_h, out_w, act);
+  g.pf = 0;  // the input rows are in the row cache; only out streams through memory
+  const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto w2d = expand_weight.reshape({C, cin}).contiguous();
+  const auto bias = expand_bias.contiguous();
+  at::Tensor out = empty_cl(expanded, g.OH, g.OW);
+  at::Tensor pooled;
+  if (pool) pooled = at::zeros({g.N, g.C}, x.options());
+  const auto wt = transpose_weight<float>(weight);
+  const Params<float> p{wt.data(), sc.const_data_ptr<float>(), sh.const_data_ptr<float>()};
+  const ExpandSource e{xc.const_data_ptr<float>(), w2d.const_data_ptr<float>(),
+                       bias.const_data_ptr<float>(), cin, expand_act};
+  const auto kernel = EFFNET_PICK_ISA(cpu_dw, expand_forward_rows);
+  std::vector<float> row_sums(pool ? g.N * g.OH * g.C : 0);
+  float* sums = pool ? row_sums.data() : nullptr;
+  at::parallel_for(0, g.N * g.OH, 1, [&](int64_t r0, int64_t r1) {
+    kernel(g, e, p, out.data_ptr<float>(), r0, r1, sums);
+  });
+  if (pool) image_sums(g, sums, pooled.data_ptr<float>());
+  return {out, pooled};
+}
+
 namespace {
 
 // sum_g, sum_g_yc (and, with stash, g = dy * act'(z) in x's dtype, channels_last, and
@@ -535,6 +601,13 @@ EFFNET_BINDINGS(bind_cpu_depthwise) {
           py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("shift"), py::arg("stride"),
           py::arg("pad_top"), py::arg("pad_left"), py::arg("out_h"), py::arg("out_w"),
           py::arg("act"));
+  cpu.def("dw_expand_forward", &dw_expand_forward,
+          "(out, pooled or None): dw_forward on act_e(conv1x1(x, expand_weight) + expand_bias), "
+          "the expanded input computed per row, never stored (float32, channels_last x)",
+          py::arg("x"), py::arg("expand_weight"), py::arg("expand_bias"), py::arg("expand_act"),
+          py::arg("weight"), py::arg("scale"), py::arg("shift"), py::arg("stride"),
+          py::arg("pad_top"), py::arg("pad_left"), py::arg("out_h"), py::arg("out_w"),
+          py::arg("act"), py::arg("pool"));
   cpu.def("dw_backward_reduce", &dw_backward_reduce, "per-channel sums of g and g * (y - mean)",
           py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("shift"),
           py::arg("mean"), py::arg("stride"), py::arg("pad_top"), py::arg("pad_left"),

@@ -202,8 +202,9 @@ class RowView {
 
 // rows[kh] = input row oh * S - pt + kh of image n for kh < K, and rows[K] = a row of zeros
 // (for the columns outside the image); rows holds K + 1 pointers.
-template <int K, typename X, typename A>
-inline void gather_rows(RowSource<X, A>& src, const Geo& g, int64_t n, int64_t oh, const A** rows) {
+// src is a RowSource, or anything with its row(n, ih) and zeros() (ExpandedRows).
+template <int K, class Source, typename A>
+inline void gather_rows(Source& src, const Geo& g, int64_t n, int64_t oh, const A** rows) {
   for (int kh = 0; kh < K; ++kh) rows[kh] = src.row(n, oh * g.S - g.pt + kh);
   rows[K] = src.zeros();
 }
@@ -848,6 +849,85 @@ void forward_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, X* out, i
       forward_row<K>(g, rows, p, view.target(orow));
       view.commit(orow, g.OW * g.C);
       if (row_sums != nullptr) row_pixel_sums(g, view.read(orow, g.OW * g.C), row_sums + r * g.C);
+    }
+  });
+}
+
+// Pixels per GEMM of ExpandedRows: a GEMM over one narrow row (7-28 pixels on B0) spent
+// about as long packing the weight as multiplying (MKL's sgemm packs its operand per
+// call), so rows are computed in blocks of at least this many pixels.
+constexpr int64_t kExpandGemmPixels = 64;
+
+// The input rows of a depthwise conv computed from the expand conv that feeds it (the eval
+// plan's expand + depthwise, ExpandSource): input row q = n * H + ih (rows of consecutive
+// images are consecutive in x) is act(x[q] w^T + bias). A missing row q is computed with
+// the rows after it, [q, q + B) up to q_end (the last row the caller will read), in one
+// (B * W, cin) x (cin, C) GEMM into a scratch block, then bias + act there and a copy of
+// each row into slot q % R of a ring of R = B + K rows laid out as RowSource's copies
+// (zero margins where the conv reads padding): the expanded activation never goes through
+// memory, and the ring holds the K rows of an output row while the block after them is
+// written.
+class ExpandedRows {
+ public:
+  ExpandedRows(const ExpandSource& e, const Geo& g, int64_t q_end)
+      : e_(e), H_(g.H), W_(g.W), C_(g.C), q_end_(q_end),
+        B_(std::max<int64_t>(1, (kExpandGemmPixels + g.W - 1) / std::max<int64_t>(g.W, 1))),
+        R_(B_ + g.K), lead_(-readable_columns(g).lo * g.C),
+        span_((readable_columns(g).hi - readable_columns(g).lo) * g.C), zero_(span_, 0.0f),
+        block_(B_ > 1 ? B_ * g.W * g.C : 0), ring_(R_, span_, lead_, W_ * C_), tag_(R_, -1) {}
+
+  const float* zeros() const { return zero_.data() + lead_; }
+
+  const float* row(int64_t n, int64_t ih) {
+    if (ih < 0 || ih >= H_) return zeros();
+    const int64_t q = n * H_ + ih;
+    if (tag_[q % R_] != q) compute(q);
+    return ring_.row(q % R_);
+  }
+
+ private:
+  void compute(int64_t q0) {
+    const int64_t rows = std::max<int64_t>(1, std::min(B_, q_end_ - q0));
+    const int64_t WC = W_ * C_;
+    // One row (wide rows: B = 1) goes straight into its slot.
+    float* blk = rows == 1 ? ring_.row(q0 % R_) : block_.data();
+    ::effnet::cpu::gemm_xwt(e_.x + q0 * W_ * e_.cin, e_.w, blk, rows * W_, e_.cin, C_);
+    for (int64_t px = 0; px < rows * W_; ++px) {
+      float* v = blk + px * C_;
+      for_channel_vectors<float>(C_, [&](int64_t c, auto proto) {
+        using V = decltype(proto);
+        vstore(v + c, vload<V>(v + c) + vload<V>(e_.bias + c));
+      });
+    }
+    act_in_place(blk, rows * WC, e_.act);
+    for (int64_t i = 0; i < rows; ++i) {
+      if (rows > 1) std::memcpy(ring_.row((q0 + i) % R_), blk + i * WC, WC * sizeof(float));
+      tag_[(q0 + i) % R_] = q0 + i;
+    }
+  }
+
+  ExpandSource e_;
+  int64_t H_, W_, C_, q_end_, B_, R_, lead_, span_;
+  std::vector<float> zero_, block_;
+  MarginRows<float> ring_;
+  std::vector<int64_t> tag_;
+};
+
+// forward_rows for float32 with the input rows from an ExpandSource (g's H, W and C are
+// the expanded activation's).
+void expand_forward_rows(const Geo& g, const ExpandSource& e, const Params<float>& p,
+                         float* out, int64_t r0, int64_t r1, float* row_sums) {
+  if (r1 <= r0) return;
+  const int64_t last_n = (r1 - 1) / g.OH, last_oh = (r1 - 1) % g.OH;
+  const int64_t last_ih = std::min(g.H - 1, last_oh * g.S - g.pt + g.K - 1);
+  with_kernel_size(g.K, [&]<int K>() {
+    ExpandedRows src(e, g, last_n * g.H + last_ih + 1);
+    const float* rows[K + 1];
+    for (int64_t r = r0; r < r1; ++r) {
+      gather_rows<K>(src, g, r / g.OH, r % g.OH, rows);
+      float* orow = out + r * g.OW * g.C;
+      forward_row<K>(g, rows, p, orow);
+      if (row_sums != nullptr) row_pixel_sums(g, orow, row_sums + r * g.C);
     }
   });
 }

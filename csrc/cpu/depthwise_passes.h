@@ -26,6 +26,7 @@
 #endif
 
 #include "common/math.h"
+#include "sgemm.h"
 
 namespace effnet::cpu_dw {
 
@@ -101,11 +102,25 @@ struct GroupRange {
                            const Params<AccOf<X>>& p, X* dx, int64_t blocks,                   \
                            const GroupRange& groups, double* part);
 
+// The eval expand conv feeding a depthwise conv (BN folded): the depthwise input row ih
+// of image n is act(x[n, ih] w^T + bias), computed per row by expand_forward_rows instead
+// of being read from memory. x is (N, H, W, cin) channels_last, w (C, cin) row-major,
+// bias (C), act an act code; float32 only.
+struct ExpandSource {
+  const float* x;
+  const float* w;
+  const float* bias;
+  int64_t cin, act;
+};
+
 // Declarations per ISA namespace (avx512, avx2, base); an ISA file instantiates them with
 // EFFNET_DW_INSTANTIATE_PASSES() after including depthwise_kernels.h in that namespace.
+//   expand_forward_rows  forward_rows (float32) on the rows of an ExpandSource
 #define EFFNET_DW_ISA_PASSES(ISA) \
   namespace ISA {                 \
   EFFNET_DW_PASSES(template <typename X>, X)                                                 \
+  void expand_forward_rows(const Geo& g, const ExpandSource& e, const Params<float>& p,     \
+                           float* out, int64_t r0, int64_t r1, float* row_sums);             \
   }
 #define EFFNET_DW_INSTANTIATE_PASSES()    \
   EFFNET_DW_PASSES(template, float)       \

@@ -92,7 +92,8 @@ def train_step_fn(model, images, labels, dtype) -> Callable[[], object]:
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def step():
-        model.train()
+        if not model.training:  # the mode switch walks every module: only when needed
+            model.train()
         with _autocast(images.device, dtype):
             loss = loss_fn(model(images), labels)
         loss.backward()
@@ -104,7 +105,8 @@ def train_step_fn(model, images, labels, dtype) -> Callable[[], object]:
 
 def infer_fn(model, images, dtype) -> Callable[[], object]:
     def run():
-        model.eval()
+        if model.training:
+            model.eval()
         with torch.no_grad(), _autocast(images.device, dtype):
             return model(images)
     return run

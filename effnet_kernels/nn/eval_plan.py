@@ -254,8 +254,9 @@ def eval_block(block: nn.Module, x: Tensor, expand: tuple | None, depthwise: tup
     act) for SE (None: no SE)."""
     if torch.compiler.is_compiling():
         return _traced_eval_block(x, expand, depthwise, se, projection, skip)
-    if not _parts_apply(x, expand, depthwise, se, projection) \
-            or records_graph(x, *_sources(expand, depthwise, se, projection)):
+    if not _parts_apply(x, expand, depthwise, se, projection) or (
+            torch.is_grad_enabled()  # the sources are gathered only where grad mode is on
+            and records_graph(x, *_sources(expand, depthwise, se, projection))):
         return None
     plan = _plan_for(block, expand, depthwise, se, projection, skip)
     if plan is None:

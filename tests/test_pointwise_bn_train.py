@@ -15,6 +15,7 @@ from effnet_kernels import use_backend
 from effnet_kernels._ext import ext_module
 from effnet_kernels.nn import pointwise
 from effnet_kernels.nn.pointwise import conv_bn_act_train
+from effnet_kernels.ops.activations import ACT_CODES
 from effnet_kernels.testing import parity
 
 EXT = ext_module()
@@ -129,6 +130,33 @@ def test_results_do_not_depend_on_the_thread_count(case, monkeypatch):
         torch.set_num_threads(threads)
     for key, value in got[1].items():
         assert torch.equal(value, got[2][key]), key
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 96, 48, 48), (2, 5, 37, 7, 9), (1, 24, 144, 3, 5)],
+                         ids=["aligned_rows", "channel_tails", "few_rows"])
+@pytest.mark.parametrize("act", [0, 1, 2])
+def test_forward_streaming_stores_give_the_same_bits(shape, act):
+    """pw_bn_forward with the epilogue streaming out from scratch (the default) and in place
+    over the GEMM's output (pw_set_streaming(False)): the same output, bit for bit, with
+    whole aligned vectors, channel tails and unaligned rows."""
+    n, cin, cout, h, w = shape
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(n, cin, h, w, generator=gen).contiguous(memory_format=CL)
+    weight = torch.randn(cout, cin, generator=gen) / cin ** 0.5
+    scale = torch.rand(cout, generator=gen) + 0.5
+    shift = torch.randn(cout, generator=gen)
+    previous = EXT.cpu.pw_set_streaming(True)
+    try:
+        streamed = EXT.cpu.pw_bn_forward(x, weight, scale, shift, act)
+        EXT.cpu.pw_set_streaming(False)
+        in_place = EXT.cpu.pw_bn_forward(x, weight, scale, shift, act)
+    finally:
+        EXT.cpu.pw_set_streaming(previous)
+    assert torch.equal(streamed, in_place)
+    truth = ACTS[{v: k for k, v in ACT_CODES.items()}[act]](
+        F.conv2d(x.double(), weight.double()[:, :, None, None]) * scale.double().view(1, -1, 1, 1)
+        + shift.double().view(1, -1, 1, 1))
+    torch.testing.assert_close(streamed.double(), truth, rtol=1e-4, atol=1e-4)
 
 
 def test_primitives_name_bad_arguments():

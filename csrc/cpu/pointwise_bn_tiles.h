@@ -6,6 +6,7 @@
 //
 //   tile_moments    mean[c] = sum_r y[r, c] / rows,  m2[c] = sum_r (y[r, c] - mean[c])^2
 //   tile_affine_act y[r, c] = act(z)                                        (in place)
+//   tile_affine_act_stream  the same from src into dst, dst written with streaming stores
 //   tile_bn_reduce  sum_g[c] += sum_r g,  sum_g_yc[c] += sum_r g * (y[r, c] - mean[c])
 //   tile_bn_grad    dy[r, c] = scale[c] * g + coef_b[c] + coef_c[c] * (y[r, c] - mean[c])
 //                   (dy may be y itself)
@@ -54,6 +55,42 @@ inline void affine_act_tile(float* y, int64_t rows, int64_t C, const float* scal
       float* p = y + r * C + c;
       vstore(p, act_forward(vload<V>(p) * vload<V>(scale + c) + vload<V>(shift + c), ACT));
     });
+  }
+}
+
+// dst[r, c] = act(src[r, c] * scale[c] + shift[c]) with streaming stores to dst (full
+// vectors at vector-aligned addresses; plain stores otherwise).
+template <int ACT>
+inline void affine_act_stream_tile(const float* src, float* dst, int64_t rows, int64_t C,
+                                   const float* scale, const float* shift) {
+  constexpr int L = kLanes<float>;
+  using V = Vec<float, L>;
+  using S = Vec<float, 1>;
+  const bool aligned = C % L == 0 && reinterpret_cast<uintptr_t>(dst) % sizeof(V) == 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t c = 0;
+    for (; c + L <= C; c += L) {
+      const V v = act_forward(vload<V>(src + r * C + c) * vload<V>(scale + c) +
+                              vload<V>(shift + c), ACT);
+      if (aligned) {
+        vstream(dst + r * C + c, v);
+      } else {
+        vstore(dst + r * C + c, v);
+      }
+    }
+    for (; c < C; ++c) {
+      dst[r * C + c] = act_forward(S{src[r * C + c]} * scale[c] + shift[c], ACT)[0];
+    }
+  }
+  vstream_fence();
+}
+
+void tile_affine_act_stream(const float* src, float* dst, int64_t rows, int64_t C,
+                            const float* scale, const float* shift, int64_t act) {
+  switch (act) {
+    case 1: return affine_act_stream_tile<1>(src, dst, rows, C, scale, shift);
+    case 2: return affine_act_stream_tile<2>(src, dst, rows, C, scale, shift);
+    default: return affine_act_stream_tile<0>(src, dst, rows, C, scale, shift);
   }
 }
 

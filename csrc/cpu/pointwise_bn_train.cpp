@@ -14,6 +14,8 @@
 //   pw_bn_backward(dout, x, w, y, scale, shift, mean, coef_b, coef_c, act, need_dx,
 //                  need_dweight)                 -> (dx, dW)
 //
+// pw_bn_forward's GEMM writes each tile into per-thread scratch, and the epilogue writes
+// out with streaming stores (pw_set_streaming).
 // y, when given (None: not kept), is the conv output pw_bn_stats kept; otherwise every
 // tile recomputes its rows of y from x into a per-thread scratch, so y never goes through
 // memory: the forward writes only out, the backward reads only dout (and the narrow x).
@@ -25,6 +27,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -37,6 +40,15 @@
 
 namespace effnet::cpu_pw {
 namespace {
+
+// pw_bn_forward writes out, a fresh activation that the next layer reads from memory,
+// with streaming stores from a per-thread scratch tile (the GEMM's output, in L2) instead
+// of running the epilogue in place over the GEMM's output in out: the stores then skip the
+// read-for-ownership of every line of out. Converted B0 training step, batch 8 x 224^2,
+// interleaved in one process: 2.2 ms faster (8 of 8 rounds). The same stores for the
+// depthwise backward's dx measured 2 ms slower on the stage-2 shape and were not kept.
+// Off: the epilogue in place (A/B runs); the results are bitwise the same.
+std::atomic<bool> streaming_enabled{true};
 
 // Rows of y for tile t: the kept y's, or recomputed from x into scratch.
 const float* tile_y(const Args& a, const Tiling& tl, int64_t t, const float* kept,
@@ -92,8 +104,15 @@ at::Tensor pw_bn_forward(const at::Tensor& x, const at::Tensor& weight,
   float* op = out.mutable_data_ptr<float>();
   const Tiling tl = make_tiling(a.rows, a.cin, a.cout);
   const auto affine_act = EFFNET_PICK_ISA(cpu_pw, tile_affine_act);
-  for_tiles(tl, 0, [&](int64_t, int64_t t, float*) {
+  const auto affine_act_stream = EFFNET_PICK_ISA(cpu_pw, tile_affine_act_stream);
+  const bool stream = streaming_enabled.load(std::memory_order_relaxed);
+  for_tiles(tl, stream ? tl.tile * a.cout : 0, [&](int64_t, int64_t t, float* scratch) {
     float* dest = op + tl.begin(t) * a.cout;
+    if (stream) {
+      cpu::gemm_xwt(a.x + tl.begin(t) * a.cin, a.w, scratch, tl.count(t), a.cin, a.cout);
+      affine_act_stream(scratch, dest, tl.count(t), a.cout, sp, hp, act);
+      return;
+    }
     cpu::gemm_xwt(a.x + tl.begin(t) * a.cin, a.w, dest, tl.count(t), a.cin, a.cout);
     affine_act(dest, tl.count(t), a.cout, sp, hp, act);
   });
@@ -140,6 +159,9 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> pw_bn_backward(
 }
 
 }  // namespace
+
+bool pw_set_streaming(bool enabled) { return streaming_enabled.exchange(enabled); }
+
 }  // namespace effnet::cpu_pw
 
 EFFNET_BINDINGS(bind_pointwise_bn_train_cpu) {
@@ -149,6 +171,10 @@ EFFNET_BINDINGS(bind_pointwise_bn_train_cpu) {
   cpu.def("pw_bn_stats", &pw::pw_bn_stats,
           "(mean, biased var, y if keep_y) of y = conv1x1(x, weight), weight (Cout, Cin)",
           py::arg("x"), py::arg("weight"), py::arg("keep_y"));
+  cpu.def("pw_set_streaming", &pw::pw_set_streaming,
+          "pw_bn_forward's streaming stores on or off; returns the previous setting (the "
+          "results do not depend on it)",
+          py::arg("enabled"));
   cpu.def("pw_bn_forward", &pw::pw_bn_forward,
           "act(conv1x1(x, weight) * scale + shift), the conv recomputed per tile",
           py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("shift"), py::arg("act"));

@@ -14,6 +14,8 @@
   void tile_moments(const float* y, int64_t rows, int64_t C, float* mean, float* m2);      \
   void tile_affine_act(float* y, int64_t rows, int64_t C, const float* scale,              \
                        const float* shift, int64_t act);                                   \
+  void tile_affine_act_stream(const float* src, float* dst, int64_t rows, int64_t C,       \
+                              const float* scale, const float* shift, int64_t act);        \
   void tile_bn_reduce(const float* dout, const float* y, int64_t rows, int64_t C,          \
                       const float* scale, const float* shift, const float* mean,           \
                       int64_t act, float* sum_g, float* sum_g_yc);                         \

@@ -37,6 +37,29 @@ inline void vstore(ElemOf<V>* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
+// Stores v to p (aligned to sizeof(V)) past the caches where the ISA has a streaming store
+// for V; vstream_fence() orders them before later stores (call it before the data is read
+// by another thread).
+template <class V>
+inline void vstream(ElemOf<V>* p, V v) {
+#ifdef EFFNET_CPU_X86
+  if constexpr (std::is_same_v<ElemOf<V>, float> && sizeof(V) == 64 && kVecBytes == 64) {
+    _mm512_stream_ps(p, reinterpret_cast<__m512&>(v));
+    return;
+  } else if constexpr (std::is_same_v<ElemOf<V>, float> && sizeof(V) == 32 && kVecBytes >= 32) {
+    _mm256_stream_ps(p, reinterpret_cast<__m256&>(v));
+    return;
+  }
+#endif
+  vstore(p, v);
+}
+
+inline void vstream_fence() {
+#ifdef EFFNET_CPU_X86
+  _mm_sfence();
+#endif
+}
+
 template <class V>
 inline V vsplat(ElemOf<V> s) {
   return V{} + s;

@@ -117,6 +117,7 @@ def _call(x, ew, eb, weight, scale, shift, stride=1, act=SILU, expand_act=SILU):
     ("expand_cin", "expand_weight must be"),
     ("expand_bias", "expand_bias must have shape"),
     ("weight_channels", "weight must be (C, 1, k, k)"),
+    ("weight_device", "weight must be on cpu"),
     ("kernel_4", "kernel size must be 1, 3, 5 or 7"),
     ("stride_3", "stride must be 1 or 2"),
     ("act", "act"),
@@ -135,6 +136,8 @@ def test_bad_arguments_are_refused(bad, message):
         args[2] = args[2][:7]
     elif bad == "weight_channels":
         args[3] = args[3][:10]
+    elif bad == "weight_device":
+        args[3] = args[3].to("meta")
     elif bad == "kernel_4":
         args[3] = torch.randn(24, 1, 4, 4)
     elif bad == "stride_3":

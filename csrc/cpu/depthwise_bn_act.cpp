@@ -419,9 +419,12 @@ std::tuple<at::Tensor, at::Tensor> dw_expand_forward(
   TORCH_CHECK(expand_bias.dim() == 1 && expand_bias.size(0) == C,
               "expand_bias must have shape (", C, ",), got ", expand_bias.sizes());
   check_act(expand_act);
-  // The depthwise part is checked as dw_forward checks it, on the expanded shape.
+  // The depthwise part is checked as dw_forward checks it, against `expanded`: a
+  // zero-stride stand-in (one element of storage) with the expanded activation's shape,
+  // dtype and device, which make_geo, per_channel and empty_cl read.
   const auto expanded = at::empty({1}, x.options()).as_strided(
       {x.size(0), C, x.size(2), x.size(3)}, {0, 0, 0, 0});
+  EFFNET_CHECK_DEVICE(weight, at::kCPU);
   EFFNET_CHECK_DTYPE(weight, at::kFloat);
   EFFNET_CHECK_DIM(weight, 4);
   const int64_t k = weight.size(3);

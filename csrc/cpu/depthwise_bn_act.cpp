@@ -53,6 +53,7 @@
 #include "depthwise_passes.h"
 #include "isa.h"
 #include "output_cache.h"
+#include "pointwise_epilogue_decl.h"
 
 namespace effnet::cpu_dw {
 
@@ -69,25 +70,32 @@ void check_keepable(const at::Tensor& x, const char* keeps) {
               " in x's dtype and needs float32 or float64 x, got ", x.scalar_type());
 }
 
-at::MemoryFormat check_input(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
-                             int64_t pad_top, int64_t pad_left, int64_t act) {
-  EFFNET_CHECK_DEVICE(x, at::kCPU);
+// The depthwise weight (C, 1, k, k) of dtype dt on the CPU, and the conv's stride,
+// padding and act.
+void check_weight_and_geometry(const at::Tensor& weight, int64_t C, at::ScalarType dt,
+                               int64_t stride, int64_t pad_top, int64_t pad_left, int64_t act) {
   EFFNET_CHECK_DEVICE(weight, at::kCPU);
-  const auto fmt = activation_format(x, "x");
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-              "x must be float32, float64, bfloat16 or float16, got ", dt);
   EFFNET_CHECK_DTYPE(weight, dt);
   EFFNET_CHECK_DIM(weight, 4);
   const int64_t k = weight.size(3);
-  TORCH_CHECK(weight.size(0) == x.size(1) && weight.size(1) == 1 && weight.size(2) == k,
-              "weight must be (C, 1, k, k) with C = ", x.size(1), ", got shape ", weight.sizes());
+  TORCH_CHECK(weight.size(0) == C && weight.size(1) == 1 && weight.size(2) == k,
+              "weight must be (C, 1, k, k) with C = ", C, ", got shape ", weight.sizes());
   TORCH_CHECK(k == 1 || k == 3 || k == 5 || k == 7, "weight kernel size must be 1, 3, 5 or 7, got ",
               k);
   TORCH_CHECK(stride == 1 || stride == 2, "stride must be 1 or 2, got ", stride);
   TORCH_CHECK(pad_top >= 0 && pad_left >= 0, "pad_top and pad_left must be >= 0, got ", pad_top,
               ", ", pad_left);
   check_act(act);
+}
+
+at::MemoryFormat check_input(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+                             int64_t pad_top, int64_t pad_left, int64_t act) {
+  EFFNET_CHECK_DEVICE(x, at::kCPU);
+  const auto fmt = activation_format(x, "x");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+              "x must be float32, float64, bfloat16 or float16, got ", dt);
+  check_weight_and_geometry(weight, x.size(1), dt, stride, pad_top, pad_left, act);
   return fmt;
 }
 
@@ -424,18 +432,7 @@ std::tuple<at::Tensor, at::Tensor> dw_expand_forward(
   // dtype and device, which make_geo, per_channel and empty_cl read.
   const auto expanded = at::empty({1}, x.options()).as_strided(
       {x.size(0), C, x.size(2), x.size(3)}, {0, 0, 0, 0});
-  EFFNET_CHECK_DEVICE(weight, at::kCPU);
-  EFFNET_CHECK_DTYPE(weight, at::kFloat);
-  EFFNET_CHECK_DIM(weight, 4);
-  const int64_t k = weight.size(3);
-  TORCH_CHECK(weight.size(0) == C && weight.size(1) == 1 && weight.size(2) == k,
-              "weight must be (C, 1, k, k) with C = ", C, ", got shape ", weight.sizes());
-  TORCH_CHECK(k == 1 || k == 3 || k == 5 || k == 7,
-              "weight kernel size must be 1, 3, 5 or 7, got ", k);
-  TORCH_CHECK(stride == 1 || stride == 2, "stride must be 1 or 2, got ", stride);
-  TORCH_CHECK(pad_top >= 0 && pad_left >= 0, "pad_top and pad_left must be >= 0, got ", pad_top,
-              ", ", pad_left);
-  check_act(act);
+  check_weight_and_geometry(weight, C, at::kFloat, stride, pad_top, pad_left, act);
   const auto sc = per_channel(scale, "scale", expanded), sh = per_channel(shift, "shift", expanded);
   Geo g = make_geo(expanded, weight, stride, pad_top, pad_left, out_h, out_w, act);
   g.pf = 0;  // the input rows are in the row cache; only out streams through memory
@@ -448,7 +445,8 @@ std::tuple<at::Tensor, at::Tensor> dw_expand_forward(
   const auto wt = transpose_weight<float>(weight);
   const Params<float> p{wt.data(), sc.const_data_ptr<float>(), sh.const_data_ptr<float>()};
   const ExpandSource e{xc.const_data_ptr<float>(), w2d.const_data_ptr<float>(),
-                       bias.const_data_ptr<float>(), cin, expand_act};
+                       bias.const_data_ptr<float>(), cin, expand_act,
+                       EFFNET_PICK_ISA(cpu_pw, bias_act_rows)};
   const auto kernel = EFFNET_PICK_ISA(cpu_dw, expand_forward_rows);
   std::vector<float> row_sums(pool ? g.N * g.OH * g.C : 0);
   float* sums = pool ? row_sums.data() : nullptr;

@@ -862,7 +862,8 @@ constexpr int64_t kExpandGemmPixels = 64;
 // plan's expand + depthwise, ExpandSource): input row q = n * H + ih (rows of consecutive
 // images are consecutive in x) is act(x[q] w^T + bias). A missing row q is computed with
 // the rows after it, [q, q + B) up to q_end (the last row the caller will read), in one
-// (B * W, cin) x (cin, C) GEMM into a scratch block, then bias + act there and a copy of
+// (B * W, cin) x (cin, C) GEMM into a scratch block, then pw_conv_act's bias + act
+// epilogue there and a copy of
 // each row into slot q % R of a ring of R = B + K rows laid out as RowSource's copies
 // (zero margins where the conv reads padding): the expanded activation never goes through
 // memory, and the ring holds the K rows of an output row while the block after them is
@@ -892,14 +893,7 @@ class ExpandedRows {
     // One row (wide rows: B = 1) goes straight into its slot.
     float* blk = rows == 1 ? ring_.row(q0 % R_) : block_.data();
     ::effnet::cpu::gemm_xwt(e_.x + q0 * W_ * e_.cin, e_.w, blk, rows * W_, e_.cin, C_);
-    for (int64_t px = 0; px < rows * W_; ++px) {
-      float* v = blk + px * C_;
-      for_channel_vectors<float>(C_, [&](int64_t c, auto proto) {
-        using V = decltype(proto);
-        vstore(v + c, vload<V>(v + c) + vload<V>(e_.bias + c));
-      });
-    }
-    act_in_place(blk, rows * WC, e_.act);
+    e_.bias_act(blk, rows * W_, C_, e_.bias, e_.act);
     for (int64_t i = 0; i < rows; ++i) {
       if (rows > 1) std::memcpy(ring_.row((q0 + i) % R_), blk + i * WC, WC * sizeof(float));
       tag_[(q0 + i) % R_] = q0 + i;

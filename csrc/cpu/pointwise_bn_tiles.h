@@ -46,61 +46,46 @@ void tile_moments(const float* y, int64_t rows, int64_t C, float* mean, float* m
   }
 }
 
-template <int ACT>
-inline void affine_act_tile(float* y, int64_t rows, int64_t C, const float* scale,
-                            const float* shift) {
+// dst[r, c] = act(src[r, c] * scale[c] + shift[c]); dst may be src. With STREAM, whole
+// vectors go to dst with streaming stores where dst's rows are vector-aligned.
+template <int ACT, bool STREAM>
+inline void affine_act_tile(const float* src, float* dst, int64_t rows, int64_t C,
+                            const float* scale, const float* shift) {
+  constexpr int L = kLanes<float>;
+  const bool aligned = STREAM && C % L == 0 &&
+                       reinterpret_cast<uintptr_t>(dst) % (L * sizeof(float)) == 0;
   for (int64_t r = 0; r < rows; ++r) {
     over_channels(C, [&](int64_t c, auto proto) {
       using V = decltype(proto);
-      float* p = y + r * C + c;
-      vstore(p, act_forward(vload<V>(p) * vload<V>(scale + c) + vload<V>(shift + c), ACT));
-    });
-  }
-}
-
-// dst[r, c] = act(src[r, c] * scale[c] + shift[c]) with streaming stores to dst (full
-// vectors at vector-aligned addresses; plain stores otherwise).
-template <int ACT>
-inline void affine_act_stream_tile(const float* src, float* dst, int64_t rows, int64_t C,
-                                   const float* scale, const float* shift) {
-  constexpr int L = kLanes<float>;
-  using V = Vec<float, L>;
-  using S = Vec<float, 1>;
-  const bool aligned = C % L == 0 && reinterpret_cast<uintptr_t>(dst) % sizeof(V) == 0;
-  for (int64_t r = 0; r < rows; ++r) {
-    int64_t c = 0;
-    for (; c + L <= C; c += L) {
       const V v = act_forward(vload<V>(src + r * C + c) * vload<V>(scale + c) +
                               vload<V>(shift + c), ACT);
-      if (aligned) {
-        vstream(dst + r * C + c, v);
-      } else {
-        vstore(dst + r * C + c, v);
+      if constexpr (STREAM && kCount<V> == L) {
+        if (aligned) return vstream(dst + r * C + c, v);
       }
-    }
-    for (; c < C; ++c) {
-      dst[r * C + c] = act_forward(S{src[r * C + c]} * scale[c] + shift[c], ACT)[0];
-    }
+      vstore(dst + r * C + c, v);
+    });
   }
-  vstream_fence();
+  if constexpr (STREAM) vstream_fence();
 }
 
-void tile_affine_act_stream(const float* src, float* dst, int64_t rows, int64_t C,
-                            const float* scale, const float* shift, int64_t act) {
+template <bool STREAM>
+void affine_act_by_code(const float* src, float* dst, int64_t rows, int64_t C, const float* scale,
+                     const float* shift, int64_t act) {
   switch (act) {
-    case 1: return affine_act_stream_tile<1>(src, dst, rows, C, scale, shift);
-    case 2: return affine_act_stream_tile<2>(src, dst, rows, C, scale, shift);
-    default: return affine_act_stream_tile<0>(src, dst, rows, C, scale, shift);
+    case 1: return affine_act_tile<1, STREAM>(src, dst, rows, C, scale, shift);
+    case 2: return affine_act_tile<2, STREAM>(src, dst, rows, C, scale, shift);
+    default: return affine_act_tile<0, STREAM>(src, dst, rows, C, scale, shift);
   }
 }
 
 void tile_affine_act(float* y, int64_t rows, int64_t C, const float* scale, const float* shift,
                      int64_t act) {
-  switch (act) {
-    case 1: return affine_act_tile<1>(y, rows, C, scale, shift);
-    case 2: return affine_act_tile<2>(y, rows, C, scale, shift);
-    default: return affine_act_tile<0>(y, rows, C, scale, shift);
-  }
+  affine_act_by_code<false>(y, y, rows, C, scale, shift, act);
+}
+
+void tile_affine_act_stream(const float* src, float* dst, int64_t rows, int64_t C,
+                            const float* scale, const float* shift, int64_t act) {
+  affine_act_by_code<true>(src, dst, rows, C, scale, shift, act);
 }
 
 // The sums of tile_bn_reduce; with SCALE (Y = float), also y[r, c] = scale[c] * g in place.

@@ -70,7 +70,7 @@ inline void affine_act_tile(const float* src, float* dst, int64_t rows, int64_t 
 
 template <bool STREAM>
 void affine_act_by_code(const float* src, float* dst, int64_t rows, int64_t C, const float* scale,
-                     const float* shift, int64_t act) {
+                        const float* shift, int64_t act) {
   switch (act) {
     case 1: return affine_act_tile<1, STREAM>(src, dst, rows, C, scale, shift);
     case 2: return affine_act_tile<2, STREAM>(src, dst, rows, C, scale, shift);

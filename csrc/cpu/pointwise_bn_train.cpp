@@ -108,13 +108,13 @@ at::Tensor pw_bn_forward(const at::Tensor& x, const at::Tensor& weight,
   const bool stream = streaming_enabled.load(std::memory_order_relaxed);
   for_tiles(tl, stream ? tl.tile * a.cout : 0, [&](int64_t, int64_t t, float* scratch) {
     float* dest = op + tl.begin(t) * a.cout;
+    float* z = stream ? scratch : dest;  // the GEMM's output: scratch, or out itself
+    cpu::gemm_xwt(a.x + tl.begin(t) * a.cin, a.w, z, tl.count(t), a.cin, a.cout);
     if (stream) {
-      cpu::gemm_xwt(a.x + tl.begin(t) * a.cin, a.w, scratch, tl.count(t), a.cin, a.cout);
-      affine_act_stream(scratch, dest, tl.count(t), a.cout, sp, hp, act);
-      return;
+      affine_act_stream(z, dest, tl.count(t), a.cout, sp, hp, act);
+    } else {
+      affine_act(dest, tl.count(t), a.cout, sp, hp, act);
     }
-    cpu::gemm_xwt(a.x + tl.begin(t) * a.cin, a.w, dest, tl.count(t), a.cin, a.cout);
-    affine_act(dest, tl.count(t), a.cout, sp, hp, act);
   });
   return out;
 }

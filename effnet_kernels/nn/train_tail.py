@@ -121,11 +121,13 @@ def gated_projection_grads(dout, y, gate, weight, gamma, beta, bn_mean, bn_var, 
 def gated_input_grad(dp: Tensor, gate: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """dp_n @ (W * gate[n]) + bias[n] per sample: dL/dy through the gated conv, plus bias
     (N, C) (what each pixel gets through the SE's pooled mean, or zeros)."""
-    w2d = as_dtype(weight.flatten(1), gate.dtype)
-    # (W * gate[n])^T written straight into a contiguous (N, C, Cout) buffer (a plain
-    # product would take W^T's strides and need a copy).
-    gated_t = gate.new_empty((gate.shape[0], w2d.shape[1], w2d.shape[0]))
-    torch.mul(w2d.t().unsqueeze(0), gate.unsqueeze(2), out=gated_t)
+    # W^T made contiguous once (Cout * C values), then (W * gate[n])^T written straight
+    # into a contiguous (N, C, Cout) buffer: the product's inner loop runs along Cout in
+    # both operands (broadcasting the strided W^T took x2.5 as long on B0's 80 x 480
+    # tails: 0.32 vs 0.13 ms, N = 8, 2 threads); the values are the same products.
+    w_t = as_dtype(weight.flatten(1), gate.dtype).t().contiguous()
+    gated_t = gate.new_empty((gate.shape[0], w_t.shape[0], w_t.shape[1]))
+    torch.mul(w_t.unsqueeze(0), gate.unsqueeze(2), out=gated_t)
     return _gated_transposed_product(dp, gated_t, bias)
 
 

@@ -5,7 +5,9 @@
 // depthwise_bn_act.cpp picks one set at runtime. This header holds what both sides need:
 // the call geometry, the per-channel parameters, the accumulation type, Chan's merge and
 // the signatures of the four passes (declared per ISA, instantiated in the ISA files for
-// float, double, BFloat16 and Half). Layout: channels_last (NHWC) rows, see the kernels.
+// float, BFloat16 and Half, and for double in the baseline ISA only: float64 is there for
+// gradcheck and float64 references, not speed, and its instantiations were a third of each
+// ISA file's compile time). Layout: channels_last (NHWC) rows, see the kernels.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -126,14 +128,33 @@ struct ExpandSource {
   }
 #define EFFNET_DW_INSTANTIATE_PASSES()    \
   EFFNET_DW_PASSES(template, float)       \
-  EFFNET_DW_PASSES(template, double)      \
   EFFNET_DW_PASSES(template, c10::BFloat16) \
   EFFNET_DW_PASSES(template, c10::Half)
+#define EFFNET_DW_INSTANTIATE_FLOAT64_PASSES() EFFNET_DW_PASSES(template, double)
+
+// `&ISA::fn<X>` of the pass `fn` for storage type X: the runtime ISA's, or the baseline's
+// for double (the only ISA that instantiates it; a function template, so the other ISAs'
+// double passes are never named).
+#define EFFNET_DW_PICK_PASS(fn)                                          \
+  template <typename X>                                                  \
+  auto pick_##fn() {                                                     \
+    if constexpr (std::is_same_v<X, double>) {                           \
+      return &base::fn<X>;                                               \
+    } else {                                                             \
+      return EFFNET_PICK_ISA(::effnet::cpu_dw, fn<X>);                   \
+    }                                                                    \
+  }
 
 #ifdef EFFNET_CPU_X86
 EFFNET_DW_ISA_PASSES(avx512)
 EFFNET_DW_ISA_PASSES(avx2)
 #endif
 EFFNET_DW_ISA_PASSES(base)
+
+EFFNET_DW_PICK_PASS(stats_rows)
+EFFNET_DW_PICK_PASS(forward_rows)
+EFFNET_DW_PICK_PASS(affine_act_rows)
+EFFNET_DW_PICK_PASS(reduce_rows)
+EFFNET_DW_PICK_PASS(backward_units)
 
 }  // namespace effnet::cpu_dw

@@ -4,4 +4,5 @@
 
 #define EFFNET_ISA base
 #define EFFNET_ISA_VEC_BYTES 16
+#define EFFNET_ISA_FLOAT64 1
 #include "isa_kernels.inc"

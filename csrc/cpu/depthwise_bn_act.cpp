@@ -158,11 +158,18 @@ std::vector<AccOf<X>> transpose_weight(const at::Tensor& weight) {
   const X* src = w.const_data_ptr<X>();
   const int64_t C = w.size(0), KK = w.size(2) * w.size(3);
   std::vector<AccOf<X>> wt(KK * C);
-  // Written in order, read at stride KK: the other loop order's scattered writes cost
-  // about 1 ms per B0 training step (perf), on the calling thread before the passes.
-  for (int64_t t = 0; t < KK; ++t) {
-    AccOf<X>* dst = wt.data() + t * C;
-    for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<AccOf<X>>(src[c * KK + t]);
+  // In blocks of 16 channels, whose KK taps (one 1.6 KB run of the source for 5x5) stay in
+  // L1 while each tap's 16 values are written: one channel or one tap at a time, every
+  // read or every write went to another cache line. perf, per B0 training step on the
+  // calling thread: 1.2 ms with either plain loop order, 0.85 ms blocked (mostly reading
+  // the weight, cold after the optimizer step).
+  constexpr int64_t kChannelBlock = 16;
+  for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
+    const int64_t c1 = std::min(C, c0 + kChannelBlock);
+    for (int64_t t = 0; t < KK; ++t) {
+      AccOf<X>* dst = wt.data() + t * C;
+      for (int64_t c = c0; c < c1; ++c) dst[c] = static_cast<AccOf<X>>(src[c * KK + t]);
+    }
   }
   return wt;
 }

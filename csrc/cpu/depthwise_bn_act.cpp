@@ -24,7 +24,8 @@
 // (NCHW inputs are converted on entry and outputs converted back) and accumulate in
 // float (double for float64). The row kernels live in depthwise_kernels.h, compiled
 // once per ISA (AVX-512, AVX2, baseline) in isa_*.cpp and picked at runtime (isa.h);
-// EFFNET_CPU_ISA=avx2 or =base forces a narrower one. Threads split fixed work units
+// EFFNET_CPU_ISA=avx2 or =base forces a narrower one. float64 always runs the baseline's
+// (depthwise_passes.h, EFFNET_DW_PICK_PASS). Threads split fixed work units
 // (at::parallel_for) and write per-group partials that are merged in order, so results
 // are deterministic.
 #include <ATen/Dispatch.h>

@@ -254,12 +254,12 @@ def test_our_model_stays_fused_under_sync_batchnorm():
     keeps its blocks on the fused path, whose ops synchronize the statistics; without a
     process group it computes what the local BatchNorm2d model does."""
     from effnet_kernels.nn.batchnorm import convert_sync_batchnorm
-    from effnet_kernels.nn.mbconv import norms_replaced
+    from effnet_kernels.nn.mbconv import structure_changed
     local = effnet_kernels.create_model("efficientnet_b0", num_classes=CLASSES, drop_rate=0.0,
                                         drop_path_rate=0.0)
     synced = convert_sync_batchnorm(copy.deepcopy(local))
     blocks = [m for m in synced.modules() if isinstance(m, MBConv | DepthwiseSeparable)]
-    assert len(blocks) == 16 and not any(norms_replaced(b) for b in blocks)
+    assert len(blocks) == 16 and not any(structure_changed(b) for b in blocks)
     x = batch(2, 32)[0]
     torch.testing.assert_close(synced.train()(x), local.train()(x))
 

@@ -28,10 +28,13 @@ from ..nn.mbconv import (
     DepthwiseSeparable,
     MBConv,
     check_conv,
+    drop_path_training,
+    drops_paths,
     dw_se_projection,
-    norms_replaced,
     read_se,
-    record_norms,
+    record_structure,
+    share_hooks,
+    structure_changed,
     sync_unfused_children,
     unfused_forward,
 )
@@ -99,13 +102,13 @@ class TorchvisionMBConv(nn.Module):
         self.use_res_connect = tv_block.use_res_connect
         self.out_channels = tv_block.out_channels
         self.acts = (expand_act, dw_act, se_act)
+        share_hooks(self, tv_block)
         object.__setattr__(self, "unfused", tv_block)
         self.train(tv_block.training)
-        record_norms(self, tuple(f"block.{i}.1" for i in range(len(layers))
-                                 if i != len(layers) - 2))
+        record_structure(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        if norms_replaced(self):
+        if structure_changed(self):
             return unfused_forward(self, x)
         shortcut, layers = x, self.block
         expand = (layers[0][0], layers[0][1], self.acts[0]) if self.has_expand else None
@@ -113,14 +116,16 @@ class TorchvisionMBConv(nn.Module):
         depthwise = (dw[0], dw[1], self.acts[1])
         se_parts = (se.fc1, se.fc2, self.acts[2])
         projection = (proj[0], proj[1], "identity")
-        out = eval_block(self, x, expand, depthwise, se_parts, projection, self.use_res_connect)
+        out = None if drops_paths(self, self.use_res_connect) else eval_block(
+            self, x, expand, depthwise, se_parts, projection, self.use_res_connect)
         if out is not None:
             return out
         if expand is not None:
             x = conv_bn_act(x, *expand)
         x = dw_se_projection(x, depthwise, se_parts, projection)
         if self.use_res_connect:
-            x = drop_connect_add(x, shortcut, self.stochastic_depth.p, training=self.training)
+            x = drop_connect_add(x, shortcut, self.stochastic_depth.p,
+                                 training=drop_path_training(self))
         return x
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..nn.conv_bn_act import conv_bn_act
 from ..nn.gemm_conv2d import from_gemm_conv, to_gemm_conv
-from ..nn.mbconv import norms_replaced, read_bn, record_norms
+from ..nn.mbconv import read_bn, record_structure, share_hooks, structure_changed
 
 
 class FusedConvNormActivation(nn.Sequential):
@@ -38,12 +38,13 @@ class FusedConvNormActivation(nn.Sequential):
     def __init__(self, layer: nn.Sequential, act: str):
         super().__init__(*layer)
         self.act = act
+        share_hooks(self, layer)
         object.__setattr__(self, "unfused", layer)
         self.train(layer.training)
-        record_norms(self, ("1",))
+        record_structure(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        if norms_replaced(self):  # e.g. frozen after convert(): the Sequential's own forward
+        if structure_changed(self):  # e.g. frozen after convert(): the Sequential's own forward
             return super().forward(x)
         return conv_bn_act(x, self[0], self[1], self.act)
 
@@ -51,6 +52,7 @@ class FusedConvNormActivation(nn.Sequential):
         layer = self.unfused
         for i, child in enumerate(self):
             layer[i] = child
+        layer._is_full_backward_hook = self._is_full_backward_hook
         layer.train(self.training)
         return layer
 

@@ -12,6 +12,8 @@ from torch import Tensor, nn
 from ..ops.depthwise import depthwise_conv_bn_act
 from .activations import fusable_act
 from .batchnorm import bn_call_args
+from .conv_bn_act import is_same_conv
+from .mbconv import check_conv
 
 
 class DepthwiseConvBNAct(nn.Module):
@@ -32,11 +34,21 @@ class DepthwiseConvBNAct(nn.Module):
                      padding: int | str | None = None) -> DepthwiseConvBNAct:
         """Wrap an existing depthwise conv and BN (same objects, no copies).
 
-        padding defaults to conv.padding; pass "same" for TensorFlow SAME convs."""
+        padding defaults to conv.padding ("same" for a TensorFlow SAME conv: SameConv2d or
+        timm's Conv2dSame). Raises ValueError for a conv the fused op cannot compute
+        (dilation, a non-zero padding mode, unequal or unsupported stride / padding /
+        kernel size)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
         if conv.groups != conv.in_channels or conv.out_channels != conv.in_channels:
             raise ValueError(f"conv must be depthwise (groups == in == out channels), got {conv}")
         if conv.bias is not None:
             raise ValueError("conv must have no bias (BatchNorm follows it)")
+        check_conv(conv, "conv", depthwise=True)
+        if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != conv.out_channels:
+            raise ValueError(f"bn must be a BatchNorm2d of {conv.out_channels} channels, got {bn}")
+        if padding is None and is_same_conv(conv):
+            padding = "same"
         act = fusable_act(act)
         self = cls.__new__(cls)
         nn.Module.__init__(self)

@@ -7,7 +7,8 @@ outnumber the conv itself; on CPU, Python dispatch. The folded (weight, bias) is
 BatchNorm module and reused while every source tensor is the same object with the same
 storage and the same version counter. In-place writes (optimizer steps, load_state_dict,
 running-statistics updates, `.data` swaps by `module.to(...)`) change one of these, so the
-fold is recomputed on the next call.
+fold is recomputed on the next call. In-place writes through `.data` (`p.data.mul_(...)`)
+bump no version counter: after those, call effnet_kernels.clear_eval_cache().
 
 Only calls that record no autograd graph through the sources use the memo; calls that
 differentiate w.r.t. the weights, and torch.compile tracing, fold inline.
@@ -55,3 +56,8 @@ def folded_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]
         folded = fold_conv_bn(conv, bn)
     _FOLDS[bn] = (stamp, sources, folded)
     return folded
+
+
+def clear_folds() -> None:
+    """Forget every memoized fold (see effnet_kernels.clear_eval_cache)."""
+    _FOLDS.clear()

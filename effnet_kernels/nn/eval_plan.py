@@ -58,7 +58,7 @@ from ..ops.depthwise import OP as DW_OP
 from ..ops.eager import plain_eager, records_graph, traced_cpu_call
 from ..ops.geometry import conv_geometry
 from .conv_bn_act import is_same_conv
-from .eval_fold import fold_conv_bn
+from .eval_fold import clear_folds, fold_conv_bn
 
 # Switch for in-process A/B measurements and the parity tests; the module route is
 # always correct.
@@ -230,6 +230,15 @@ def _plain_no_grad():
 
 def _bias(conv: nn.Conv2d) -> Tensor:
     return conv.weight.new_zeros(conv.out_channels) if conv.bias is None else conv.bias.detach()
+
+
+def clear_eval_cache() -> None:
+    """Forget every memoized eval fold and block plan. They are rebuilt on the next eval
+    call, as they are after any write that bumps a tensor's version counter; call this
+    after writes that do not (in-place ops through `.data`, writes from outside PyTorch
+    into the tensors' memory)."""
+    _PLANS.clear()
+    clear_folds()
 
 
 def _plan_for(block: nn.Module, expand, depthwise, se, projection, skip) -> _Plan | None:

@@ -23,6 +23,9 @@ eps, momentum, padding, activations and the drop-path rate from those modules.
 
 from __future__ import annotations
 
+import weakref
+
+import torch
 from torch import Tensor, nn
 
 from ..ops.depthwise import pool_epilogue_available
@@ -136,43 +139,104 @@ def read_drop_path(module: nn.Module, what: str) -> None:
     raise ValueError(f"{what}: drop path {type(module).__name__} cannot be fused")
 
 
+# The hook registries of an nn.Module (forward, backward and state_dict hooks), and the
+# flag torch keeps beside them. A fused block shares its original's registries (the same
+# dict objects), so hooks registered on either one, before or after convert() or
+# revert(), fire on whichever is in the model, and their handles still remove them.
+_HOOK_DICTS = tuple(k for k, v in vars(nn.Module()).items() if "hook" in k and isinstance(v, dict))
+_HOOK_FLAGS = ("_is_full_backward_hook",)
+
+
+def share_hooks(block: nn.Module, original: nn.Module) -> None:
+    """Make `block` use `original`'s hook registries (see _HOOK_DICTS)."""
+    for name in _HOOK_DICTS + _HOOK_FLAGS:
+        object.__setattr__(block, name, getattr(original, name))
+
+
 def _adopt(block: nn.Module, timm_block: nn.Module) -> None:
-    """Make `block` hold every child of `timm_block` under the same name, remember it for
-    revert (outside the module tree, so state_dict and parameters() are unchanged)."""
+    """Make `block` hold every child of `timm_block` under the same name and share its
+    hooks; remember it for revert (outside the module tree, so state_dict and
+    parameters() are unchanged)."""
     nn.Module.__init__(block)
     for name, child in timm_block._modules.items():
         block.add_module(name, child)
+    share_hooks(block, timm_block)
     object.__setattr__(block, "unfused", timm_block)
     block.train(timm_block.training)
 
 
-def record_norms(block: nn.Module, names: tuple[str, ...]) -> None:
-    """Remember the kinds of the norm modules the fused forward reads (`names`: dotted
-    paths under `block`) as they were validated when the block was built."""
-    block.fused_norm_paths = tuple(tuple(n.split(".")) for n in names)
-    block.fused_norm_types = _norm_kinds(block, block.fused_norm_paths)
+def record_structure(block: nn.Module) -> None:
+    """Remember every descendant module's path and kind as validated when the fused
+    block was built: structure_changed() compares against it on each call."""
+    named = [(tuple(n.split(".")), _kind(m)) for n, m in block.named_modules() if n]
+    block.fused_paths = tuple(p for p, _ in named)
+    block.fused_kinds = tuple(k for _, k in named)
 
 
-def _norm_kinds(block: nn.Module, paths: tuple[tuple[str, ...], ...]) -> tuple[type, ...]:
-    """The norms' classes, SyncBatchNorm counted as BatchNorm2d (the fused ops synchronize
+def _kind(module: nn.Module) -> type:
+    """A module's class, SyncBatchNorm counted as BatchNorm2d (the fused ops synchronize
     its statistics themselves)."""
-    kinds = []
-    for path in paths:
+    kind = type(module)
+    return nn.BatchNorm2d if kind is nn.SyncBatchNorm else kind
+
+
+def structure_changed(block: nn.Module) -> bool:
+    """Whether the fused forward would now compute something else than the block's modules
+    would, or skip code that the user attached to them: a descendant replaced by another
+    kind of module (a norm frozen by timm's freeze_batch_norm_2d or torchvision's
+    FrozenBatchNorm2d, a conv swapped for a subclass, an activation changed, SE
+    replaced by Identity), removed, or carrying forward / backward hooks (hooks,
+    torch.nn.utils.prune, weight_norm, observers). The fused forward never calls the
+    descendants, so such a block runs its original modules' forward instead. Blocks
+    pickled before the structure was recorded count as unchanged.
+
+    Per call this costs one identity check per descendant and one emptiness check per
+    hook registry (a few microseconds a block); the walk by kinds runs only when some
+    descendant object was replaced."""
+    if block.__dict__.get("fused_paths") is None:
+        return False
+    if torch.compiler.is_compiling():  # traced once, guarded by dynamo: the plain walk
+        return _changed_by_kinds(block)
+    watch = _WATCHES.get(block)
+    if watch is not None:
+        slots, modules, registries = watch
+        if [d.get(name) for d, name in slots] == modules and not any(registries):
+            return False
+    changed = _changed_by_kinds(block)
+    if not changed:  # the same kinds (new objects, e.g. SyncBatchNorm): watch these
+        _WATCHES[block] = _watch_objects(block)
+    return changed
+
+
+# block -> (slots (parent's _modules dict, name) of every recorded descendant, the
+# descendants, their hook registries): the fast check of structure_changed.
+_WATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CALL_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _watch_objects(block: nn.Module) -> tuple:
+    slots, modules, registries = [], [], []
+    for path in block.fused_paths:
+        parent = block
+        for part in path[:-1]:
+            parent = parent._modules[part]
+        module = parent._modules[path[-1]]
+        slots.append((parent._modules, path[-1]))
+        modules.append(module)
+        registries += [getattr(module, name) for name in _CALL_HOOKS]
+    return tuple(slots), modules, tuple(registries)
+
+
+def _changed_by_kinds(block: nn.Module) -> bool:
+    for path, kind in zip(block.fused_paths, block.fused_kinds):
         module = block
         for part in path:
-            module = module._modules[part]
-        kind = type(module)
-        kinds.append(nn.BatchNorm2d if kind is nn.SyncBatchNorm else kind)
-    return tuple(kinds)
-
-
-def norms_replaced(block: nn.Module) -> bool:
-    """Whether a norm module was swapped for another kind of module after the block was
-    built (timm's freeze_batch_norm_2d, torchvision's FrozenBatchNorm2d, ...): the fused
-    forward would then compute something else than the module graph now holds. Blocks
-    pickled before norms were recorded count as unchanged."""
-    paths = block.__dict__.get("fused_norm_paths")
-    return paths is not None and _norm_kinds(block, paths) != block.fused_norm_types
+            module = module._modules.get(part)
+            if module is None:
+                return True
+        if _kind(module) is not kind or any(getattr(module, name) for name in _CALL_HOOKS):
+            return True
+    return False
 
 
 def sync_unfused_children(block: nn.Module) -> nn.Module:
@@ -182,6 +246,8 @@ def sync_unfused_children(block: nn.Module) -> nn.Module:
     for name, child in block._modules.items():
         if children.get(name) is not child:
             children[name] = child
+    for name in _HOOK_FLAGS:
+        object.__setattr__(original, name, getattr(block, name))
     return original
 
 
@@ -190,19 +256,41 @@ def unfused_forward(block: nn.Module, x: Tensor) -> Tensor:
     block's mode: exactly what the unconverted model with the same changes computes."""
     original = sync_unfused_children(block)
     original.training = block.training
-    return original(x)
+    return original.forward(x)
 
 
 def _bn_act(bn: nn.Module, y: Tensor, act: str) -> Tensor:
     return ACT_FUNCTIONS[act](bn(y))
 
 
+def _drop_module(block: nn.Module) -> nn.Module | None:
+    """timm's drop_path or torchvision's stochastic_depth module of the block, if any."""
+    module = block._modules.get("drop_path")
+    return module if module is not None else block._modules.get("stochastic_depth")
+
+
 def _drop_prob(block: nn.Module) -> float:
-    """The drop-path rate, read live from timm's drop_path module when the block has one."""
-    drop_path = block._modules.get("drop_path")
-    if drop_path is not None:
-        return float(getattr(drop_path, "drop_prob", 0.0) or 0.0)
+    """The drop-path rate, read live from the block's drop-path module when it has one."""
+    module = _drop_module(block)
+    if module is not None:
+        return float(getattr(module, "drop_prob", getattr(module, "p", 0.0)) or 0.0)
     return block.drop_path_rate
+
+
+def drop_path_training(block: nn.Module) -> bool:
+    """Whether drop path samples masks: the training flag of the block's drop-path module
+    where it has one (set apart from the block's by, e.g., .eval() on that module alone),
+    else the block's."""
+    module = _drop_module(block)
+    if module is not None and not isinstance(module, nn.Identity):
+        return module.training
+    return block.training
+
+
+def drops_paths(block: nn.Module, skip: bool) -> bool:
+    """Whether this call's residual add draws a drop-path mask: the eval plan (which adds
+    the shortcut as is) must not serve it, even where every norm is in eval."""
+    return skip and drop_path_training(block) and _drop_prob(block) > 0
 
 
 def check_children(block: nn.Module, allowed: set[str]) -> None:
@@ -247,7 +335,7 @@ class MBConv(nn.Module):
         self.acts = (act, act, self.se.act if se_channels else None)
         self.has_skip = stride == 1 and in_chs == out_chs
         self.drop_path_rate = drop_path_rate
-        record_norms(self, ("bn1", "bn2", "bn3"))
+        record_structure(self)
 
     @classmethod
     def from_timm(cls, block: nn.Module) -> MBConv:
@@ -269,24 +357,25 @@ class MBConv(nn.Module):
         self.acts = acts + (se[2] if se else None,)
         self.has_skip = bool(block.has_skip)
         self.drop_path_rate = _drop_prob(self)
-        record_norms(self, ("bn1", "bn2", "bn3"))
+        record_structure(self)
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        if norms_replaced(self):
+        if structure_changed(self):
             return self._unfused(x)
         expand = (self.conv_pw, self.bn1, self.acts[0])
         depthwise = (self.conv_dw, self.bn2, self.acts[1])
         projection = (self.conv_pwl, self.bn3, "identity")
         se = _se_parts(self)
-        out = eval_block(self, x, expand, depthwise, se, projection, self.has_skip)
+        out = None if drops_paths(self, self.has_skip) else eval_block(
+            self, x, expand, depthwise, se, projection, self.has_skip)
         if out is not None:
             return out
         shortcut = x
         x = conv_bn_act(x, *expand)
         x = dw_se_projection(x, depthwise, se, projection)
         if self.has_skip:
-            x = drop_connect_add(x, shortcut, _drop_prob(self), training=self.training)
+            x = drop_connect_add(x, shortcut, _drop_prob(self), training=drop_path_training(self))
         return x
 
     def _unfused(self, x: Tensor) -> Tensor:
@@ -298,7 +387,7 @@ class MBConv(nn.Module):
         x = self.se(x)
         x = _bn_act(self.bn3, self.conv_pwl(x), "identity")
         if self.has_skip:
-            x = drop_connect_add(x, shortcut, _drop_prob(self), training=self.training)
+            x = drop_connect_add(x, shortcut, _drop_prob(self), training=drop_path_training(self))
         return x
 
     def extra_repr(self) -> str:
@@ -322,7 +411,7 @@ class DepthwiseSeparable(nn.Module):
         self.acts = (act, pw_act, self.se.act if se_channels else None)
         self.has_skip = stride == 1 and in_chs == out_chs
         self.drop_path_rate = drop_path_rate
-        record_norms(self, ("bn1", "bn2"))
+        record_structure(self)
 
     @classmethod
     def from_timm(cls, block: nn.Module) -> DepthwiseSeparable:
@@ -339,22 +428,23 @@ class DepthwiseSeparable(nn.Module):
         self.acts = acts + (se[2] if se else None,)
         self.has_skip = bool(block.has_skip)
         self.drop_path_rate = _drop_prob(self)
-        record_norms(self, ("bn1", "bn2"))
+        record_structure(self)
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        if norms_replaced(self):
+        if structure_changed(self):
             return self._unfused(x)
         depthwise = (self.conv_dw, self.bn1, self.acts[0])
         projection = (self.conv_pw, self.bn2, self.acts[1])
         se = _se_parts(self)
-        out = eval_block(self, x, None, depthwise, se, projection, self.has_skip)
+        out = None if drops_paths(self, self.has_skip) else eval_block(
+            self, x, None, depthwise, se, projection, self.has_skip)
         if out is not None:
             return out
         shortcut = x
         x = dw_se_projection(x, depthwise, se, projection)
         if self.has_skip:
-            x = drop_connect_add(x, shortcut, _drop_prob(self), training=self.training)
+            x = drop_connect_add(x, shortcut, _drop_prob(self), training=drop_path_training(self))
         return x
 
     def _unfused(self, x: Tensor) -> Tensor:
@@ -365,7 +455,7 @@ class DepthwiseSeparable(nn.Module):
         x = self.se(x)
         x = _bn_act(self.bn2, self.conv_pw(x), self.acts[1])
         if self.has_skip:
-            x = drop_connect_add(x, shortcut, _drop_prob(self), training=self.training)
+            x = drop_connect_add(x, shortcut, _drop_prob(self), training=drop_path_training(self))
         return x
 
     def extra_repr(self) -> str:

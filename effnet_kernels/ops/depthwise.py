@@ -34,7 +34,8 @@ from .activations import act_code
 from .bn_math import COMPOSITE, as_dtype, running_stats, vector_math
 from .checks import check_device, check_int_arg, check_same_dtype, check_tensor, check_vector
 from .eager import onnx_exporting, plain_eager, records_graph
-from .geometry import acc_dtype, conv_geometry, dense, memory_format_of
+from .geometry import acc_dtype, conv_geometry, dense, dense_format, memory_format_of
+from .second_order import first_order_only
 
 OP = "depthwise_conv_bn_act"
 KERNEL_SIZES = (1, 3, 5, 7)
@@ -155,7 +156,7 @@ def _(x, weight, bn_weight, bn_bias, running_mean, running_var,
     n, c = x.shape[:2]
     out = torch.empty(
         (n, c, out_h, out_w), dtype=x.dtype, device=x.device,
-        memory_format=memory_format_of(x),
+        memory_format=dense_format(x),
     )
     acc = acc_dtype(x.dtype)
     return out, x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
@@ -207,7 +208,7 @@ def _backward_math(dy, x, weight, bn_weight, bn_bias, mean, var, stride, pad_top
 @dw_bn_act_bwd.register_fake
 def _(dy, x, weight, bn_weight, bn_bias, mean, var, stride, pad_top, pad_left,
       training, eps, act):
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=dense_format(x))
     return dx, torch.empty_like(weight), torch.empty_like(bn_weight), torch.empty_like(bn_bias)
 
 
@@ -228,6 +229,7 @@ def _backward(ctx, dy, _dmean, _dvar):
 
 
 dw_bn_act_fwd.register_autograd(_backward, setup_context=_setup_context)
+first_order_only(dw_bn_act_bwd, "depthwise_conv_bn_act")
 
 
 # Eager fast path (ops/eager.py): the same math without the custom-op dispatch, which
@@ -261,7 +263,8 @@ class _DepthwiseFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar, _dsums):
-        # create_graph=True (grad mode on here): take the custom op.
+        # create_graph=True (grad mode on here): take the custom op, whose gradients
+        # then raise a clear error if differentiated again (ops/second_order.py).
         bwd = dw_bn_act_bwd if torch.is_grad_enabled() else _backward_math
         return (*bwd(dy, *ctx.saved_tensors, *ctx.args), None, None, None, None, None, None,
                 None, None)
@@ -297,7 +300,12 @@ def _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, trai
     for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias),
                     ("running_mean", running_mean), ("running_var", running_var)):
         check_vector(name, t, c, x)
-    if not training and (running_mean is None or running_var is None):
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be "
+                         "None")
+    if not training and running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False")
 
 
@@ -322,7 +330,8 @@ def depthwise_conv_bn_act(
     gradient. Where the backend's forward kernel emits them (cpu, eager calls) they cost
     no extra pass over out; elsewhere they are one reduction of out.
     """
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+    if isinstance(x, Tensor) and x.device.type in ("cpu", "cuda") \
+            and torch.is_autocast_enabled(x.device.type):
         # As eager autocast does for conv2d: input and weight in the autocast dtype.
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
@@ -333,8 +342,9 @@ def depthwise_conv_bn_act(
     code = act_code(act)
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
+            or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
     geo = conv_geometry(x.shape[2], x.shape[3], kernel, stride, padding)
     if geo.out_h < 1 or geo.out_w < 1:
         raise ValueError(
@@ -402,5 +412,6 @@ def _eval_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, geo,
     prims = select(OP, x)
     acc = acc_dtype(x.dtype)
     _, scale, shift = vector_math(prims).bn_affine(
-        as_dtype(running_mean, acc), as_dtype(running_var, acc), bn_weight, bn_bias, eps)
+        as_dtype(running_mean, acc).contiguous(), as_dtype(running_var, acc).contiguous(),
+        bn_weight, bn_bias, eps)
     return _act_pass(prims, x, weight, scale, shift, geo, act, pool)

@@ -33,7 +33,7 @@ from . import reference
 from .bn_math import as_dtype
 from .checks import check_same_dtype, check_tensor
 from .eager import onnx_exporting, plain_eager
-from .geometry import acc_dtype, dense, memory_format_of
+from .geometry import acc_dtype, dense_format
 
 OP = "drop_connect_add"
 
@@ -45,7 +45,7 @@ register_impl(OP, "triton", lambda: importlib.import_module("effnet_kernels.trit
 
 def _format(t: Tensor) -> torch.memory_format:
     """The memory format the kernels use for t (channels_last only for dense NHWC 4-D)."""
-    return memory_format_of(dense(t))
+    return dense_format(t)
 
 
 def _same_format(t: Tensor, fmt: torch.memory_format) -> Tensor:

@@ -58,6 +58,16 @@ def dense(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=fmt)
 
 
+def dense_format(x: torch.Tensor) -> torch.memory_format:
+    """memory_format_of(dense(x)) without the copy: the format of the outputs the kernels
+    write for x, which a fake kernel must predict for non-dense inputs too (a channel
+    slice of a channels_last tensor is made dense as channels_last)."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return memory_format_of(x)
+    fmt = torch.channels_last if x.dim() == 4 and x.stride(1) == 1 else torch.contiguous_format
+    return memory_format_of(torch.empty(x.shape, device="meta", memory_format=fmt))
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float64 for float64, float32 for every other float type."""
     return torch.float64 if dtype == torch.float64 else torch.float32

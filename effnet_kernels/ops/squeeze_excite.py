@@ -36,7 +36,8 @@ from .activations import act_code, apply_act
 from .bn_math import as_dtype
 from .checks import check_device, check_tensor
 from .eager import onnx_exporting, plain_eager, records_graph
-from .geometry import acc_dtype, dense, memory_format_of
+from .geometry import acc_dtype, dense, dense_format, memory_format_of
+from .second_order import first_order_only
 
 OP = "squeeze_excite"
 
@@ -117,7 +118,7 @@ def _forward(x, reduce_weight, reduce_bias, expand_weight, expand_bias, pooled, 
 
 @se_fwd.register_fake
 def _(x, reduce_weight, reduce_bias, expand_weight, expand_bias, pooled, act):
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=dense_format(x))
     acc = acc_dtype(x.dtype)
     n, c = x.shape[:2]
     cr = reduce_weight.shape[0]
@@ -174,7 +175,7 @@ def mlp_backward(dgate: Tensor, mean: Tensor, h: Tensor, gate: Tensor, reduce_we
 
 @se_bwd.register_fake
 def _(dy, x, mean, h, gate, reduce_weight, reduce_bias, expand_weight, expand_bias, act):
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=dense_format(x))
     return (dx, torch.empty_like(reduce_weight), torch.empty_like(reduce_bias),
             torch.empty_like(expand_weight), torch.empty_like(expand_bias))
 
@@ -194,6 +195,7 @@ def _backward(ctx, dy, _dmean, _dh, _dgate):
 
 
 se_fwd.register_autograd(_backward, setup_context=_setup_context)
+first_order_only(se_bwd, "squeeze_excite")
 
 
 # Eager fast path (ops/eager.py): the same math without the custom-op dispatch.
@@ -210,7 +212,8 @@ class _SqueezeExciteFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        # create_graph=True (grad mode on here): take the differentiable custom op.
+        # create_graph=True (grad mode on here): take the custom op, whose gradients
+        # then raise a clear error if differentiated again (ops/second_order.py).
         bwd = se_bwd if torch.is_grad_enabled() else _backward_math
         return (*bwd(dy, *ctx.saved_tensors, ctx.act), None, None)
 
@@ -260,7 +263,8 @@ def squeeze_excite(
     act: "silu", "relu" or "identity". Same semantics as `reference.squeeze_excite`.
     Under autocast, x keeps its dtype and the MLP still runs in float32.
     """
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+    if isinstance(x, Tensor) and x.device.type in ("cpu", "cuda") \
+            and torch.is_autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
             return squeeze_excite(x, reduce_weight, reduce_bias, expand_weight, expand_bias,
                                   act=act, pooled=pooled)

@@ -1,0 +1,147 @@
+"""Edge cases of the fused ops' contract found in review: output strides predicted for
+non-dense inputs (fake kernels, torch.compile), strided running statistics in eval, the
+running-statistics pair, second derivatives, argument types, and the checks of
+DepthwiseConvBNAct.from_modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from backend_params import require_backend
+from torch import nn
+
+import effnet_kernels as ek
+from effnet_kernels.functional import depthwise_conv_bn_act, squeeze_excite
+from effnet_kernels.nn import DepthwiseConvBNAct
+from effnet_kernels.nn.conv_bn_act import SameConv2d
+from effnet_kernels.ops import depthwise
+from effnet_kernels.ops import squeeze_excite as se_ops
+
+CL = torch.channels_last
+
+
+def channel_slice(n=2, c=6, hw=5):
+    """A channel slice of a channels_last tensor (what torch.split / chunk give): not
+    dense, channel stride 1; the kernels make it dense as channels_last."""
+    return torch.randn(n, c, hw, hw).contiguous(memory_format=CL)[:, 1:5]
+
+
+def dw_params(c=4, k=3):
+    return torch.randn(c, 1, k, k), torch.rand(c) + 0.5, torch.randn(c), torch.zeros(c), \
+        torch.ones(c)
+
+
+def se_params(c=4, cr=2):
+    return torch.randn(cr, c, 1, 1), torch.randn(cr), torch.randn(c, cr, 1, 1), torch.randn(c)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fake_strides_of_a_channel_slice(backend, training):
+    require_backend(depthwise.OP, backend, "cpu", torch.float32)
+    x = channel_slice()
+    w, g, b, rm, rv = dw_params()
+    fwd_args = (x, w, g, b, rm, rv, 1, 1, 1, 5, 5, training, 1e-5, 2)
+    with ek.use_backend(backend):
+        torch.library.opcheck(depthwise.dw_bn_act_fwd, fwd_args)
+        out, mean, var = depthwise.dw_bn_act_fwd(*fwd_args)
+        assert out.is_contiguous(memory_format=CL)
+        bwd_args = (torch.randn_like(out), x, w, g, b, mean, var, 1, 1, 1, training, 1e-5, 2)
+        torch.library.opcheck(depthwise.dw_bn_act_bwd, bwd_args)
+        rw, rb, ew, eb = se_params()
+        torch.library.opcheck(se_ops.se_fwd, (x, rw, rb, ew, eb, None, 2))
+        _, m, h, gate = se_ops.se_fwd(x, rw, rb, ew, eb, None, 2)
+        torch.library.opcheck(se_ops.se_bwd, (torch.randn_like(x), x, m, h, gate, rw, rb, ew,
+                                              eb, 2))
+
+
+def test_compile_of_a_channel_slice():
+    """Inductor checks the real output strides against the fake kernel's."""
+    torch._dynamo.reset()
+    x = channel_slice()
+    w, g, b, rm, rv = dw_params()
+    rw, rb, ew, eb = se_params()
+
+    def block(x):
+        y = depthwise_conv_bn_act(x, w, g, b, rm, rv)
+        return squeeze_excite(y, rw, rb, ew, eb) * 2
+
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(block, fullgraph=True)(x), block(x))
+
+
+def test_eval_with_strided_running_stats():
+    x = torch.randn(2, 4, 6, 6)
+    w, g, b, _, _ = dw_params()
+    stats = torch.rand(4, 2) + 0.5  # running_mean and running_var as columns: stride 2
+    rm, rv = stats[:, 0], stats[:, 1]
+    expected = depthwise_conv_bn_act(x, w, g, b, rm.contiguous(), rv.contiguous())
+    with torch.no_grad():
+        torch.testing.assert_close(depthwise_conv_bn_act(x, w, g, b, rm, rv), expected)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_running_stats_come_in_pairs(training):
+    x = torch.randn(2, 4, 6, 6)
+    w, g, b, rm, _ = dw_params()
+    with pytest.raises(ValueError, match="running_mean and running_var must either both"):
+        depthwise_conv_bn_act(x, w, g, b, rm, None, training=training)
+    assert torch.equal(rm, torch.zeros(4))
+
+
+@pytest.mark.parametrize("kw,error,match", [
+    ({"training": None}, TypeError, "training must be a bool"),
+    ({"training": 1}, TypeError, "training must be a bool"),
+    ({"momentum": None}, ValueError, "momentum must be a float in"),
+    ({"momentum": 1.5}, ValueError, "momentum must be a float in"),
+])
+def test_argument_types(kw, error, match):
+    x = torch.randn(2, 4, 6, 6)
+    with pytest.raises(error, match=match):
+        depthwise_conv_bn_act(x, *dw_params(), **kw)
+
+
+def test_meta_tensors_get_the_registry_error():
+    x = torch.randn(2, 4, 6, 6, device="meta")
+    params = [t.to("meta") for t in dw_params()]
+    with pytest.raises(RuntimeError, match="no backend can run depthwise_conv_bn_act on meta"):
+        depthwise_conv_bn_act(x, *params)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_second_derivatives_raise_a_clear_error(backend):
+    require_backend(depthwise.OP, backend, "cpu", torch.float64)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    w, g, b, rm, rv = (t.double() for t in dw_params())
+    w.requires_grad_()
+    rw, rb, ew, eb = (t.double().requires_grad_() for t in se_params())
+    with ek.use_backend(backend):
+        for name, fn in (("depthwise_conv_bn_act",
+                          lambda: depthwise_conv_bn_act(x, w, g, b, rm, rv, training=True)),
+                         ("squeeze_excite", lambda: squeeze_excite(x, rw, rb, ew, eb))):
+            (dx,) = torch.autograd.grad(fn().square().sum(), x, create_graph=True)
+            with pytest.raises(NotImplementedError, match=f"{name} has no second derivative"):
+                dx.sum().backward()
+
+
+@pytest.mark.parametrize("conv,match", [
+    (nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False, padding_mode="reflect"),
+     "not a zero-padded Conv2d"),
+    (nn.Conv2d(4, 4, 3, stride=(1, 2), padding=1, groups=4, bias=False), "square kernel"),
+    (nn.Conv2d(4, 4, 3, padding=(1, 0), groups=4, bias=False), "square kernel"),
+    (nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4, bias=False), "no dilation"),
+    (nn.Conv2d(4, 4, 3, padding=1, groups=2, bias=False), "must be depthwise"),
+])
+def test_from_modules_refuses_convs_it_cannot_compute(conv, match):
+    with pytest.raises(ValueError, match=match):
+        DepthwiseConvBNAct.from_modules(conv, nn.BatchNorm2d(4))
+
+
+def test_from_modules_reads_tf_same_padding():
+    conv = SameConv2d(4, 4, 3, 2, groups=4, bias=False)
+    bn = nn.BatchNorm2d(4).eval()
+    layer = DepthwiseConvBNAct.from_modules(conv, bn)
+    assert layer.padding == "same"
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), nn.functional.silu(bn(conv(x))))

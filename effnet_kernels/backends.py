@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ class Backend:
         if device.type not in devices:
             hint = " (on CPU it runs only with TRITON_INTERPRET=1)" if self.name == "triton" else ""
             reasons.append(f"device {device.type} is not supported{hint}")
+        elif device.type == "cuda" and not torch.cuda.is_available():
+            reasons.append("no CUDA device is available")
         dtypes = self.dtypes
         if self.name == "triton" and device.type == "cpu":
             dtypes = frozenset((torch.float32, torch.float64))
@@ -109,9 +112,13 @@ def _check_name(name: str) -> str:
 def forced_backend() -> str:
     """The backend forced by use_backend() or EFFNET_KERNELS_BACKEND, or 'auto'."""
     name = _forced.get()
-    if name is None:
-        name = os.environ.get("EFFNET_KERNELS_BACKEND", "auto") or "auto"
-    return _check_name(name)
+    if name is not None:
+        return name  # checked by use_backend
+    name = os.environ.get("EFFNET_KERNELS_BACKEND", "auto") or "auto"
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"EFFNET_KERNELS_BACKEND must be 'auto' or one of {sorted(BACKENDS)}, "
+                         f"got {name!r}")
+    return name
 
 
 @contextlib.contextmanager
@@ -122,6 +129,29 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _forced.reset(token)
+
+
+def remember_backend(ctx) -> None:
+    """Record on an autograd ctx the backend forced while its forward runs, for
+    runs_forward_backend: backward may run after the use_backend block has exited, or on
+    another thread (the autograd engine's device threads on a GPU), where the context
+    variable reads 'auto'. Traced forwards record nothing (their backward is traced too)."""
+    if not torch.compiler.is_compiling():
+        ctx.effnet_backend = forced_backend()
+
+
+def runs_forward_backend(backward: Callable) -> Callable:
+    """Decorate an autograd backward(ctx, *grads) so that it runs under the backend its
+    forward ran under (recorded by remember_backend)."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        name = getattr(ctx, "effnet_backend", None)
+        if name is None:
+            return backward(ctx, *grads)
+        with use_backend(name):
+            return backward(ctx, *grads)
+    return wrapper
 
 
 def not_supported_reasons(op: str, backend: str, device: torch.device, dtype: torch.dtype):

@@ -196,3 +196,13 @@ def test_clear_eval_cache_after_writes_through_data():
                     m.running_var.data.mul_(1.5)
     effnet_kernels.clear_eval_cache()
     assert_same_logits(fused, original, x)
+
+
+@pytest.mark.parametrize("source", ["timm", "torchvision"])
+def test_convert_sync_batchnorm_after_convert_keeps_the_numbers(source):
+    """timm's BatchNormAct2d must become SyncBatchNormAct (act kept), not a plain
+    SyncBatchNorm; without a process group the model computes what it did."""
+    fused, original = pair(source, **({"dropout": 0.0} if source == "torchvision" else {}))
+    fused = effnet_kernels.convert_sync_batchnorm(fused)
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in fused.modules())
+    assert_same_logits(fused.eval(), original.eval(), batch(2, 32, fmt=CL)[0])

@@ -145,3 +145,46 @@ def test_from_modules_reads_tf_same_padding():
     x = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), nn.functional.silu(bn(conv(x))))
+
+
+@pytest.mark.parametrize("where", ["after_the_block", "other_thread"])
+def test_backward_runs_on_the_backend_of_its_forward(monkeypatch, where):
+    """use_backend is a context variable: backward called after the block, or on another
+    thread (the autograd engine's device threads on a GPU), must still run the backend
+    the forward ran on."""
+    import threading
+
+    from effnet_kernels.ops import reference
+
+    calls = []
+    real = reference.dw_backward
+    monkeypatch.setattr(reference, "dw_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    w, g, b, rm, rv = dw_params()
+    with ek.use_backend("reference"):
+        loss = depthwise_conv_bn_act(x, w, g, b, rm, rv, training=True).square().sum()
+    if where == "other_thread":
+        worker = threading.Thread(target=loss.backward)
+        worker.start()
+        worker.join()
+    else:
+        loss.backward()
+    assert calls and x.grad is not None
+
+
+def test_forward_mode_ad_raises_a_clear_error():
+    import torch.autograd.forward_ad as forward_ad
+    import torch.func
+
+    x, tangent = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+    w, g, b, rm, rv = dw_params()
+    rw, rb, ew, eb = se_params()
+    for name, fn in (("depthwise_conv_bn_act", lambda t: depthwise_conv_bn_act(t, w, g, b, rm, rv)),
+                     ("squeeze_excite", lambda t: squeeze_excite(t, rw, rb, ew, eb))):
+        with pytest.raises(NotImplementedError, match=f"{name} has no forward-mode"):
+            torch.func.jvp(fn, (x,), (tangent,))
+        with forward_ad.dual_level(), \
+                pytest.raises(NotImplementedError, match=f"{name} has no forward-mode"):
+            fn(forward_ad.make_dual(x, tangent))
+        with forward_ad.dual_level():  # a level without tangents on the inputs: runs
+            fn(x)

@@ -70,9 +70,10 @@ def test_env_zero_disables_the_cache():
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
 
-def test_bad_env_value_is_a_clear_error():
+@pytest.mark.parametrize("value", ["lots", "-1", str(1 << 44)])
+def test_bad_env_value_is_a_clear_error(value):
     code = "import effnet_kernels as e; e.cpu_cache_info()"
-    env = dict(os.environ, EFFNET_CPU_CACHE_MB="lots")
+    env = dict(os.environ, EFFNET_CPU_CACHE_MB=value)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0 and "EFFNET_CPU_CACHE_MB" in proc.stderr

@@ -52,8 +52,9 @@ size_t cap_from_env() {
   if (env == nullptr || *env == '\0') return size_t(1024) << 20;
   char* end = nullptr;
   const long long mb = std::strtoll(env, &end, 10);
-  TORCH_CHECK(end != env && *end == '\0' && mb >= 0,
-              "EFFNET_CPU_CACHE_MB must be a non-negative integer (MiB), got '", env, "'");
+  TORCH_CHECK(end != env && *end == '\0' && mb >= 0 && mb < (1LL << 40),
+              "EFFNET_CPU_CACHE_MB must be a non-negative integer of MiB below 2^40, got '",
+              env, "'");
   return size_t(mb) << 20;
 }
 

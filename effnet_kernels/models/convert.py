@@ -10,7 +10,8 @@ modules themselves. Blocks that cannot be fused are left untouched and reported,
 the reason, in the returned ConvertReport and one `warnings.warn`.
 
 Convert before wrapping in DistributedDataParallel (DDP keeps references to modules), and
-after convert_sync_batchnorm.
+before convert_sync_batchnorm (blocks whose norms are SyncBatchNorm already are left
+unfused and reported).
 """
 
 from __future__ import annotations

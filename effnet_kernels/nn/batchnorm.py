@@ -36,9 +36,21 @@ def sync_group(bn: nn.Module):
 
 
 def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
-    """torch's SyncBatchNorm conversion; the fused layers then synchronize their batch
-    statistics over `process_group` in training (same Parameter objects are kept)."""
+    """BatchNorm -> SyncBatchNorm (same Parameter and buffer objects); the fused layers then
+    synchronize their batch statistics over `process_group` in training. Models holding
+    timm's BatchNormAct2d (norm + act in one module) go through timm's conversion, which
+    keeps the act in a SyncBatchNormAct: torch's own would turn them into a plain
+    SyncBatchNorm and drop it."""
+    if any(_is_timm_norm_act(m) for m in model.modules()):
+        from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
+
+        return timm_convert_sync_batchnorm(model, process_group)
     return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
+
+
+def _is_timm_norm_act(module: nn.Module) -> bool:
+    return any(k.__name__ == "BatchNormAct2d" and k.__module__.startswith("timm.")
+               for k in type(module).__mro__)
 
 
 def is_plain_batchnorm(module: nn.Module) -> bool:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..backends import select
+from ..backends import remember_backend, runs_forward_backend, select
 from ..ops.activations import act_code
 from ..ops.bn_math import as_dtype, running_stats, update_running, vector_math
 from ..ops.depthwise import OP as DEPTHWISE_OP
@@ -37,6 +37,7 @@ class BNActTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, gamma, beta, eps, code, running):
+        remember_backend(ctx)
         out, mean, var = bn_act_forward(y, gamma, beta, eps, code, overwrite_y=False)
         update_running(vector_math(select(DEPTHWISE_OP, y)), running, mean, var,
                        y.numel() // y.shape[1])
@@ -45,6 +46,7 @@ class BNActTrain(torch.autograd.Function):
         return out
 
     @staticmethod
+    @runs_forward_backend
     @once_differentiable  # the primitives record no graph: double backward raises
     def backward(ctx, dout):
         y, gamma, beta, mean, var = ctx.saved_tensors

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..backends import remember_backend, runs_forward_backend
 from ..ops.eager import plain_eager, records_graph
 from .class_swap import swap_class
 from .gemm_conv import gemm_conv1x1, gemm_conv1x1_backward, gemm_conv_eligible
@@ -36,10 +37,12 @@ class Conv1x1Gemm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
+        remember_backend(ctx)
         ctx.save_for_backward(x, weight)
         return gemm_conv1x1(x, weight, bias)
 
     @staticmethod
+    @runs_forward_backend
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         need_dx, need_dweight, need_dbias = ctx.needs_input_grad

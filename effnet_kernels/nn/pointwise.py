@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..backends import select
+from ..backends import remember_backend, runs_forward_backend, select
 from ..ops.activations import act_code
 from ..ops.bn_math import as_dtype, running_stats, update_running, vector_math
 from ..ops.depthwise import OP as DEPTHWISE_OP
@@ -283,6 +283,7 @@ class ConvBNActTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, gamma, beta, geo, eps, act, running):
+        remember_backend(ctx)
         code = act_code(act)
         out, mean, var, y, moments = train_forward(x, weight, gamma, beta, geo, eps, code)
         update_running(vector_math(select(DEPTHWISE_OP, out)), running, mean, var,
@@ -293,6 +294,7 @@ class ConvBNActTrain(torch.autograd.Function):
         return out, mean, var
 
     @staticmethod
+    @runs_forward_backend
     @once_differentiable  # the primitives record no graph: double backward raises
     def backward(ctx, dout, _dmean, _dvar):
         x, weight, gamma, beta, mean, var, y, mu, gram = ctx.saved_tensors

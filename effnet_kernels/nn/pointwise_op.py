@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..backends import forced_backend, use_backend
+from ..backends import forced_backend, remember_backend, runs_forward_backend, use_backend
 from ..ops.bn_math import COMPOSITE, running_stats, update_running
 from ..ops.geometry import acc_dtype, conv_geometry, memory_format_of
 from .pointwise import bn_param_grads, train_backward, train_forward, train_plan
@@ -109,6 +109,7 @@ def _(dout, x, weight, gamma, beta, mean, var, y, mu, gram, stride, padding, gro
 
 
 def _setup_context(ctx, inputs, output):
+    remember_backend(ctx)
     x, weight, gamma, beta, stride, padding, groups, eps, act, backend = inputs
     _, mean, var, y, mu, gram = output
     ctx.mark_non_differentiable(mean, var, y, mu, gram)
@@ -116,6 +117,7 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (stride, padding, groups, eps, act, backend)
 
 
+@runs_forward_backend
 def _backward(ctx, dout, *_):
     x, weight, gamma, beta, mean, var, y, mu, gram = ctx.saved_tensors
     need_dx, need_dweight = ctx.needs_input_grad[:2]

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._ext import ext_module
-from ..backends import select
+from ..backends import remember_backend, runs_forward_backend, select
 from ..ops.activations import act_code
 from ..ops.bn_math import as_dtype, running_stats, update_running, vector_math
 from ..ops.depthwise import OP as DEPTHWISE_OP
@@ -137,6 +137,7 @@ class SEProjectionTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, sums, rw, rb, ew, eb, weight, gamma, beta, se_act, eps, act, running):
+        remember_backend(ctx)
         mean = sums / (y.shape[2] * y.shape[3])
         h, gate = excite_mlp(mean, rw, rb, ew, eb, se_act)
         out, bn_mean, bn_var, p = gated_projection_forward(y, gate, weight, gamma, beta, eps,
@@ -150,6 +151,7 @@ class SEProjectionTrain(torch.autograd.Function):
         return out, bn_mean, bn_var
 
     @staticmethod
+    @runs_forward_backend
     @once_differentiable  # the primitives record no graph: double backward raises
     def backward(ctx, dout, _dmean, _dvar):
         y, mean, h, gate, rw, rb, ew, eb, weight, gamma, beta, bn_mean, bn_var, p = \

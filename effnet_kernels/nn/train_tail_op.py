@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..backends import remember_backend, runs_forward_backend
 from ..ops.activations import act_code
 from ..ops.bn_math import COMPOSITE, running_stats, update_running
 from ..ops.eager import traced_cpu_call
@@ -78,6 +79,7 @@ def _(dout, y, gate, weight, gamma, beta, mean, var, p, eps, act):
 
 
 def _setup_context(ctx, inputs, output):
+    remember_backend(ctx)
     y, gate, weight, gamma, beta, eps, act = inputs
     _, mean, var, p = output
     ctx.mark_non_differentiable(mean, var, p)
@@ -85,6 +87,7 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (eps, act)
 
 
+@runs_forward_backend
 def _backward(ctx, dout, *_):
     y, gate, weight, gamma, beta, mean, var, p = ctx.saved_tensors
     dy, dgate, dweight, dgamma, dbeta = gated_conv_bn_act_bwd(

@@ -28,14 +28,14 @@ import torch
 from torch import Tensor
 
 from .._ext import ext_module
-from ..backends import register_impl, select
+from ..backends import register_impl, remember_backend, runs_forward_backend, select
 from . import reference
 from .activations import act_code
 from .bn_math import COMPOSITE, as_dtype, running_stats, vector_math
 from .checks import check_device, check_int_arg, check_same_dtype, check_tensor, check_vector
 from .eager import onnx_exporting, plain_eager, records_graph
 from .geometry import acc_dtype, conv_geometry, dense, dense_format, memory_format_of
-from .second_order import first_order_only
+from .second_order import first_order_only, reject_forward_ad
 
 OP = "depthwise_conv_bn_act"
 KERNEL_SIZES = (1, 3, 5, 7)
@@ -213,6 +213,7 @@ def _(dy, x, weight, bn_weight, bn_bias, mean, var, stride, pad_top, pad_left,
 
 
 def _setup_context(ctx, inputs, output):
+    remember_backend(ctx)
     x, weight, bn_weight, bn_bias, _, _, stride, pad_top, pad_left, _, _, training, eps, act = inputs
     _, mean, var = output
     ctx.mark_non_differentiable(mean, var)
@@ -220,6 +221,7 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (stride, pad_top, pad_left, training, eps, act)
 
 
+@runs_forward_backend
 def _backward(ctx, dy, _dmean, _dvar):
     x, weight, bn_weight, bn_bias, mean, var = ctx.saved_tensors
     dx, dweight, dgamma, dbeta = dw_bn_act_bwd(
@@ -249,6 +251,7 @@ class _DepthwiseFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, geo, training,
                 eps, act, pool, momentum):
+        remember_backend(ctx)
         inputs = (x, weight, bn_weight, bn_bias, running_mean, running_var, *geo, training,
                   eps, act)
         out, mean, var, sums = _forward_math(*inputs, pool=pool)
@@ -262,6 +265,7 @@ class _DepthwiseFn(torch.autograd.Function):
         return out, mean, var, sums
 
     @staticmethod
+    @runs_forward_backend
     def backward(ctx, dy, _dmean, _dvar, _dsums):
         # create_graph=True (grad mode on here): take the custom op, whose gradients
         # then raise a clear error if differentiated again (ops/second_order.py).
@@ -336,6 +340,7 @@ def depthwise_conv_bn_act(
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
     _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, training)
+    reject_forward_ad("depthwise_conv_bn_act", x, weight, bn_weight, bn_bias)
     stride = check_int_arg("stride", stride, (1, 2))
     kernel = weight.shape[-1]
     padding = _check_padding(padding, kernel)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..backends import select
+from ..backends import remember_backend, runs_forward_backend, select
 from .bn_math import COMPOSITE, as_dtype, update_running, vector_math
 from .depthwise import OP
 from .geometry import ConvGeometry, acc_dtype, dense, memory_format_of
@@ -44,6 +44,7 @@ class SyncDepthwiseConvBNAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bn_weight, bn_bias, geo: ConvGeometry, eps, act, group, running):
+        remember_backend(ctx)
         x = dense(x)
         prims = select(OP, x)
         c = x.shape[1]
@@ -64,6 +65,7 @@ class SyncDepthwiseConvBNAct(torch.autograd.Function):
         return out.contiguous(memory_format=memory_format_of(x)), mean, var, total
 
     @staticmethod
+    @runs_forward_backend
     def backward(ctx, dy, _dmean, _dvar, _dtotal):
         x, weight, bn_weight, bn_bias, mean, var = ctx.saved_tensors
         geo, eps, act, group, total = ctx.args

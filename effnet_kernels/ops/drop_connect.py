@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .._ext import ext_module
-from ..backends import register_impl, select
+from ..backends import register_impl, remember_backend, runs_forward_backend, select
 from . import reference
 from .bn_math import as_dtype
 from .checks import check_same_dtype, check_tensor
@@ -78,11 +78,13 @@ def _(dy, scale):
 
 
 def _fwd_setup_context(ctx, inputs, output):
+    remember_backend(ctx)
     x, _, scale = inputs
     ctx.save_for_backward(scale)
     ctx.fmt = _format(x)
 
 
+@runs_forward_backend
 def _fwd_backward(ctx, dy):
     (scale,) = ctx.saved_tensors
     dx = dc_bwd(_same_format(dy, ctx.fmt), scale) if ctx.needs_input_grad[0] else None
@@ -93,9 +95,11 @@ dc_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
 def _bwd_setup_context(ctx, inputs, output):
+    remember_backend(ctx)
     ctx.save_for_backward(inputs[1])
 
 
+@runs_forward_backend
 def _bwd_backward(ctx, ddx):
     # dc_bwd is linear in dy: its own backward is itself (double backward support).
     (scale,) = ctx.saved_tensors
@@ -123,6 +127,7 @@ NATIVE_AUTOGRAD_NODE = True
 class _DropConnectAddFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shortcut, scale):
+        remember_backend(ctx)
         fmt = _format(x)
         prims = select(OP, x)
         ctx.save_for_backward(scale)
@@ -130,6 +135,7 @@ class _DropConnectAddFn(torch.autograd.Function):
         return prims.dc_forward(_same_format(x, fmt), _same_format(shortcut, fmt), scale)
 
     @staticmethod
+    @runs_forward_backend
     def backward(ctx, dy):
         (scale,) = ctx.saved_tensors
         dx = None

@@ -30,14 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._ext import ext_module
-from ..backends import register_impl, select
+from ..backends import register_impl, remember_backend, runs_forward_backend, select
 from . import reference
 from .activations import act_code, apply_act
 from .bn_math import as_dtype
 from .checks import check_device, check_tensor
 from .eager import onnx_exporting, plain_eager, records_graph
 from .geometry import acc_dtype, dense, dense_format, memory_format_of
-from .second_order import first_order_only
+from .second_order import first_order_only, reject_forward_ad
 
 OP = "squeeze_excite"
 
@@ -181,6 +181,7 @@ def _(dy, x, mean, h, gate, reduce_weight, reduce_bias, expand_weight, expand_bi
 
 
 def _setup_context(ctx, inputs, output):
+    remember_backend(ctx)
     x, rw, rb, ew, eb, _, act = inputs
     _, mean, h, gate = output
     ctx.mark_non_differentiable(mean, h, gate)
@@ -188,6 +189,7 @@ def _setup_context(ctx, inputs, output):
     ctx.act = act
 
 
+@runs_forward_backend
 def _backward(ctx, dy, _dmean, _dh, _dgate):
     grads = se_bwd(dy, *ctx.saved_tensors, ctx.act)
     # pooled is only a precomputed sum of x: its gradient already flows through dx.
@@ -205,12 +207,14 @@ EAGER_FAST_PATH = True
 class _SqueezeExciteFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, rw, rb, ew, eb, pooled, act):
+        remember_backend(ctx)
         out, mean, h, gate = _forward(x, rw, rb, ew, eb, pooled, act)
         ctx.save_for_backward(x, mean, h, gate, rw, rb, ew, eb)
         ctx.act = act
         return out
 
     @staticmethod
+    @runs_forward_backend
     def backward(ctx, dy):
         # create_graph=True (grad mode on here): take the custom op, whose gradients
         # then raise a clear error if differentiated again (ops/second_order.py).
@@ -273,6 +277,8 @@ def squeeze_excite(
     if isinstance(expand_weight, Tensor):
         expand_bias = bias_or_zeros(expand_bias, expand_weight)
     _check_inputs(x, reduce_weight, reduce_bias, expand_weight, expand_bias, pooled)
+    reject_forward_ad("squeeze_excite", x, reduce_weight, reduce_bias, expand_weight,
+                      expand_bias)
     code = act_code(act)
     if onnx_exporting():  # ONNX has no node for the fused op: export its math
         return reference.squeeze_excite(x, reduce_weight, reduce_bias, expand_weight,

@@ -254,7 +254,7 @@ def test_our_model_stays_fused_under_sync_batchnorm():
     keeps its blocks on the fused path, whose ops synchronize the statistics; without a
     process group it computes what the local BatchNorm2d model does."""
     from effnet_kernels.nn.batchnorm import convert_sync_batchnorm
-    from effnet_kernels.nn.mbconv import structure_changed
+    from effnet_kernels.nn.block_structure import structure_changed
     local = effnet_kernels.create_model("efficientnet_b0", num_classes=CLASSES, drop_rate=0.0,
                                         drop_path_rate=0.0)
     synced = convert_sync_batchnorm(copy.deepcopy(local))

@@ -23,6 +23,13 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from ..nn.activations import act_name
+from ..nn.block_structure import (
+    record_structure,
+    share_hooks,
+    structure_changed,
+    sync_unfused_children,
+    unfused_forward,
+)
 from ..nn.conv_bn_act import conv_bn_act
 from ..nn.eval_plan import eval_block
 from ..nn.mbconv import (
@@ -33,11 +40,6 @@ from ..nn.mbconv import (
     drops_paths,
     dw_se_projection,
     read_se,
-    record_structure,
-    share_hooks,
-    structure_changed,
-    sync_unfused_children,
-    unfused_forward,
 )
 from ..ops.drop_connect import drop_connect_add
 from .stem_head import fuse_stem_and_head, unfuse_timm_stem_head

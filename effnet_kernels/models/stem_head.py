@@ -26,9 +26,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..nn.block_structure import record_structure, share_hooks, structure_changed
 from ..nn.conv_bn_act import conv_bn_act
 from ..nn.gemm_conv2d import from_gemm_conv, to_gemm_conv
-from ..nn.mbconv import read_bn, record_structure, share_hooks, structure_changed
+from ..nn.mbconv import read_bn
 
 
 class FusedConvNormActivation(nn.Sequential):

@@ -45,8 +45,10 @@ class DepthwiseConvBNAct(nn.Module):
         if conv.bias is not None:
             raise ValueError("conv must have no bias (BatchNorm follows it)")
         check_conv(conv, "conv", depthwise=True)
-        if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != conv.out_channels:
-            raise ValueError(f"bn must be a BatchNorm2d of {conv.out_channels} channels, got {bn}")
+        if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) \
+                or bn.num_features != conv.out_channels:
+            raise ValueError(f"bn must be a BatchNorm2d or SyncBatchNorm of {conv.out_channels} "
+                             f"channels, got {bn}")
         if padding is None and is_same_conv(conv):
             padding = "same"
         act = fusable_act(act)

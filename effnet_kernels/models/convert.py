@@ -35,13 +35,12 @@ from ..nn.eval_plan import eval_block
 from ..nn.mbconv import (
     DepthwiseSeparable,
     MBConv,
+    add_residual,
     check_conv,
-    drop_path_training,
     drops_paths,
     dw_se_projection,
     read_se,
 )
-from ..ops.drop_connect import drop_connect_add
 from .stem_head import fuse_stem_and_head, unfuse_timm_stem_head
 
 
@@ -127,8 +126,7 @@ class TorchvisionMBConv(nn.Module):
             x = conv_bn_act(x, *expand)
         x = dw_se_projection(x, depthwise, se_parts, projection)
         if self.use_res_connect:
-            x = drop_connect_add(x, shortcut, self.stochastic_depth.p,
-                                 training=drop_path_training(self))
+            x = add_residual(self, x, shortcut)
         return x
 
 

@@ -26,7 +26,12 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..nn.block_structure import record_structure, share_hooks, structure_changed
+from ..nn.block_structure import (
+    record_structure,
+    share_hooks,
+    structure_changed,
+    sync_unfused_children,
+)
 from ..nn.conv_bn_act import conv_bn_act
 from ..nn.gemm_conv2d import from_gemm_conv, to_gemm_conv
 from ..nn.mbconv import read_bn
@@ -50,10 +55,7 @@ class FusedConvNormActivation(nn.Sequential):
         return conv_bn_act(x, self[0], self[1], self.act)
 
     def restore(self) -> nn.Module:
-        layer = self.unfused
-        for i, child in enumerate(self):
-            layer[i] = child
-        layer._is_full_backward_hook = self._is_full_backward_hook
+        layer = sync_unfused_children(self)
         layer.train(self.training)
         return layer
 

@@ -177,6 +177,11 @@ def drop_path_training(block: nn.Module) -> bool:
     return block.training
 
 
+def add_residual(block: nn.Module, x: Tensor, shortcut: Tensor) -> Tensor:
+    """shortcut + drop_path(x), at the block's drop-path rate and in its drop-path mode."""
+    return drop_connect_add(x, shortcut, _drop_prob(block), training=drop_path_training(block))
+
+
 def drops_paths(block: nn.Module, skip: bool) -> bool:
     """Whether this call's residual add draws a drop-path mask: the eval plan (which adds
     the shortcut as is) must not serve it, even where every norm is in eval."""
@@ -265,7 +270,7 @@ class MBConv(nn.Module):
         x = conv_bn_act(x, *expand)
         x = dw_se_projection(x, depthwise, se, projection)
         if self.has_skip:
-            x = drop_connect_add(x, shortcut, _drop_prob(self), training=drop_path_training(self))
+            x = add_residual(self, x, shortcut)
         return x
 
     def _unfused(self, x: Tensor) -> Tensor:
@@ -277,7 +282,7 @@ class MBConv(nn.Module):
         x = self.se(x)
         x = _bn_act(self.bn3, self.conv_pwl(x), "identity")
         if self.has_skip:
-            x = drop_connect_add(x, shortcut, _drop_prob(self), training=drop_path_training(self))
+            x = add_residual(self, x, shortcut)
         return x
 
     def extra_repr(self) -> str:
@@ -334,7 +339,7 @@ class DepthwiseSeparable(nn.Module):
         shortcut = x
         x = dw_se_projection(x, depthwise, se, projection)
         if self.has_skip:
-            x = drop_connect_add(x, shortcut, _drop_prob(self), training=drop_path_training(self))
+            x = add_residual(self, x, shortcut)
         return x
 
     def _unfused(self, x: Tensor) -> Tensor:
@@ -345,7 +350,7 @@ class DepthwiseSeparable(nn.Module):
         x = self.se(x)
         x = _bn_act(self.bn2, self.conv_pw(x), self.acts[1])
         if self.has_skip:
-            x = drop_connect_add(x, shortcut, _drop_prob(self), training=drop_path_training(self))
+            x = add_residual(self, x, shortcut)
         return x
 
     def extra_repr(self) -> str:

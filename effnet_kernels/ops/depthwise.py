@@ -33,7 +33,7 @@ from . import reference
 from .activations import act_code
 from .bn_math import COMPOSITE, as_dtype, running_stats, vector_math
 from .checks import check_device, check_int_arg, check_same_dtype, check_tensor, check_vector
-from .eager import onnx_exporting, plain_eager, records_graph
+from .eager import autocast_enabled_for, onnx_exporting, plain_eager, records_graph
 from .geometry import acc_dtype, conv_geometry, dense, dense_format, memory_format_of
 from .second_order import first_order_only, reject_forward_ad
 
@@ -251,7 +251,6 @@ class _DepthwiseFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, geo, training,
                 eps, act, pool, momentum):
-        remember_backend(ctx)
         inputs = (x, weight, bn_weight, bn_bias, running_mean, running_var, *geo, training,
                   eps, act)
         out, mean, var, sums = _forward_math(*inputs, pool=pool)
@@ -334,8 +333,7 @@ def depthwise_conv_bn_act(
     gradient. Where the backend's forward kernel emits them (cpu, eager calls) they cost
     no extra pass over out; elsewhere they are one reduction of out.
     """
-    if isinstance(x, Tensor) and x.device.type in ("cpu", "cuda") \
-            and torch.is_autocast_enabled(x.device.type):
+    if autocast_enabled_for(x):
         # As eager autocast does for conv2d: input and weight in the autocast dtype.
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)

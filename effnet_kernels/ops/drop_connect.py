@@ -43,11 +43,6 @@ register_impl(OP, "cuda", lambda: ext_module().cuda)
 register_impl(OP, "triton", lambda: importlib.import_module("effnet_kernels.triton.drop_connect"))
 
 
-def _format(t: Tensor) -> torch.memory_format:
-    """The memory format the kernels use for t (channels_last only for dense NHWC 4-D)."""
-    return dense_format(t)
-
-
 def _same_format(t: Tensor, fmt: torch.memory_format) -> Tensor:
     return t.contiguous(memory_format=fmt) if t.dim() == 4 else t.contiguous()
 
@@ -55,33 +50,33 @@ def _same_format(t: Tensor, fmt: torch.memory_format) -> Tensor:
 @torch.library.custom_op("effnet_kernels::dc_fwd", mutates_args=())
 def dc_fwd(x: Tensor, shortcut: Tensor, scale: Tensor) -> Tensor:
     """shortcut + x * scale[n]; the output has x's memory format."""
-    fmt = _format(x)
+    fmt = dense_format(x)
     x, shortcut = _same_format(x, fmt), _same_format(shortcut, fmt)
     return select(OP, x).dc_forward(x, shortcut, scale)
 
 
 @dc_fwd.register_fake
 def _(x, shortcut, scale):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_format(x))
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=dense_format(x))
 
 
 @torch.library.custom_op("effnet_kernels::dc_bwd", mutates_args=())
 def dc_bwd(dy: Tensor, scale: Tensor) -> Tensor:
     """dy * scale[n]; the output has dy's memory format."""
-    dy = _same_format(dy, _format(dy))
+    dy = _same_format(dy, dense_format(dy))
     return select(OP, dy).dc_backward(dy, scale)
 
 
 @dc_bwd.register_fake
 def _(dy, scale):
-    return torch.empty(dy.shape, dtype=dy.dtype, device=dy.device, memory_format=_format(dy))
+    return torch.empty(dy.shape, dtype=dy.dtype, device=dy.device, memory_format=dense_format(dy))
 
 
 def _fwd_setup_context(ctx, inputs, output):
     remember_backend(ctx)
     x, _, scale = inputs
     ctx.save_for_backward(scale)
-    ctx.fmt = _format(x)
+    ctx.fmt = dense_format(x)
 
 
 @runs_forward_backend
@@ -128,7 +123,7 @@ class _DropConnectAddFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shortcut, scale):
         remember_backend(ctx)
-        fmt = _format(x)
+        fmt = dense_format(x)
         prims = select(OP, x)
         ctx.save_for_backward(scale)
         ctx.fmt, ctx.prims = fmt, prims
@@ -200,7 +195,7 @@ def drop_connect_add(
             x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         return torch.add(x, shortcut)  # the common eval case: one add, nothing to convert
     if not training or p == 0.0:
-        fmt = _format(x)
+        fmt = dense_format(x)
         return torch.add(x, _same_format(shortcut, fmt)).contiguous(memory_format=fmt)
     if onnx_exporting():  # ONNX has no node for the fused op: export its math
         return reference.drop_connect_add(x, shortcut, p, training=True, generator=generator)

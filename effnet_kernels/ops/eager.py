@@ -45,6 +45,13 @@ def traced_cpu_call(x: Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu") and not onnx_exporting())
 
 
+def autocast_enabled_for(x) -> bool:
+    """Whether autocast is on for x's device (a tensor on a device autocast knows: the
+    query raises for others, e.g. meta)."""
+    return isinstance(x, Tensor) and x.device.type in ("cpu", "cuda") \
+        and torch.is_autocast_enabled(x.device.type)
+
+
 def onnx_exporting() -> bool:
     """True while torch.onnx.export's dynamo exporter traces (it compiles, so the cheap
     is_compiling check keeps eager calls from paying for is_in_onnx_export's ~1 us)."""

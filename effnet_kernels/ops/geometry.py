@@ -50,22 +50,27 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _is_dense(x: torch.Tensor) -> bool:
+    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _densify_format(x: torch.Tensor) -> torch.memory_format:
+    """The format dense() copies a non-dense x into: channels_last where the channel
+    stride is 1 (a channel slice of an NHWC tensor), else NCHW."""
+    return torch.channels_last if x.dim() == 4 and x.stride(1) == 1 else torch.contiguous_format
+
+
 def dense(x: torch.Tensor) -> torch.Tensor:
     """x made dense in its own memory format (NCHW or channels_last)."""
-    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
-        return x
-    fmt = torch.channels_last if x.dim() == 4 and x.stride(1) == 1 else torch.contiguous_format
-    return x.contiguous(memory_format=fmt)
+    return x if _is_dense(x) else x.contiguous(memory_format=_densify_format(x))
 
 
 def dense_format(x: torch.Tensor) -> torch.memory_format:
     """memory_format_of(dense(x)) without the copy: the format of the outputs the kernels
-    write for x, which a fake kernel must predict for non-dense inputs too (a channel
-    slice of a channels_last tensor is made dense as channels_last)."""
-    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+    write for x, which a fake kernel must predict for non-dense inputs too."""
+    if _is_dense(x):
         return memory_format_of(x)
-    fmt = torch.channels_last if x.dim() == 4 and x.stride(1) == 1 else torch.contiguous_format
-    return memory_format_of(torch.empty(x.shape, device="meta", memory_format=fmt))
+    return memory_format_of(torch.empty(x.shape, device="meta", memory_format=_densify_format(x)))
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

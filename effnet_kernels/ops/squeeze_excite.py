@@ -35,7 +35,7 @@ from . import reference
 from .activations import act_code, apply_act
 from .bn_math import as_dtype
 from .checks import check_device, check_tensor
-from .eager import onnx_exporting, plain_eager, records_graph
+from .eager import autocast_enabled_for, onnx_exporting, plain_eager, records_graph
 from .geometry import acc_dtype, dense, dense_format, memory_format_of
 from .second_order import first_order_only, reject_forward_ad
 
@@ -267,8 +267,7 @@ def squeeze_excite(
     act: "silu", "relu" or "identity". Same semantics as `reference.squeeze_excite`.
     Under autocast, x keeps its dtype and the MLP still runs in float32.
     """
-    if isinstance(x, Tensor) and x.device.type in ("cpu", "cuda") \
-            and torch.is_autocast_enabled(x.device.type):
+    if autocast_enabled_for(x):
         with torch.autocast(x.device.type, enabled=False):
             return squeeze_excite(x, reduce_weight, reduce_bias, expand_weight, expand_bias,
                                   act=act, pooled=pooled)

@@ -10,7 +10,7 @@
 //             dL/dy = scale * g + coef_b + coef_c * (y - mean) with
 //             coef_b = -scale * sum_g / M, coef_c = -scale * invstd^2 * sum_g_yc / M
 //             (both 0 in eval, where mean and var are constants); dgamma = sum_g_yc * invstd
-//   running:  running = running + momentum * (batch - running), with the unbiased variance
+//   running:  running = momentum * batch + (1 - momentum) * running, with the unbiased variance
 //             var * M / (M - 1) (PyTorch's BatchNorm rule)
 #pragma once
 
@@ -49,12 +49,14 @@ EFFNET_HOST_DEVICE BackwardCoefs<A> backward_coefs(A scale, A invstd, A sum_g, A
   return {-scale * sum_g * inv_count, -scale * invstd * invstd * sum_g_yc * inv_count, dgamma};
 }
 
-// running + momentum * (batch - running), in place.
+// momentum * batch + (1 - momentum) * running, in place: PyTorch's form, exact for
+// momentum 1 (running + momentum * (batch - running) loses the batch variance's digits
+// when it is much smaller than the running value it replaces).
 template <typename A>
 EFFNET_HOST_DEVICE void update_running(A& running_mean, A& running_var, A mean, A var,
                                        A momentum, A unbias) {
-  running_mean += momentum * (mean - running_mean);
-  running_var += momentum * (var * unbias - running_var);
+  running_mean = momentum * mean + (A(1) - momentum) * running_mean;
+  running_var = momentum * (var * unbias) + (A(1) - momentum) * running_var;
 }
 
 }  // namespace effnet::bn

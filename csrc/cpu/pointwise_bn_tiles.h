@@ -4,7 +4,9 @@
 // channels fastest; per-channel vectors are (C) float32. With z = y * scale + shift and
 // g = dout * act'(z):
 //
-//   tile_moments    mean[c] = sum_r y[r, c] / rows,  m2[c] = sum_r (y[r, c] - mean[c])^2
+//   tile_moments    mean[c] = sum_r y[r, c] / rows (rounded), dev[c] = sum_r (y[r, c] - mean[c]),
+//                   m2[c] = sum_r (y[r, c] - mean[c])^2 - dev[c]^2 / rows: the corrected
+//                   two-pass moments of moments_row (depthwise_kernels.h)
 //   tile_affine_act y[r, c] = act(z)                                        (in place)
 //   tile_affine_act_stream  the same from src into dst, dst written with streaming stores
 //   tile_bn_reduce  sum_g[c] += sum_r g,  sum_g_yc[c] += sum_r g * (y[r, c] - mean[c])
@@ -26,9 +28,10 @@ inline void over_channels(int64_t C, F&& f) {
   for (; c < C; ++c) f(c, Vec<float, 1>{});
 }
 
-void tile_moments(const float* y, int64_t rows, int64_t C, float* mean, float* m2) {
+void tile_moments(const float* y, int64_t rows, int64_t C, float* mean, float* m2, float* dev) {
   std::fill(mean, mean + C, 0.0f);
   std::fill(m2, m2 + C, 0.0f);
+  std::fill(dev, dev + C, 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
     over_channels(C, [&](int64_t c, auto proto) {
       using V = decltype(proto);
@@ -41,9 +44,11 @@ void tile_moments(const float* y, int64_t rows, int64_t C, float* mean, float* m
     over_channels(C, [&](int64_t c, auto proto) {
       using V = decltype(proto);
       const V d = vload<V>(y + r * C + c) - vload<V>(mean + c);
+      vstore(dev + c, vload<V>(dev + c) + d);
       vstore(m2 + c, vload<V>(m2 + c) + d * d);
     });
   }
+  for (int64_t c = 0; c < C; ++c) m2[c] = std::max(0.0f, m2[c] - dev[c] * dev[c] * inv);
 }
 
 // dst[r, c] = act(src[r, c] * scale[c] + shift[c]); dst may be src. With STREAM, whole

@@ -70,19 +70,19 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> pw_bn_stats(
     yp = y->mutable_data_ptr<float>();
   }
   const auto moments = EFFNET_PICK_ISA(cpu_pw, tile_moments);
-  std::vector<float> part(tl.tiles * 2 * a.cout);
+  std::vector<float> part(tl.tiles * 3 * a.cout);
   for_tiles(tl, keep_y ? 0 : tl.tile * a.cout, [&](int64_t, int64_t t, float* scratch) {
     float* dest = keep_y ? yp + tl.begin(t) * a.cout : scratch;
     cpu::gemm_xwt(a.x + tl.begin(t) * a.cin, a.w, dest, tl.count(t), a.cin, a.cout);
-    float* p = part.data() + t * 2 * a.cout;
-    moments(dest, tl.count(t), a.cout, p, p + a.cout);
+    float* p = part.data() + t * 3 * a.cout;
+    moments(dest, tl.count(t), a.cout, p, p + a.cout, p + 2 * a.cout);
   });
-  // Chan's merge of the tiles' (count, mean, M2), in tile order, in double: total is
+  // Chan's merge of the tiles' (count, mean + dev / count, M2), in tile order, in double: total is
   // [count, mean[C], m2[C]] as in the depthwise statistics.
   std::vector<double> total(1 + 2 * a.cout, 0.0);
   for (int64_t t = 0; t < tl.tiles; ++t) {
-    const float* p = part.data() + t * 2 * a.cout;
-    cpu_dw::chan_merge(total.data(), a.cout, double(tl.count(t)), p, p + a.cout);
+    const float* p = part.data() + t * 3 * a.cout;
+    cpu_dw::chan_merge(total.data(), a.cout, double(tl.count(t)), p, p + a.cout, p + 2 * a.cout);
   }
   at::Tensor mean_t = at::empty({a.cout}, x.options()), var_t = at::empty({a.cout}, x.options());
   float* mp = mean_t.mutable_data_ptr<float>();

@@ -11,7 +11,8 @@
   namespace effnet::cpu_pw::ISA {                                                          \
   void bias_act_rows(float* y, int64_t rows, int64_t C, const float* bias, int64_t act);   \
   void bias_sigmoid_rows(float* y, int64_t rows, int64_t C, const float* bias);            \
-  void tile_moments(const float* y, int64_t rows, int64_t C, float* mean, float* m2);      \
+  void tile_moments(const float* y, int64_t rows, int64_t C, float* mean, float* m2,       \
+                    float* dev);                                                           \
   void tile_affine_act(float* y, int64_t rows, int64_t C, const float* scale,              \
                        const float* shift, int64_t act);                                   \
   void tile_affine_act_stream(const float* src, float* dst, int64_t rows, int64_t C,       \

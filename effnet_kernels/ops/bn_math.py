@@ -6,7 +6,8 @@ On the (C,) statistics of a conv output y (formulas shared with csrc/common/bn_c
     bn_backward_coefs  coef_b = -scale * sum_g / M, coef_c = -scale * invstd^2 * sum_g_yc / M
                        (0 in eval), dgamma = sum_g_yc * invstd, from the sums of g = dL/dz
                        and g * (y - mean) over the M values per channel
-    bn_update_running  running += momentum * (batch - running), unbiased variance (in place)
+    bn_update_running  running = (1 - momentum) * running + momentum * batch, unbiased
+                       variance (in place)
 
 The functions here are the plain-PyTorch composite: the reference backend's, the Triton
 backend's, and what torch.compile traces. The cpu and cuda backends' primitive namespaces

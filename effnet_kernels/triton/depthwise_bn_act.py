@@ -1,7 +1,8 @@
 """Triton backend of the fused depthwise conv + BatchNorm + activation op.
 
 Math, per channel c, with y = depthwise_conv(x, w), z = y * scale + shift, M = N * OH * OW:
-  dw_stats            mean = sum(y) / M, var = sum((y - mean)^2) / M   (Welford/Chan merges)
+  dw_stats            mean = sum(y) / M, var = sum((y - mean)^2) / M   (shifted sums per chunk,
+                      Chan's merge of the chunks in float64)
   dw_forward          out = act(z)
   dw_backward_reduce  g = dy * act'(z);  sum_g = sum(g),  sum_g_yc = sum(g * (y - mean))
   dw_backward         dyc = scale * g + coef_b + coef_c * (y - mean)          (grad of y)
@@ -123,17 +124,20 @@ def _conv_tile(x_ptr, w_ptr, n, oh, ow, c, pmask, cmask, H, W, pad_top, pad_left
 def _dw_stats_kernel(
     x_ptr,     # (N, C, H, W) strided, any float dtype
     w_ptr,     # (C, K*K) contiguous
-    part_ptr,  # (rows, 2, C) acc dtype: per-chunk mean, M2 (count is implied by the chunk)
+    part_ptr,  # (rows, 3, C) acc dtype: per-chunk shift, sum(y - shift), sum((y - shift)^2)
     M, C, H, W, OW, OHW, chunk, pad_top, pad_left, sxn, sxc, sxh, sxw,
     K: tl.constexpr, STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # Shifted sums: the shift is the first sub-tile's mean, within a few spreads of the
+    # chunk's, so the sums of y - shift keep their digits however large the mean (a rounded
+    # running mean would enter M2 through the merges' cross terms). dw_stats merges them.
     ACC: tl.constexpr = part_ptr.dtype.element_ty
     row = tl.program_id(0)
     cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c, cmask = cc[None, :], cc[None, :] < C
-    cnt = tl.zeros([BLOCK_C], dtype=ACC)
-    mean = tl.zeros([BLOCK_C], dtype=ACC)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    shift = tl.zeros([BLOCK_C], dtype=ACC)
+    s1 = tl.zeros([BLOCK_C], dtype=ACC)
+    s2 = tl.zeros([BLOCK_C], dtype=ACC)
     for s in range(0, chunk, BLOCK_P):
         local = s + tl.arange(0, BLOCK_P)[:, None]
         p = row * chunk + local
@@ -141,20 +145,16 @@ def _dw_stats_kernel(
         n, oh, ow = _pixel(p, OW, OHW)
         y = _conv_tile(x_ptr, w_ptr, n, oh, ow, c, pmask, cmask, H, W, pad_top, pad_left,
                        sxn, sxc, sxh, sxw, ACC, K, STRIDE, BLOCK_P, BLOCK_C)
-        # Sub-tile (count, mean, M2), then Chan's merge into the running chunk statistics.
         nb = tl.sum(pmask.to(ACC), axis=0)
-        mb = tl.sum(y, axis=0) / tl.maximum(nb, 1.0)
-        d = tl.where(pmask, y - mb[None, :], 0.0)
-        m2b = tl.sum(d * d, axis=0)
-        tot = cnt + nb
-        delta = mb - mean
-        frac = nb / tl.maximum(tot, 1.0)
-        mean += delta * frac
-        m2 += m2b + delta * delta * cnt * frac
-        cnt = tot
-    out = part_ptr + row.to(tl.int64) * 2 * C + cc
-    tl.store(out, mean, mask=cc < C)
-    tl.store(out + C, m2, mask=cc < C)
+        tile_mean = tl.sum(tl.where(pmask, y, 0.0), axis=0) / tl.maximum(nb, 1.0)
+        shift = tl.where(s == 0, tile_mean, shift)
+        d = tl.where(pmask, y - shift[None, :], 0.0)
+        s1 += tl.sum(d, axis=0)
+        s2 += tl.sum(d * d, axis=0)
+    out = part_ptr + row.to(tl.int64) * 3 * C + cc
+    tl.store(out, shift, mask=cc < C)
+    tl.store(out + C, s1, mask=cc < C)
+    tl.store(out + 2 * C, s2, mask=cc < C)
 
 
 @triton.autotune(configs=_configs(), key=_KEY)
@@ -343,16 +343,21 @@ def dw_stats(x, weight, stride, pad_top, pad_left, out_h, out_w):
     m = n * out_h * out_w
     chunk = _chunk(m)
     rows = triton.cdiv(m, chunk)
-    part = torch.empty((rows, 2, c), dtype=acc, device=x.device)
+    part = torch.empty((rows, 3, c), dtype=acc, device=x.device)
     _dw_stats_kernel[_grid_rows(rows, c)](
         x, w, part, m, c, h, wd, out_w, out_h * out_w, chunk, pad_top, pad_left, *x.stride(),
         K=k, STRIDE=stride,
     )
-    # Chan's merge of the row statistics: M2 = sum(M2_r) + sum(n_r * (mean_r - mean)^2).
-    cnt = (m - chunk * torch.arange(rows, device=x.device, dtype=acc)).clamp(max=chunk)
-    mean = (cnt[:, None] * part[:, 0]).sum(0) / m
-    m2 = part[:, 1].sum(0) + (cnt[:, None] * (part[:, 0] - mean).square()).sum(0)
-    return mean, m2 / m
+    # Chan's merge of the chunks in float64: mean_r = shift + s1 / n_r,
+    # M2_r = s2 - s1^2 / n_r, M2 = sum(M2_r) + sum(n_r * (mean_r - mean)^2).
+    part = part.double()
+    cnt = (m - chunk * torch.arange(rows, device=x.device, dtype=torch.float64)).clamp(max=chunk)
+    s1 = part[:, 1]
+    mean_r = part[:, 0] + s1 / cnt[:, None]
+    m2_r = (part[:, 2] - s1 * s1 / cnt[:, None]).clamp(min=0)
+    mean = (cnt[:, None] * mean_r).sum(0) / m
+    m2 = m2_r.sum(0) + (cnt[:, None] * (mean_r - mean).square()).sum(0)
+    return mean.to(acc), (m2 / m).to(acc)
 
 
 def dw_forward(x, weight, scale, shift, stride, pad_top, pad_left, out_h, out_w, act):

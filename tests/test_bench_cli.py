@@ -13,6 +13,7 @@ import torch
 
 from effnet_kernels.bench import cli, report
 from effnet_kernels.bench.runner import spread
+from effnet_kernels.bench.selfcheck import run_selfcheck
 from effnet_kernels.bench.timing import quantile
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -83,6 +84,19 @@ def test_smoke_selfcheck_e2e_skipped(smoke):
     assert any(r["provider"] == "eager" for r in result["e2e"])
     for s in result["skipped"]:  # every skipped part says why
         assert s["section"] and s["what"] and s["reason"] and s["count"] >= 1
+
+
+def test_selfcheck_follows_ops_and_dtype():
+    """The self-check runs the benchmark's --ops in its --dtype (bfloat16: every backend that
+    serves it on the CPU, under the parity rule of that dtype)."""
+    rows = run_selfcheck(torch.device("cpu"), ops=["drop_connect"], dtype=torch.bfloat16)
+    assert rows and {r["op"] for r in rows} == {"drop_connect"}
+    assert all(r["ok"] and r["dtype"] == "bfloat16" for r in rows), rows
+    assert {"reference", "cpu"} <= {r["backend"] for r in rows}
+    table = report.selfcheck_table(rows)
+    assert "dtype" in table[0] and all("bfloat16" in line for line in table[1])
+    with pytest.raises(ValueError, match="ops must be among"):
+        run_selfcheck(torch.device("cpu"), ops=["pooling"])
 
 
 def test_smoke_outputs(smoke):

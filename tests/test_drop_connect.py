@@ -10,7 +10,7 @@ import torch
 from backend_params import backend_device_pairs, require_backend
 
 from effnet_kernels import functional as F
-from effnet_kernels.backends import BACKENDS, use_backend
+from effnet_kernels.backends import BACKENDS, not_supported_reasons, use_backend
 from effnet_kernels.nn import DropConnect
 from effnet_kernels.ops import drop_connect as dc
 from effnet_kernels.ops import reference
@@ -164,8 +164,13 @@ def test_seed_reproducibility_across_backends():
 @pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "nhwc"])
 def test_eval_and_p0_are_exact_add(backend, dtype, fmt):
     x, s = _pair((3, 4, 5, 6), dtype, fmt)
+    reasons = not_supported_reasons(OP, backend, x.device, dtype)
     with use_backend(backend):
         for p, training in ((0.3, False), (0.0, True), (0, False)):
+            if reasons:  # the add runs no kernel, but a forced backend must serve x
+                with pytest.raises(RuntimeError, match=f"backend '{backend}' cannot run"):
+                    F.drop_connect_add(x, s, p, training=training)
+                continue
             out = F.drop_connect_add(x, s, p, training=training)
             assert torch.equal(out, s + x)
             assert out.is_contiguous(memory_format=fmt)

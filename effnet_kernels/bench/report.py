@@ -120,14 +120,14 @@ def e2e_table(rows: list[dict]):
 
 
 def selfcheck_table(rows: list[dict]):
-    headers = ["op", "backend", "case", "mode", "result", "worst", "max error", "bound"]
+    headers = ["op", "backend", "case", "mode", "dtype", "result", "worst", "max error", "bound"]
     lines = []
     for r in rows:
         if r.get("skipped"):
-            lines.append([r["op"], "-", r["case"], "-", "skipped", r["skipped"], "-", "-"])
+            lines.append([r["op"], "-", r["case"], "-", "-", "skipped", r["skipped"], "-", "-"])
             continue
         result = "ok" if r["ok"] else "FAIL"
-        lines.append([r["op"], r["backend"], r["case"], r["mode"], result,
+        lines.append([r["op"], r["backend"], r["case"], r["mode"], r.get("dtype", "float32"), result,
                       r.get("worst", r.get("error", "")),
                       _f(r.get("max_error"), "{:.2e}"), _f(r.get("bound"), "{:.2e}")])
     return headers, lines

@@ -125,7 +125,8 @@ class Run:
             self.skip("selfcheck", "-", "--skip-selfcheck")
         else:
             bar.set_postfix_str("parity self-check")
-            self.result["selfcheck"] = run_selfcheck(torch.device(s["device"]))
+            self.result["selfcheck"] = run_selfcheck(torch.device(s["device"]), s["ops"],
+                                                     dtype=self.dtype)
         bar.update()
         bar.set_postfix_str("copy bandwidth")
         mb = 1024 if self.device.type == "cuda" else (16 if s["level"] == "smoke" else 64)

@@ -1,10 +1,12 @@
 """Quick parity self-check: every usable backend of every op against the reference truth.
 
-Small shapes (odd sizes, stride 2, TensorFlow SAME padding, channels_last), float32,
-train and eval; the output, every input gradient and (depthwise, train) the updated
-running statistics are compared with `effnet_kernels.testing.parity`: the error against
-a float64 run of the truth must stay within a few times PyTorch's own float32 error plus
-a floor. A broken backend is reported, never raised, so the benchmark still runs.
+Small shapes (odd sizes, stride 2, TensorFlow SAME padding, channels_last), in the
+benchmark's dtype (float32 by default), train and eval; the output, every input gradient
+and (depthwise, train) the updated running statistics are compared with
+`effnet_kernels.testing.parity`: the error against a float64 run of the truth must stay
+within a few times PyTorch's own error in that dtype plus a floor. A backend that cannot
+serve the dtype on the device is left out; a broken one is reported, never raised, so the
+benchmark still runs.
 """
 
 from __future__ import annotations
@@ -100,13 +102,16 @@ def _run(fn, tensors, names, n_diff, training, dtype):
     return results
 
 
-def usable_backends(op: str, device: torch.device) -> list[str]:
-    return [b for b in BACKENDS
-            if not not_supported_reasons(OP_NAMES[op][0], b, device, torch.float32)]
+def usable_backends(op: str, device: torch.device, dtype: torch.dtype = torch.float32) -> list[str]:
+    return [b for b in BACKENDS if not not_supported_reasons(OP_NAMES[op][0], b, device, dtype)]
 
 
-def run_selfcheck(device: torch.device, ops=tuple(BUILDERS), progress=None) -> list[dict]:
-    """One row per (op, backend, case, mode): ok, worst tensor, its error and bound."""
+def run_selfcheck(device: torch.device, ops=tuple(BUILDERS), progress=None,
+                  dtype: torch.dtype = torch.float32) -> list[dict]:
+    """One row per (op, backend, case, mode) in dtype: ok, worst tensor, its error and bound."""
+    unknown = [op for op in ops if op not in BUILDERS]
+    if unknown:
+        raise ValueError(f"ops must be among {tuple(BUILDERS)}, got {unknown}")
     rows = []
     for op in ops:
         builder, cases = BUILDERS[op]
@@ -119,15 +124,15 @@ def run_selfcheck(device: torch.device, ops=tuple(BUILDERS), progress=None) -> l
             for training in (True, False):
                 mode = "train" if training else "eval"
                 expect = _run(call(truth, training), tensors, names, n_diff, training, torch.float64)
-                same = _run(call(truth, training), tensors, names, n_diff, training, torch.float32)
-                for backend in usable_backends(op, device):
+                same = _run(call(truth, training), tensors, names, n_diff, training, dtype)
+                for backend in usable_backends(op, device, dtype):
                     row = {"op": op, "backend": backend, "case": name, "memory_format": fmt,
-                           "mode": mode}
+                           "mode": mode, "dtype": str(dtype).removeprefix("torch.")}
                     try:
                         with use_backend(backend):
                             got = _run(call(fused, training), tensors, names, n_diff, training,
-                                       torch.float32)
-                        checks = [parity(k, got[k], same[k], expect[k], torch.float32) for k in expect]
+                                       dtype)
+                        checks = [parity(k, got[k], same[k], expect[k], dtype) for k in expect]
                         worst = max(checks, key=lambda p: p.error / p.bound if p.bound else p.error)
                         row.update(ok=all(p.ok for p in checks), worst=worst.name,
                                    max_error=worst.error, bound=worst.bound,

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .._ext import ext_module
-from ..backends import register_impl, remember_backend, runs_forward_backend, select
+from ..backends import forced_backend, register_impl, remember_backend, runs_forward_backend, select
 from . import reference
 from .bn_math import as_dtype
 from .checks import check_same_dtype, check_tensor
@@ -191,6 +191,9 @@ def drop_connect_add(
     `effnet_kernels.ops.reference.drop_connect_add`.
     """
     p = _check_inputs(x, shortcut, p, training, generator)
+    if (not training or p == 0.0) and not torch.compiler.is_compiling() \
+            and forced_backend() != "auto":
+        select(OP, x)  # the plain add runs no kernel, but a forced backend must serve x
     if (not training or p == 0.0) and x.stride() == shortcut.stride() and (
             x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         return torch.add(x, shortcut)  # the common eval case: one add, nothing to convert

@@ -183,9 +183,18 @@ def select_name(op: str, device: torch.device, dtype: torch.dtype) -> str:
 _SELECTED: dict[tuple, object] = {}
 
 
+def _device_type(x: torch.Tensor) -> str:
+    # x.device builds a torch.device object (about 1 us); the flags are plain reads.
+    return "cuda" if x.is_cuda else "cpu" if x.is_cpu else x.device.type
+
+
 def select(op: str, x: torch.Tensor):
     """The primitives namespace that serves `op` for tensors like x."""
-    key = (op, forced_backend(), x.device.type, x.dtype, triton_interpreted())
+    forced = forced_backend()
+    # The interpreter flag changes what triton can serve, and triton serves only when forced
+    # or on a GPU (AUTO_ORDER): other keys skip reading it (an environment lookup).
+    interpreted = (forced == "triton" or x.is_cuda) and triton_interpreted()
+    key = (op, forced, _device_type(x), x.dtype, interpreted)
     prims = _SELECTED.get(key)
     if prims is None:
         prims = _SELECTED[key] = _IMPLS[op][select_name(op, x.device, x.dtype)]()

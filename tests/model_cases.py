@@ -73,8 +73,12 @@ def assert_train_parity(model: nn.Module, reference: nn.Module, x: torch.Tensor,
     p = parity("logits", got[0], same[0], truth[0], dt)
     failures += [] if p.ok else [str(p)]
     # Gradients that vanish in exact arithmetic are judged against the model's scale.
-    scale = max(g.abs().max().item() for g in truth[1].values())
+    scale = max(g.abs().max().item() for g in truth[1].values() if g is not None)
     for name, g in truth[1].items():
+        if g is None:  # a parameter the output does not depend on: no gradient anywhere
+            if got[1][name] is not None or same[1][name] is not None:
+                failures.append(f"grad {name}: expected none")
+            continue
         p = parity(f"grad {name}", got[1][name], same[1][name], g, dt, scale=scale)
         failures += [] if p.ok else [str(p)]
     for name, b in truth[2].items():

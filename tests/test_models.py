@@ -144,3 +144,41 @@ def test_conv_bn_act_train_gradcheck(act, kernel, stride, padding):
     args = [a.requires_grad_() for a in args]
     assert torch.autograd.gradcheck(
         lambda x, w, g, b: ConvBNActTrain.apply(x, w, g, b, geo, 1e-5, act, None)[0], args)
+
+
+class _Flat(torch.nn.Module):
+    """A features-only model's maps flattened into one row per image (for the parity helpers)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return torch.cat([f.flatten(1) for f in self.model(x)], dim=1)
+
+
+@pytest.mark.parametrize("name,out_indices", [("efficientnet_b0", (0, 1, 2, 3, 4)),
+                                              ("tf_efficientnet_b2", (1, 3))])
+def test_features_only_matches_timm(name, out_indices):
+    """create_model(features_only=True) loads timm's features_only state_dict strictly,
+    describes its maps like timm's feature_info and gives timm's maps in eval and training."""
+    kw = dict(features_only=True, out_indices=out_indices, drop_path_rate=0.0)
+    reference = randomize_bn(timm.create_model(name, pretrained=False, **kw))
+    model = effnet_kernels.create_model(name, **kw)
+    model.load_state_dict(reference.state_dict(), strict=True)
+    assert [f["num_chs"] for f in model.feature_info] == reference.feature_info.channels()
+    assert [f["reduction"] for f in model.feature_info] == reference.feature_info.reduction()
+    assert [f["module"] for f in model.feature_info] == reference.feature_info.module_name()
+    x, y = batch(2, 64)
+    assert_eval_parity(_Flat(model), _Flat(reference), x)
+    assert_train_parity(_Flat(model), _Flat(reference), x, y)
+    with torch.no_grad():
+        maps = model.eval()(x)
+    assert [(m.shape[1], 64 // m.shape[-1]) for m in maps] == [
+        (f["num_chs"], f["reduction"]) for f in model.feature_info]
+
+
+def test_features_only_bad_out_indices():
+    for bad in ((), (5,), (0, 0), (-1,), (True,)):
+        with pytest.raises(ValueError, match="out_indices must be distinct ints in"):
+            effnet_kernels.create_model("efficientnet_b0", features_only=True, out_indices=bad)

@@ -3,10 +3,16 @@ torchvision models."""
 
 from . import registry
 from .convert import ConvertReport, convert, revert
-from .efficientnet import EfficientNet, load_torchvision_state_dict, torchvision_key_map
+from .efficientnet import (
+    EfficientNet,
+    EfficientNetFeatures,
+    load_torchvision_state_dict,
+    torchvision_key_map,
+)
 from .registry import MODELS, create_model, list_models
 
 globals().update({name: getattr(registry, name) for name in MODELS})
 
-__all__ = ["ConvertReport", "EfficientNet", "MODELS", "convert", "create_model", "list_models",
-           "load_torchvision_state_dict", "revert", "torchvision_key_map", *sorted(MODELS)]
+__all__ = ["ConvertReport", "EfficientNet", "EfficientNetFeatures", "MODELS", "convert",
+           "create_model", "list_models", "load_torchvision_state_dict", "revert",
+           "torchvision_key_map", *sorted(MODELS)]

@@ -11,7 +11,8 @@ included) and BN eps 1e-3. timm 1.0.31 keeps PyTorch's BN momentum 0.1 for the `
 models (it sets only bn_eps and pad_type), and so do we.
 
 Torchvision's positional keys (`features.1.0.block.1.0.weight`) load through
-`load_torchvision_state_dict`.
+`load_torchvision_state_dict`. `EfficientNetFeatures` is the trunk alone (stem and blocks)
+returning feature maps, like timm's `features_only=True` models, with their state_dict keys.
 """
 
 from __future__ import annotations
@@ -121,6 +122,60 @@ class EfficientNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def feature_locations(variant: str) -> list[dict]:
+    """Where a features-only model takes its maps: the end of every stage followed by a
+    stride-2 stage, and of the last stage (timm's "bottleneck" locations), as
+    {"num_chs", "reduction", "module"} dicts in timm's feature_info format."""
+    shapes = block_shapes(variant)
+    stages = sorted({b.stage for b in shapes})
+    first = {s: next(b for b in shapes if b.stage == s) for s in stages}
+    last = {s: [b for b in shapes if b.stage == s][-1] for s in stages}
+    reduction, found = 2, []  # the stem has stride 2
+    for i, s in enumerate(stages):
+        reduction *= first[s].stride
+        if i == len(stages) - 1 or first[stages[i + 1]].stride == 2:
+            found.append({"num_chs": last[s].out_channels, "reduction": reduction,
+                          "module": f"blocks.{i}"})
+    return found
+
+
+class EfficientNetFeatures(nn.Module):
+    """The stem and blocks of efficientnet_<variant> (no head), returning the feature maps
+    at `out_indices` of `feature_locations(variant)` (strides 2, 4, 8, 16, 32), in that
+    order. Like timm's `features_only=True` models every block runs whatever out_indices
+    selects, and the state_dict keys are theirs (conv_stem, bn1, blocks.i.j.*)."""
+
+    def __init__(self, variant: str = "b0", in_chans: int = 3, *,
+                 out_indices: tuple[int, ...] = (0, 1, 2, 3, 4), tf_same: bool = False,
+                 drop_path_rate: float | None = None, bn_eps: float | None = None,
+                 bn_momentum: float | None = 0.1, act: str = "silu"):
+        super().__init__()
+        locations = feature_locations(variant)
+        out_indices = tuple(out_indices)
+        if not out_indices or len(set(out_indices)) != len(out_indices) or any(
+                isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(locations)
+                for i in out_indices):
+            raise ValueError(f"out_indices must be distinct ints in [0, {len(locations)}), "
+                             f"got {out_indices!r}")
+        trunk = EfficientNet(variant, num_classes=0, in_chans=in_chans, tf_same=tf_same,
+                             drop_path_rate=drop_path_rate, bn_eps=bn_eps,
+                             bn_momentum=bn_momentum, act=act)
+        self.variant, self.act, self.resolution = variant, act, trunk.resolution
+        self.conv_stem, self.bn1, self.blocks = trunk.conv_stem, trunk.bn1, trunk.blocks
+        self.out_indices = out_indices
+        self.feature_info = [locations[i] for i in out_indices]
+        self._out_stages = {int(f["module"].split(".")[1]) for f in self.feature_info}
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = _conv_norm_act(x, self.conv_stem, self.bn1, self.act)
+        features = []
+        for i, stage in enumerate(self.blocks):
+            x = stage(x)
+            if i in self._out_stages:
+                features.append(x)
+        return features
 
 
 # Torchvision's EfficientNet: features.0 = stem (conv, bn), features.1..7 = stages with

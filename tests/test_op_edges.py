@@ -172,6 +172,8 @@ def test_backward_runs_on_the_backend_of_its_forward(monkeypatch, where):
     assert calls and x.grad is not None
 
 
+# Forward-mode AD loads torch's jvp decompositions, which call torch.jit.script (deprecated).
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_forward_mode_ad_raises_a_clear_error():
     import torch.autograd.forward_ad as forward_ad
     import torch.func

@@ -89,3 +89,15 @@ def assert_train_parity(model: nn.Module, reference: nn.Module, x: torch.Tensor,
         p = parity(f"buffer {name}", got[2][name], same[2][name], b, dt)
         failures += [] if p.ok else [str(p)]
     assert not failures, "\n".join(failures[:10]) + f"\n({len(failures)} failures)"
+
+
+class FlatFeatures(nn.Module):
+    """A features-only backbone's maps flattened into one row per image, so the parity
+    helpers above can judge them as logits."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([f.flatten(1) for f in self.backbone(x)], dim=1)

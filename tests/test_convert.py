@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from backend_params import DEVICES
-from model_cases import assert_eval_parity, assert_train_parity, batch, randomize_bn
+from model_cases import FlatFeatures, assert_eval_parity, assert_train_parity, batch, randomize_bn
 from torch import nn
 
 import effnet_kernels
@@ -376,22 +376,11 @@ def test_digits_training_matches_original():
         assert sum(curve[-5:]) / 5 < 0.8 * sum(curve[:5]) / 5, curve
 
 
-class _FeatureMaps(nn.Module):
-    """Every feature map of a features_only backbone, flattened into one row per image."""
-
-    def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, x):
-        return torch.cat([f.flatten(1) for f in self.backbone(x)], dim=1)
-
-
 @pytest.mark.parametrize("name", ["efficientnet_b0", "tf_efficientnet_b0"])
 def test_timm_features_only_backbone(name):
     """A timm features_only backbone (EfficientNetFeatures) converts like the full model:
     every feature map matches in eval, and in a training step every gradient and buffer."""
-    original = _FeatureMaps(make("timm", name, features_only=True, drop_path_rate=0.0))
+    original = FlatFeatures(make("timm", name, features_only=True, drop_path_rate=0.0))
     fused = copy.deepcopy(original)
     report = effnet_kernels.convert(fused)
     assert report.converted and not report.skipped, str(report)

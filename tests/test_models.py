@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from model_cases import assert_eval_parity, assert_train_parity, batch, randomize_bn
+from model_cases import FlatFeatures, assert_eval_parity, assert_train_parity, batch, randomize_bn
 
 import effnet_kernels
 from effnet_kernels.models import MODELS, load_torchvision_state_dict
@@ -146,17 +146,6 @@ def test_conv_bn_act_train_gradcheck(act, kernel, stride, padding):
         lambda x, w, g, b: ConvBNActTrain.apply(x, w, g, b, geo, 1e-5, act, None)[0], args)
 
 
-class _Flat(torch.nn.Module):
-    """A features-only model's maps flattened into one row per image (for the parity helpers)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return torch.cat([f.flatten(1) for f in self.model(x)], dim=1)
-
-
 @pytest.mark.parametrize("name,out_indices", [("efficientnet_b0", (0, 1, 2, 3, 4)),
                                               ("tf_efficientnet_b2", (1, 3))])
 def test_features_only_matches_timm(name, out_indices):
@@ -170,8 +159,8 @@ def test_features_only_matches_timm(name, out_indices):
     assert [f["reduction"] for f in model.feature_info] == reference.feature_info.reduction()
     assert [f["module"] for f in model.feature_info] == reference.feature_info.module_name()
     x, y = batch(2, 64)
-    assert_eval_parity(_Flat(model), _Flat(reference), x)
-    assert_train_parity(_Flat(model), _Flat(reference), x, y)
+    assert_eval_parity(FlatFeatures(model), FlatFeatures(reference), x)
+    assert_train_parity(FlatFeatures(model), FlatFeatures(reference), x, y)
     with torch.no_grad():
         maps = model.eval()(x)
     assert [(m.shape[1], 64 // m.shape[-1]) for m in maps] == [

@@ -70,18 +70,19 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> pw_bn_stats(
     yp = y->mutable_data_ptr<float>();
   }
   const auto moments = EFFNET_PICK_ISA(cpu_pw, tile_moments);
-  std::vector<float> part(tl.tiles * 3 * a.cout);
+  const int64_t per_tile = 3 * a.cout;  // each tile's mean, M2 and dev (tile_moments)
+  std::vector<float> part(tl.tiles * per_tile);
   for_tiles(tl, keep_y ? 0 : tl.tile * a.cout, [&](int64_t, int64_t t, float* scratch) {
     float* dest = keep_y ? yp + tl.begin(t) * a.cout : scratch;
     cpu::gemm_xwt(a.x + tl.begin(t) * a.cin, a.w, dest, tl.count(t), a.cin, a.cout);
-    float* p = part.data() + t * 3 * a.cout;
+    float* p = part.data() + t * per_tile;
     moments(dest, tl.count(t), a.cout, p, p + a.cout, p + 2 * a.cout);
   });
   // Chan's merge of the tiles' (count, mean + dev / count, M2), in tile order, in double: total is
   // [count, mean[C], m2[C]] as in the depthwise statistics.
   std::vector<double> total(1 + 2 * a.cout, 0.0);
   for (int64_t t = 0; t < tl.tiles; ++t) {
-    const float* p = part.data() + t * 3 * a.cout;
+    const float* p = part.data() + t * per_tile;
     cpu_dw::chan_merge(total.data(), a.cout, double(tl.count(t)), p, p + a.cout, p + 2 * a.cout);
   }
   at::Tensor mean_t = at::empty({a.cout}, x.options()), var_t = at::empty({a.cout}, x.options());

@@ -25,6 +25,7 @@ from ..ops.bn_math import as_dtype, running_stats, update_running, vector_math
 from ..ops.depthwise import OP as DEPTHWISE_OP
 from ..ops.depthwise import depthwise_conv_bn_act
 from ..ops.eager import plain_eager, records_graph
+from ..ops.geometry import is_dense
 from .batchnorm import bn_call_args, sync_group
 from .pointwise import bn_act_backward, bn_act_forward, bn_param_grads, unit_kernel
 
@@ -59,8 +60,7 @@ def bn_act(y: Tensor, bn: nn.Module, act: str) -> Tensor | None:
     """act(bn(y)) with BatchNorm2d's bookkeeping through the fused passes, or None where
     they do not serve this call (the caller then runs the module itself)."""
     if not (y.dim() == 4 and y.dtype in _DTYPES and y.numel() > 0 and plain_eager(y)
-            and not torch.is_autocast_enabled(y.device.type)
-            and (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last))):
+            and not torch.is_autocast_enabled(y.device.type) and is_dense(y)):
         return None
     if bn.weight is not None and bn.weight.dtype != torch.float32 and bn.weight.dtype != y.dtype:
         return None

@@ -33,7 +33,7 @@ from . import reference
 from .bn_math import as_dtype
 from .checks import check_same_dtype, check_tensor
 from .eager import onnx_exporting, plain_eager
-from .geometry import acc_dtype, dense_format
+from .geometry import acc_dtype, dense_format, is_dense
 
 OP = "drop_connect_add"
 
@@ -191,13 +191,11 @@ def drop_connect_add(
     `effnet_kernels.ops.reference.drop_connect_add`.
     """
     p = _check_inputs(x, shortcut, p, training, generator)
-    if (not training or p == 0.0) and not torch.compiler.is_compiling() \
-            and forced_backend() != "auto":
-        select(OP, x)  # the plain add runs no kernel, but a forced backend must serve x
-    if (not training or p == 0.0) and x.stride() == shortcut.stride() and (
-            x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        return torch.add(x, shortcut)  # the common eval case: one add, nothing to convert
     if not training or p == 0.0:
+        if not torch.compiler.is_compiling() and forced_backend() != "auto":
+            select(OP, x)  # the plain add runs no kernel, but a forced backend must serve x
+        if x.stride() == shortcut.stride() and is_dense(x):
+            return torch.add(x, shortcut)  # the common eval case: one add, nothing to convert
         fmt = dense_format(x)
         return torch.add(x, _same_format(shortcut, fmt)).contiguous(memory_format=fmt)
     if onnx_exporting():  # ONNX has no node for the fused op: export its math

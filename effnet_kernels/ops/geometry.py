@@ -50,7 +50,8 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _is_dense(x: torch.Tensor) -> bool:
+def is_dense(x: torch.Tensor) -> bool:
+    """Whether x is dense in NCHW or in channels_last."""
     return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -62,13 +63,13 @@ def _densify_format(x: torch.Tensor) -> torch.memory_format:
 
 def dense(x: torch.Tensor) -> torch.Tensor:
     """x made dense in its own memory format (NCHW or channels_last)."""
-    return x if _is_dense(x) else x.contiguous(memory_format=_densify_format(x))
+    return x if is_dense(x) else x.contiguous(memory_format=_densify_format(x))
 
 
 def dense_format(x: torch.Tensor) -> torch.memory_format:
     """memory_format_of(dense(x)) without the copy: the format of the outputs the kernels
     write for x, which a fake kernel must predict for non-dense inputs too."""
-    if _is_dense(x):
+    if is_dense(x):
         return memory_format_of(x)
     return memory_format_of(torch.empty(x.shape, device="meta", memory_format=_densify_format(x)))
 

@@ -128,26 +128,32 @@ def _dw_stats_kernel(
     M, C, H, W, OW, OHW, chunk, pad_top, pad_left, sxn, sxc, sxh, sxw,
     K: tl.constexpr, STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # Shifted sums: the shift is the first sub-tile's mean, within a few spreads of the
-    # chunk's, so the sums of y - shift keep their digits however large the mean (a rounded
-    # running mean would enter M2 through the merges' cross terms). dw_stats merges them.
+    # Shifted sums: the shift is the first sub-tile's mean (taken before the loop over the
+    # rest), within a few spreads of the chunk's, so the sums of y - shift keep their
+    # digits however large the mean (a rounded running mean would enter M2 through the
+    # merges' cross terms). dw_stats merges them.
     ACC: tl.constexpr = part_ptr.dtype.element_ty
     row = tl.program_id(0)
     cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c, cmask = cc[None, :], cc[None, :] < C
-    shift = tl.zeros([BLOCK_C], dtype=ACC)
-    s1 = tl.zeros([BLOCK_C], dtype=ACC)
-    s2 = tl.zeros([BLOCK_C], dtype=ACC)
-    for s in range(0, chunk, BLOCK_P):
+    local = tl.arange(0, BLOCK_P)[:, None]
+    p = row * chunk + local
+    pmask = (local < chunk) & (p < M)
+    n, oh, ow = _pixel(p, OW, OHW)
+    y = _conv_tile(x_ptr, w_ptr, n, oh, ow, c, pmask, cmask, H, W, pad_top, pad_left,
+                   sxn, sxc, sxh, sxw, ACC, K, STRIDE, BLOCK_P, BLOCK_C)
+    nb = tl.sum(pmask.to(ACC), axis=0)
+    shift = tl.sum(tl.where(pmask, y, 0.0), axis=0) / tl.maximum(nb, 1.0)
+    d = tl.where(pmask, y - shift[None, :], 0.0)
+    s1 = tl.sum(d, axis=0)
+    s2 = tl.sum(d * d, axis=0)
+    for s in range(BLOCK_P, chunk, BLOCK_P):
         local = s + tl.arange(0, BLOCK_P)[:, None]
         p = row * chunk + local
         pmask = (local < chunk) & (p < M)
         n, oh, ow = _pixel(p, OW, OHW)
         y = _conv_tile(x_ptr, w_ptr, n, oh, ow, c, pmask, cmask, H, W, pad_top, pad_left,
                        sxn, sxc, sxh, sxw, ACC, K, STRIDE, BLOCK_P, BLOCK_C)
-        nb = tl.sum(pmask.to(ACC), axis=0)
-        tile_mean = tl.sum(tl.where(pmask, y, 0.0), axis=0) / tl.maximum(nb, 1.0)
-        shift = tl.where(s == 0, tile_mean, shift)
         d = tl.where(pmask, y - shift[None, :], 0.0)
         s1 += tl.sum(d, axis=0)
         s2 += tl.sum(d * d, axis=0)

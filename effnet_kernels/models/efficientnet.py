@@ -46,19 +46,32 @@ def _conv_norm_act(x: Tensor, conv: nn.Module, norm: nn.Module, act: str) -> Ten
     return ACT_FUNCTIONS[act](norm(conv(x)))
 
 
-class EfficientNet(nn.Module):
-    def __init__(self, variant: str = "b0", num_classes: int = 1000, in_chans: int = 3, *,
-                 tf_same: bool = False, drop_rate: float | None = None,
-                 drop_path_rate: float | None = None, bn_eps: float | None = None,
-                 bn_momentum: float | None = 0.1, act: str = "silu"):
+def init_weights(module: nn.Module) -> None:
+    """Random init in the style of the TF reference (He-normal convs over fan-out, uniform
+    linear layers), over module.modules() in order; no pretrained weights are ever fetched."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            bound = 1.0 / math.sqrt(m.weight.shape[0])
+            nn.init.uniform_(m.weight, -bound, bound)
+            nn.init.zeros_(m.bias)
+
+
+class _Trunk(nn.Module):
+    """The stem (conv_stem, bn1) and the stages of blocks of efficientnet_<variant>, with
+    timm's attribute names; EfficientNet adds the head, EfficientNetFeatures the feature
+    taps. Not initialized: its owner calls init_weights."""
+
+    def __init__(self, variant: str, in_chans: int, tf_same: bool,
+                 drop_path_rate: float | None, eps: float, bn_momentum: float | None,
+                 act: str):
         super().__init__()
         scaling = SCALING[variant]
-        eps = bn_eps if bn_eps is not None else (TF_BN_EPS if tf_same else 1e-5)
-        self.variant, self.act = variant, act
-        self.drop_rate = scaling.dropout if drop_rate is None else drop_rate
-        self.resolution = scaling.resolution
         dpr = DROP_CONNECT_RATE if drop_path_rate is None else drop_path_rate
-
         stem = round_channels(STEM_CHANNELS, scaling.width)
         if tf_same:
             self.conv_stem = SameConv2d(in_chans, stem, 3, 2, bias=False)
@@ -81,9 +94,29 @@ class EfficientNet(nn.Module):
                 block = MBConv(b.in_channels, b.out_channels, exp_ratio=expand, **common)
             stages[-1].append(block)
         self.blocks = nn.Sequential(*(nn.Sequential(*s) for s in stages))
+        self.out_channels = shapes[-1].out_channels
+
+
+def _bn_eps(bn_eps: float | None, tf_same: bool) -> float:
+    return bn_eps if bn_eps is not None else (TF_BN_EPS if tf_same else 1e-5)
+
+
+class EfficientNet(nn.Module):
+    def __init__(self, variant: str = "b0", num_classes: int = 1000, in_chans: int = 3, *,
+                 tf_same: bool = False, drop_rate: float | None = None,
+                 drop_path_rate: float | None = None, bn_eps: float | None = None,
+                 bn_momentum: float | None = 0.1, act: str = "silu"):
+        super().__init__()
+        scaling = SCALING[variant]
+        eps = _bn_eps(bn_eps, tf_same)
+        self.variant, self.act = variant, act
+        self.drop_rate = scaling.dropout if drop_rate is None else drop_rate
+        self.resolution = scaling.resolution
+        trunk = _Trunk(variant, in_chans, tf_same, drop_path_rate, eps, bn_momentum, act)
+        self.conv_stem, self.bn1, self.blocks = trunk.conv_stem, trunk.bn1, trunk.blocks
 
         self.num_features = round_channels(HEAD_CHANNELS, scaling.width)
-        self.conv_head = nn.Conv2d(shapes[-1].out_channels, self.num_features, 1, bias=False)
+        self.conv_head = nn.Conv2d(trunk.out_channels, self.num_features, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(self.num_features, eps=eps, momentum=bn_momentum)
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
@@ -96,18 +129,8 @@ class EfficientNet(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Random init in the style of the TF reference (He-normal convs over fan-out,
-        uniform classifier); no pretrained weights are ever fetched."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                bound = 1.0 / math.sqrt(m.weight.shape[0])
-                nn.init.uniform_(m.weight, -bound, bound)
-                nn.init.zeros_(m.bias)
+        """Random init in the style of the TF reference (init_weights)."""
+        init_weights(self)
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = _conv_norm_act(x, self.conv_stem, self.bn1, self.act)
@@ -159,14 +182,14 @@ class EfficientNetFeatures(nn.Module):
                 for i in out_indices):
             raise ValueError(f"out_indices must be distinct ints in [0, {len(locations)}), "
                              f"got {out_indices!r}")
-        trunk = EfficientNet(variant, num_classes=0, in_chans=in_chans, tf_same=tf_same,
-                             drop_path_rate=drop_path_rate, bn_eps=bn_eps,
-                             bn_momentum=bn_momentum, act=act)
-        self.variant, self.act, self.resolution = variant, act, trunk.resolution
+        trunk = _Trunk(variant, in_chans, tf_same, drop_path_rate, _bn_eps(bn_eps, tf_same),
+                       bn_momentum, act)
+        self.variant, self.act, self.resolution = variant, act, SCALING[variant].resolution
         self.conv_stem, self.bn1, self.blocks = trunk.conv_stem, trunk.bn1, trunk.blocks
         self.out_indices = out_indices
         self.feature_info = [locations[i] for i in out_indices]
         self._out_stages = {int(f["module"].split(".")[1]) for f in self.feature_info}
+        init_weights(self)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = _conv_norm_act(x, self.conv_stem, self.bn1, self.act)

@@ -1,7 +1,7 @@
 // Kernels of the fused depthwise conv + BatchNorm + activation op (launchers in
 // depthwise_{stats,forward,backward_reduce,backward}.cu). Per channel c, with y = depthwise_conv(x, weight) recomputed on the
 // fly (never stored) and z = y * scale[c] + shift[c]:
-//   stats          (count, mean, M2) of y per chunk of pixels      -> merge_stats_kernel
+//   stats          shifted sums of y per chunk of pixels       -> merge_shifted_stats_kernel
 //   forward        out = act(z)
 //   backward_reduce g = dy * act'(z); sum g, sum g * (y - mean)   -> sum_chunks_kernel
 //   backward_dyc   dyc = scale * g + coef_b + coef_c * (y - mean) (float32 temporary)
@@ -33,44 +33,56 @@ __device__ __forceinline__ void chunk_range(int rows, int total, int& m0, int& m
   m1 = static_cast<int>(start + rows < total ? start + rows : total);
 }
 
-// Per-chunk Welford statistics of y: part_mean / part_m2 [gridDim.y][C].
+// Per-chunk shifted sums of y: part [gridDim.y][3][C] = (shift, sum (y - shift),
+// sum (y - shift)^2), the shift being y at the chunk's first pixel (within a few spreads
+// of the chunk's mean), so the float sums keep their digits however large the mean: a
+// float running mean (Welford) would be rounded to ulp(mean) and enter M2 through the
+// merges' cross terms. merge_shifted_stats_kernel merges the chunks in double.
 template <typename T, int K, int V, bool CL>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     dw_stats_partial_kernel(const T* __restrict__ x, const T* __restrict__ w, DwGeom g,
-                            int rows, float* __restrict__ part_mean,
-                            float* __restrict__ part_m2) {
+                            int rows, float* __restrict__ part) {
   __shared__ __align__(16) float sw[K * K * 32 * V];
-  __shared__ float sred[kThreads / 32 * (2 * V + 1) * 32];
+  __shared__ float sshift[32 * V];
+  __shared__ float sred[kThreads / 32 * 2 * V * 32];
   const int width = blockDim.x * V, cl = threadIdx.x * V;
   const int c0 = blockIdx.x * width + cl;
   load_weight_tile<T, K>(w, g.C, blockIdx.x * width, width, sw);
   int m0, m1;
   chunk_range(rows, g.N * g.OH * g.OW, m0, m1);
-  float n = 0.f, mean[V], m2[V];
+  if (threadIdx.y == 0 && c0 < g.C) {
+    float y0[V];
+    conv_at<T, K, V, CL>(x, sw, width, cl, g, c0, decode(m0, g.OH, g.OW), y0);
 #pragma unroll
-  for (int v = 0; v < V; ++v) mean[v] = m2[v] = 0.f;
+    for (int v = 0; v < V; ++v) sshift[cl + v] = y0[v];
+  }
+  __syncthreads();
+  float shift[V], acc[2 * V];  // sum (y - shift) [0, V), sum (y - shift)^2 [V, 2V)
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    shift[v] = c0 < g.C ? sshift[cl + v] : 0.f;
+    acc[v] = acc[V + v] = 0.f;
+  }
   if (c0 < g.C) {
     for (int m = m0 + threadIdx.y; m < m1; m += blockDim.y) {
       float y[V];
       conv_at<T, K, V, CL>(x, sw, width, cl, g, c0, decode(m, g.OH, g.OW), y);
-      // Welford update; all V channels share the count.
-      n += 1.f;
-      const float inv = 1.f / n;
 #pragma unroll
       for (int v = 0; v < V; ++v) {
-        const float d = y[v] - mean[v];
-        mean[v] = fmaf(d, inv, mean[v]);
-        m2[v] = fmaf(d, y[v] - mean[v], m2[v]);
+        const float d = y[v] - shift[v];
+        acc[v] += d;
+        acc[V + v] = fmaf(d, d, acc[V + v]);
       }
     }
   }
-  lane_chan_merge<kThreads, V>(n, mean, m2, sred);
+  lane_sum<kThreads, 2 * V>(acc, sred);
   if (threadIdx.y == 0 && c0 < g.C) {
-    const int64_t o = static_cast<int64_t>(blockIdx.y) * g.C + c0;
+    const int64_t o = static_cast<int64_t>(blockIdx.y) * 3 * g.C + c0;
 #pragma unroll
     for (int v = 0; v < V; ++v) {
-      part_mean[o + v] = mean[v];
-      part_m2[o + v] = m2[v];
+      part[o + v] = shift[v];
+      part[o + g.C + v] = acc[v];
+      part[o + 2 * g.C + v] = acc[V + v];
     }
   }
 }

@@ -12,9 +12,11 @@
 // The result is valid in threads with threadIdx.y == 0. The order of operations depends
 // only on the launch shape, so results are bitwise reproducible run to run.
 //
-// Batch statistics use Chan's parallel merge of (count, mean, M2):
+// Batch statistics: each chunk q of n_q pixels leaves (shift_q, s1_q, s2_q) = (a sample
+// of y, sum (y - shift_q), sum (y - shift_q)^2); its mean is shift_q + s1_q / n_q and its
+// M2 is s2_q - s1_q^2 / n_q, and the chunks are combined with Chan's parallel merge
 //   n = na + nb,  d = mb - ma,  mean = ma + d * nb / n,  M2 = M2a + M2b + d^2 * na * nb / n
-// (a side with n = 0 leaves the other unchanged); var = M2 / n.
+// in double, one thread per channel, in chunk order; var = M2 / n.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -23,21 +25,6 @@
 
 namespace effnet {
 namespace cuda {
-
-// (na, ma, Ma) <- merge with (nb, mb, Mb), V channels sharing one count.
-template <int V>
-__device__ __forceinline__ void chan_merge(float& na, float (&ma)[V], float (&Ma)[V], float nb,
-                                           const float (&mb)[V], const float (&Mb)[V]) {
-  const float n = na + nb;
-  const float f = n > 0.f ? nb / n : 0.f;  // nb / n
-#pragma unroll
-  for (int v = 0; v < V; ++v) {
-    const float d = mb[v] - ma[v];
-    ma[v] = fmaf(d, f, ma[v]);
-    Ma[v] = Ma[v] + Mb[v] + d * d * na * f;
-  }
-  na = n;
-}
 
 // Column sums of NV values over the lanes of an NT-thread block (result in row 0).
 // smem: NT / 32 * NV * 32 floats.
@@ -65,79 +52,36 @@ __device__ __forceinline__ void lane_sum(float (&val)[NV], float* smem) {
   }
 }
 
-// Column Chan merge of (n, mean[V], M2[V]) over the lanes (result in row 0).
-// smem: NT / 32 * (2V + 1) * 32 floats.
-template <int NT, int V>
-__device__ __forceinline__ void lane_chan_merge(float& n, float (&mean)[V], float (&m2)[V],
-                                                float* smem) {
-  constexpr int NV = 2 * V + 1;  // record: n, mean[0..V), m2[0..V)
-  const int cx = blockDim.x;
-  const int tid = threadIdx.y * cx + threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  for (int o = 16; o >= cx; o >>= 1) {
-    float mb[V], Mb[V];
-    const float nb = __shfl_xor_sync(0xffffffffu, n, o);
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      mb[v] = __shfl_xor_sync(0xffffffffu, mean[v], o);
-      Mb[v] = __shfl_xor_sync(0xffffffffu, m2[v], o);
-    }
-    chan_merge<V>(n, mean, m2, nb, mb, Mb);
-  }
-  __syncthreads();
-  if (lane < cx) {
-    float* rec = smem + warp * NV * 32 + lane;
-    rec[0] = n;
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      rec[(1 + v) * 32] = mean[v];
-      rec[(1 + V + v) * 32] = m2[v];
-    }
-  }
-  __syncthreads();
-  if (tid < cx) {
-    for (int w = 1; w < NT / 32; ++w) {
-      const float* rec = smem + w * NV * 32 + tid;
-      float mb[V], Mb[V];
-#pragma unroll
-      for (int v = 0; v < V; ++v) {
-        mb[v] = rec[(1 + v) * 32];
-        Mb[v] = rec[(1 + V + v) * 32];
-      }
-      chan_merge<V>(n, mean, m2, rec[0], mb, Mb);
-    }
-  }
-}
-
-// Second pass of the statistics: merge per-chunk (mean, M2) partials of each channel.
-//   part_mean, part_m2: [chunks][C]; chunk q holds min(rows, M - q * rows) pixels.
-//   mean[c] = merged mean, var[c] = M2 / M (biased).
-// Block (32, 8): threadIdx.x picks the channel, row ty merges chunks ty, ty + 8, ...
+// Second pass of the statistics: merge the per-chunk shifted sums of each channel.
+//   part: [chunks][3][C] = (shift, sum (y - shift), sum (y - shift)^2); chunk q holds
+//   min(rows, M - q * rows) pixels. mean[c] = merged mean, var[c] = M2 / M (biased).
+// One thread per channel, the chunks in order (deterministic); 256 threads per block.
 static __global__ void __launch_bounds__(256)
-    merge_stats_kernel(const float* __restrict__ part_mean, const float* __restrict__ part_m2,
-                       int chunks, int rows, int64_t M, int C, float* __restrict__ mean,
-                       float* __restrict__ var) {
-  __shared__ float smem[8 * 3 * 32];
-  const int c = blockIdx.x * 32 + threadIdx.x;
-  float n = 0.f, m[1] = {0.f}, m2[1] = {0.f};
-  if (c < C) {
-    for (int q = threadIdx.y; q < chunks; q += 8) {
-      const int64_t start = static_cast<int64_t>(q) * rows;
-      const float nb = static_cast<float>(M - start < rows ? M - start : rows);
-      const float mb[1] = {part_mean[static_cast<int64_t>(q) * C + c]};
-      const float Mb[1] = {part_m2[static_cast<int64_t>(q) * C + c]};
-      chan_merge<1>(n, m, m2, nb, mb, Mb);
-    }
+    merge_shifted_stats_kernel(const float* __restrict__ part, int chunks, int rows, int64_t M,
+                               int C, float* __restrict__ mean, float* __restrict__ var) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  double n = 0.0, m = 0.0, m2 = 0.0;
+  for (int q = 0; q < chunks; ++q) {
+    const int64_t start = static_cast<int64_t>(q) * rows;
+    const double nb = static_cast<double>(M - start < rows ? M - start : rows);
+    const float* pq = part + static_cast<int64_t>(q) * 3 * C + c;
+    const double s1 = pq[C], mb = pq[0] + s1 / nb;
+    const double raw = static_cast<double>(pq[2 * C]) - s1 * s1 / nb;
+    const double mb2 = raw < 0.0 ? 0.0 : raw;  // rounding can leave it below 0; NaN stays
+    const double total = n + nb, d = mb - m;
+    m += d * (nb / total);
+    m2 += mb2 + d * d * (n * nb / total);
+    n = total;
   }
-  lane_chan_merge<256, 1>(n, m, m2, smem);
-  if (threadIdx.y == 0 && c < C) {
-    mean[c] = m[0];
-    var[c] = n > 0.f ? m2[0] / n : 0.f;
-  }
+  mean[c] = static_cast<float>(m);
+  var[c] = static_cast<float>(n > 0.0 ? m2 / n : 0.0);
 }
 
 // Second pass of a sum: out[col] = sum_q part[q][col] over `chunks` rows of `cols` floats,
 // in a fixed order. Columns [0, split) go to out0[col], [split, cols) to out1[col - split].
-// Block (32, 8) as in merge_stats_kernel.
+// Block (32, 8): threadIdx.x picks the column, row ty sums chunks ty, ty + 8, ... and the
+// rows are combined with lane_sum.
 template <typename Tout>
 __global__ void __launch_bounds__(256)
     sum_chunks_kernel(const float* __restrict__ part, int chunks, int64_t cols, int64_t split,

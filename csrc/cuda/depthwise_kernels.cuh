@@ -33,50 +33,76 @@ __device__ __forceinline__ void chunk_range(int rows, int total, int& m0, int& m
   m1 = static_cast<int>(start + rows < total ? start + rows : total);
 }
 
-// Per-chunk shifted sums of y: part [gridDim.y][3][C] = (shift, sum (y - shift),
-// sum (y - shift)^2), the shift being y at the chunk's first pixel (within a few spreads
-// of the chunk's mean), so the float sums keep their digits however large the mean: a
-// float running mean (Welford) would be rounded to ulp(mean) and enter M2 through the
-// merges' cross terms. merge_shifted_stats_kernel merges the chunks in double.
+// Per-chunk shifted sums of y: part [gridDim.y][3][C] doubles = (shift, sum (y - shift),
+// sum (y - shift)^2). The shift is the mean of y at one pixel per lane spread evenly over
+// the chunk (close to the chunk's mean, even where the chunk starts at a padded border row,
+// so y - shift is exact in float and the sums do not cancel); each thread sums
+// kStatsFlush of its pixels in float and adds those partials into doubles, and the block
+// reduces in double. A float running mean (Welford) would be rounded to ulp(mean) and
+// enter M2 through the merges' cross terms. merge_shifted_stats_kernel merges the chunks.
+constexpr int kStatsFlush = 4;
+
 template <typename T, int K, int V, bool CL>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     dw_stats_partial_kernel(const T* __restrict__ x, const T* __restrict__ w, DwGeom g,
-                            int rows, float* __restrict__ part) {
+                            int rows, double* __restrict__ part) {
   __shared__ __align__(16) float sw[K * K * 32 * V];
   __shared__ float sshift[32 * V];
-  __shared__ float sred[kThreads / 32 * 2 * V * 32];
+  __shared__ double sred[kThreads / 32 * 2 * V * 32];
   const int width = blockDim.x * V, cl = threadIdx.x * V;
   const int c0 = blockIdx.x * width + cl;
   load_weight_tile<T, K>(w, g.C, blockIdx.x * width, width, sw);
   int m0, m1;
   chunk_range(rows, g.N * g.OH * g.OW, m0, m1);
-  if (threadIdx.y == 0 && c0 < g.C) {
-    float y0[V];
-    conv_at<T, K, V, CL>(x, sw, width, cl, g, c0, decode(m0, g.OH, g.OW), y0);
+  const int lanes = static_cast<int>(blockDim.y), ty = static_cast<int>(threadIdx.y);
+  const int samples = min(lanes, m1 - m0);
+  double sample[V];
 #pragma unroll
-    for (int v = 0; v < V; ++v) sshift[cl + v] = y0[v];
+  for (int v = 0; v < V; ++v) sample[v] = 0.0;
+  if (c0 < g.C && ty < samples) {
+    float y[V];
+    const int m = m0 + static_cast<int>(static_cast<int64_t>(ty) * (m1 - m0) / samples);
+    conv_at<T, K, V, CL>(x, sw, width, cl, g, c0, decode(m, g.OH, g.OW), y);
+#pragma unroll
+    for (int v = 0; v < V; ++v) sample[v] = y[v];
+  }
+  lane_sum<kThreads, V>(sample, sred);
+  if (ty == 0 && c0 < g.C) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) sshift[cl + v] = static_cast<float>(sample[v] / samples);
   }
   __syncthreads();
-  float shift[V], acc[2 * V];  // sum (y - shift) [0, V), sum (y - shift)^2 [V, 2V)
+  float shift[V];
+  double acc[2 * V];  // sum (y - shift) [0, V), sum (y - shift)^2 [V, 2V)
 #pragma unroll
   for (int v = 0; v < V; ++v) {
     shift[v] = c0 < g.C ? sshift[cl + v] : 0.f;
-    acc[v] = acc[V + v] = 0.f;
+    acc[v] = acc[V + v] = 0.0;
   }
   if (c0 < g.C) {
-    for (int m = m0 + threadIdx.y; m < m1; m += blockDim.y) {
-      float y[V];
-      conv_at<T, K, V, CL>(x, sw, width, cl, g, c0, decode(m, g.OH, g.OW), y);
+    for (int m = m0 + ty; m < m1;) {
+      float p1[V], p2[V];
+#pragma unroll
+      for (int v = 0; v < V; ++v) p1[v] = p2[v] = 0.f;
+      for (int j = 0; j < kStatsFlush && m < m1; ++j, m += lanes) {
+        float y[V];
+        conv_at<T, K, V, CL>(x, sw, width, cl, g, c0, decode(m, g.OH, g.OW), y);
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const float d = y[v] - shift[v];
+          p1[v] += d;
+          p2[v] = fmaf(d, d, p2[v]);
+        }
+      }
 #pragma unroll
       for (int v = 0; v < V; ++v) {
-        const float d = y[v] - shift[v];
-        acc[v] += d;
-        acc[V + v] = fmaf(d, d, acc[V + v]);
+        acc[v] += p1[v];
+        acc[V + v] += p2[v];
       }
     }
   }
   lane_sum<kThreads, 2 * V>(acc, sred);
-  if (threadIdx.y == 0 && c0 < g.C) {
+  if (ty == 0 && c0 < g.C) {
     const int64_t o = static_cast<int64_t>(blockIdx.y) * 3 * g.C + c0;
 #pragma unroll
     for (int v = 0; v < V; ++v) {

@@ -12,9 +12,10 @@
 // The result is valid in threads with threadIdx.y == 0. The order of operations depends
 // only on the launch shape, so results are bitwise reproducible run to run.
 //
-// Batch statistics: each chunk q of n_q pixels leaves (shift_q, s1_q, s2_q) = (a sample
-// of y, sum (y - shift_q), sum (y - shift_q)^2); its mean is shift_q + s1_q / n_q and its
-// M2 is s2_q - s1_q^2 / n_q, and the chunks are combined with Chan's parallel merge
+// Batch statistics: each chunk q of n_q pixels leaves (shift_q, s1_q, s2_q) = (about the
+// chunk's mean, sum (y - shift_q), sum (y - shift_q)^2) in double; its mean is
+// shift_q + s1_q / n_q and its M2 is s2_q - s1_q^2 / n_q, and the chunks are combined with
+// Chan's parallel merge
 //   n = na + nb,  d = mb - ma,  mean = ma + d * nb / n,  M2 = M2a + M2b + d^2 * na * nb / n
 // in double, one thread per channel, in chunk order; var = M2 / n.
 #pragma once
@@ -26,10 +27,10 @@
 namespace effnet {
 namespace cuda {
 
-// Column sums of NV values over the lanes of an NT-thread block (result in row 0).
-// smem: NT / 32 * NV * 32 floats.
-template <int NT, int NV>
-__device__ __forceinline__ void lane_sum(float (&val)[NV], float* smem) {
+// Column sums of NV values of type F (float or double) over the lanes of an NT-thread
+// block (result in row 0). smem: NT / 32 * NV * 32 values of F.
+template <int NT, int NV, typename F = float>
+__device__ __forceinline__ void lane_sum(F (&val)[NV], F* smem) {
   const int cx = blockDim.x;
   const int tid = threadIdx.y * cx + threadIdx.x, lane = tid & 31, warp = tid >> 5;
   for (int o = 16; o >= cx; o >>= 1) {
@@ -45,7 +46,7 @@ __device__ __forceinline__ void lane_sum(float (&val)[NV], float* smem) {
   if (tid < cx) {  // threadIdx.y == 0, warp 0, lane == tx
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
-      float s = smem[k * 32 + tid];
+      F s = smem[k * 32 + tid];
       for (int w = 1; w < NT / 32; ++w) s += smem[(w * NV + k) * 32 + tid];
       val[k] = s;
     }
@@ -53,21 +54,22 @@ __device__ __forceinline__ void lane_sum(float (&val)[NV], float* smem) {
 }
 
 // Second pass of the statistics: merge the per-chunk shifted sums of each channel.
-//   part: [chunks][3][C] = (shift, sum (y - shift), sum (y - shift)^2); chunk q holds
-//   min(rows, M - q * rows) pixels. mean[c] = merged mean, var[c] = M2 / M (biased).
+//   part: [chunks][3][C] doubles = (shift, sum (y - shift), sum (y - shift)^2); chunk q
+//   holds min(rows, M - q * rows) pixels. mean[c] = merged mean, var[c] = M2 / M (biased).
 // One thread per channel, the chunks in order (deterministic); 256 threads per block.
 static __global__ void __launch_bounds__(256)
-    merge_shifted_stats_kernel(const float* __restrict__ part, int chunks, int rows, int64_t M,
-                               int C, float* __restrict__ mean, float* __restrict__ var) {
+    merge_shifted_stats_kernel(const double* __restrict__ part, int chunks, int rows,
+                               int64_t M, int C, float* __restrict__ mean,
+                               float* __restrict__ var) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;
   double n = 0.0, m = 0.0, m2 = 0.0;
   for (int q = 0; q < chunks; ++q) {
     const int64_t start = static_cast<int64_t>(q) * rows;
     const double nb = static_cast<double>(M - start < rows ? M - start : rows);
-    const float* pq = part + static_cast<int64_t>(q) * 3 * C + c;
+    const double* pq = part + static_cast<int64_t>(q) * 3 * C + c;
     const double s1 = pq[C], mb = pq[0] + s1 / nb;
-    const double raw = static_cast<double>(pq[2 * C]) - s1 * s1 / nb;
+    const double raw = pq[2 * C] - s1 * s1 / nb;
     const double mb2 = raw < 0.0 ? 0.0 : raw;  // rounding can leave it below 0; NaN stays
     const double total = n + nb, d = mb - m;
     m += d * (nb / total);

@@ -1,8 +1,8 @@
 """Triton backend of the fused depthwise conv + BatchNorm + activation op.
 
 Math, per channel c, with y = depthwise_conv(x, w), z = y * scale + shift, M = N * OH * OW:
-  dw_stats            mean = sum(y) / M, var = sum((y - mean)^2) / M   (shifted sums per chunk,
-                      Chan's merge of the chunks in float64)
+  dw_stats            mean = sum(y) / M, var = sum((y - mean)^2) / M   (two-pass moments per
+                      pixel tile, Chan's merges of tiles and chunks in float64)
   dw_forward          out = act(z)
   dw_backward_reduce  g = dy * act'(z);  sum_g = sum(g),  sum_g_yc = sum(g * (y - mean))
   dw_backward         dyc = scale * g + coef_b + coef_c * (y - mean)          (grad of y)
@@ -19,8 +19,9 @@ Reductions write per-program partials that torch merges in a fixed order (determ
 atomics): stats and backward reduce one row per chunk of `chunk` pixels; dweight one row per
 BLOCK_P-pixel tile of the dyc kernel (BLOCK_P fixed by the launcher, _DW_TILE_P).
 dx is a gather over taps from a float32/float64 dyc temporary written by the dyc kernel.
-Accumulation dtype = element type of the float32/float64 parameter or partials buffer, i.e.
-float64 for float64 inputs and float32 for every other dtype.
+Accumulation dtype = element type of the float32/float64 parameter or partials buffer (the
+stats kernel takes it as ACC: its partials are float64 for every dtype), i.e. float64 for
+float64 inputs and float32 for every other dtype.
 """
 
 from __future__ import annotations
@@ -124,43 +125,45 @@ def _conv_tile(x_ptr, w_ptr, n, oh, ow, c, pmask, cmask, H, W, pad_top, pad_left
 def _dw_stats_kernel(
     x_ptr,     # (N, C, H, W) strided, any float dtype
     w_ptr,     # (C, K*K) contiguous
-    part_ptr,  # (rows, 3, C) acc dtype: per-chunk shift, sum(y - shift), sum((y - shift)^2)
+    part_ptr,  # (rows, 2, C) float64: per-chunk mean, M2
     M, C, H, W, OW, OHW, chunk, pad_top, pad_left, sxn, sxc, sxh, sxw,
-    K: tl.constexpr, STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    K: tl.constexpr, STRIDE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # Shifted sums: the shift is the first sub-tile's mean (taken before the loop over the
-    # rest), within a few spreads of the chunk's, so the sums of y - shift keep their
-    # digits however large the mean (a rounded running mean would enter M2 through the
-    # merges' cross terms). dw_stats merges them.
-    ACC: tl.constexpr = part_ptr.dtype.element_ty
+    # Two passes per sub-tile, in registers: its float mean t, then the sums of y - t (the
+    # deviation d = y - t keeps its digits however large the mean), giving the tile's mean
+    # t + sum(d) / n and M2 sum(d^2) - sum(d)^2 / n in float64, merged over the chunk's
+    # tiles with Chan's formula in float64. A float mean alone would be rounded to
+    # ulp(mean) and enter M2 through the merges' cross terms. dw_stats merges the chunks.
     row = tl.program_id(0)
     cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c, cmask = cc[None, :], cc[None, :] < C
-    local = tl.arange(0, BLOCK_P)[:, None]
-    p = row * chunk + local
-    pmask = (local < chunk) & (p < M)
-    n, oh, ow = _pixel(p, OW, OHW)
-    y = _conv_tile(x_ptr, w_ptr, n, oh, ow, c, pmask, cmask, H, W, pad_top, pad_left,
-                   sxn, sxc, sxh, sxw, ACC, K, STRIDE, BLOCK_P, BLOCK_C)
-    nb = tl.sum(pmask.to(ACC), axis=0)
-    shift = tl.sum(tl.where(pmask, y, 0.0), axis=0) / tl.maximum(nb, 1.0)
-    d = tl.where(pmask, y - shift[None, :], 0.0)
-    s1 = tl.sum(d, axis=0)
-    s2 = tl.sum(d * d, axis=0)
-    for s in range(BLOCK_P, chunk, BLOCK_P):
+    n_acc = tl.zeros([BLOCK_C], dtype=tl.float64)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float64)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for s in range(0, chunk, BLOCK_P):
         local = s + tl.arange(0, BLOCK_P)[:, None]
         p = row * chunk + local
         pmask = (local < chunk) & (p < M)
         n, oh, ow = _pixel(p, OW, OHW)
         y = _conv_tile(x_ptr, w_ptr, n, oh, ow, c, pmask, cmask, H, W, pad_top, pad_left,
                        sxn, sxc, sxh, sxw, ACC, K, STRIDE, BLOCK_P, BLOCK_C)
-        d = tl.where(pmask, y - shift[None, :], 0.0)
-        s1 += tl.sum(d, axis=0)
-        s2 += tl.sum(d * d, axis=0)
-    out = part_ptr + row.to(tl.int64) * 3 * C + cc
-    tl.store(out, shift, mask=cc < C)
-    tl.store(out + C, s1, mask=cc < C)
-    tl.store(out + 2 * C, s2, mask=cc < C)
+        nb = tl.sum(pmask.to(ACC), axis=0)
+        t = tl.sum(tl.where(pmask, y, 0.0), axis=0) / tl.maximum(nb, 1.0)
+        d = tl.where(pmask, y - t[None, :], 0.0)
+        dev = tl.sum(d, axis=0).to(tl.float64)
+        nb64 = tl.maximum(nb.to(tl.float64), 1.0)
+        tile_mean = t.to(tl.float64) + dev / nb64
+        tile_m2 = tl.maximum(tl.sum(d * d, axis=0).to(tl.float64) - dev * dev / nb64, 0.0)
+        total = n_acc + nb.to(tl.float64)
+        delta = tile_mean - mean
+        frac = tl.where(total > 0, nb.to(tl.float64) / tl.maximum(total, 1.0), 0.0)
+        mean += delta * frac
+        m2 += tile_m2 + delta * delta * n_acc * frac
+        n_acc = total
+    out = part_ptr + row.to(tl.int64) * 2 * C + cc
+    tl.store(out, mean, mask=cc < C)
+    tl.store(out + C, m2, mask=cc < C)
 
 
 @triton.autotune(configs=_configs(), key=_KEY)
@@ -349,18 +352,15 @@ def dw_stats(x, weight, stride, pad_top, pad_left, out_h, out_w):
     m = n * out_h * out_w
     chunk = _chunk(m)
     rows = triton.cdiv(m, chunk)
-    part = torch.empty((rows, 3, c), dtype=acc, device=x.device)
+    part = torch.empty((rows, 2, c), dtype=torch.float64, device=x.device)
     _dw_stats_kernel[_grid_rows(rows, c)](
         x, w, part, m, c, h, wd, out_w, out_h * out_w, chunk, pad_top, pad_left, *x.stride(),
-        K=k, STRIDE=stride,
+        K=k, STRIDE=stride, ACC=tl.float64 if acc == torch.float64 else tl.float32,
     )
-    # Chan's merge of the chunks in float64: mean_r = shift + s1 / n_r,
-    # M2_r = s2 - s1^2 / n_r, M2 = sum(M2_r) + sum(n_r * (mean_r - mean)^2).
-    part = part.double()
+    # Chan's merge of the chunks (mean_r, M2_r) in float64:
+    # M2 = sum(M2_r) + sum(n_r * (mean_r - mean)^2).
     cnt = (m - chunk * torch.arange(rows, device=x.device, dtype=torch.float64)).clamp(max=chunk)
-    s1 = part[:, 1]
-    mean_r = part[:, 0] + s1 / cnt[:, None]
-    m2_r = (part[:, 2] - s1 * s1 / cnt[:, None]).clamp(min=0)
+    mean_r, m2_r = part[:, 0], part[:, 1]
     mean = (cnt[:, None] * mean_r).sum(0) / m
     m2 = m2_r.sum(0) + (cnt[:, None] * (mean_r - mean).square()).sum(0)
     return mean.to(acc), (m2 / m).to(acc)

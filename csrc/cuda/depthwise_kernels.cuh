@@ -36,7 +36,7 @@ __device__ __forceinline__ void chunk_range(int rows, int total, int& m0, int& m
 // Per-chunk shifted sums of y: part [gridDim.y][3][C] doubles = (shift, sum (y - shift),
 // sum (y - shift)^2). The shift is the mean of y at one pixel per lane spread evenly over
 // the chunk (close to the chunk's mean, even where the chunk starts at a padded border row,
-// so y - shift is exact in float and the sums do not cancel); each thread sums
+// so y - shift keeps its digits and the sums do not cancel); each thread sums
 // kStatsFlush of its pixels in float and adds those partials into doubles, and the block
 // reduces in double. A float running mean (Welford) would be rounded to ulp(mean) and
 // enter M2 through the merges' cross terms. merge_shifted_stats_kernel merges the chunks.

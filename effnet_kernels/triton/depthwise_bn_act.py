@@ -152,12 +152,13 @@ def _dw_stats_kernel(
         t = tl.sum(tl.where(pmask, y, 0.0), axis=0) / tl.maximum(nb, 1.0)
         d = tl.where(pmask, y - t[None, :], 0.0)
         dev = tl.sum(d, axis=0).to(tl.float64)
-        nb64 = tl.maximum(nb.to(tl.float64), 1.0)
-        tile_mean = t.to(tl.float64) + dev / nb64
-        tile_m2 = tl.maximum(tl.sum(d * d, axis=0).to(tl.float64) - dev * dev / nb64, 0.0)
-        total = n_acc + nb.to(tl.float64)
+        nb64 = nb.to(tl.float64)
+        nb_div = tl.maximum(nb64, 1.0)
+        tile_mean = t.to(tl.float64) + dev / nb_div
+        tile_m2 = tl.maximum(tl.sum(d * d, axis=0).to(tl.float64) - dev * dev / nb_div, 0.0)
+        total = n_acc + nb64
         delta = tile_mean - mean
-        frac = tl.where(total > 0, nb.to(tl.float64) / tl.maximum(total, 1.0), 0.0)
+        frac = nb64 / tl.maximum(total, 1.0)  # 0 for an empty tile
         mean += delta * frac
         m2 += tile_m2 + delta * delta * n_acc * frac
         n_acc = total

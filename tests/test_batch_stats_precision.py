@@ -9,8 +9,9 @@ y, plus a floor of 1e-6 relative. Before the corrected two-pass row moments and 
 double-precision merge of the row means (csrc/cpu/depthwise_kernels.h, chan_merge), the cpu
 backend was 4e-5 - 8e-5 off at a mean/spread of 1e4, and the C++ running update
 (running + m * (batch - running)) lost the batch variance's digits at momentum 1. The
-depthwise case runs on every backend and device of the machine (cuda and triton on a GPU:
-their statistics kernels keep shifted sums per chunk, merged in double)."""
+depthwise case and the running update run on every backend and device of the machine (on a
+GPU, cuda keeps sums about a sampled shift per chunk and triton two-pass moments per pixel
+tile, both merged in double)."""
 
 from __future__ import annotations
 
@@ -110,18 +111,19 @@ def test_pointwise_running_var_on_large_means(momentum, cin):
     assert error <= FACTOR * torch_error + FLOOR, (error, torch_error)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_running_update_keeps_a_small_batch_variance(backend):
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+def test_running_update_keeps_a_small_batch_variance(backend, device):
     """The running update (1 - m) * running + m * batch keeps the batch's digits when the
     batch values are far below the running ones (exactly the batch's at momentum 1)."""
-    require_backend("depthwise_conv_bn_act", backend, "cpu", torch.float32)
+    require_backend("depthwise_conv_bn_act", backend, device, torch.float32)
     with use_backend(backend):
-        bn = vector_math(select("depthwise_conv_bn_act", torch.zeros(1)))
-    mean = torch.tensor([1e-3, -2e-5, 5.0, 0.0])
-    var = torch.tensor([1e-3, 3e-4, 7e-6, 1.0])
+        bn = vector_math(select("depthwise_conv_bn_act", torch.zeros(1, device=device)))
+    mean = torch.tensor([1e-3, -2e-5, 5.0, 0.0], device=device)
+    var = torch.tensor([1e-3, 3e-4, 7e-6, 1.0], device=device)
     count = 10
     for momentum in (1.0, 0.75):
-        rm, rv = torch.full((4,), 1e4), torch.full((4,), 1e4)
+        rm = torch.full((4,), 1e4, device=device)
+        rv = torch.full((4,), 1e4, device=device)
         bn.bn_update_running(rm, rv, mean, var, momentum, count)
         unbiased = var.double() * count / (count - 1)
         torch.testing.assert_close(rv.double(), momentum * unbiased + (1 - momentum) * 1e4,

@@ -3,6 +3,7 @@
     python benchmarks/bench_switches.py --switch prefetch --mode train     # B0, batch 8 at 224
     python benchmarks/bench_switches.py --switch eval_plan --batch 4 --resolution 160
     python benchmarks/bench_switches.py --switch onnxruntime              # converted vs ORT
+    python benchmarks/bench_switches.py --switch planar --format nchw     # NCHW model
 
 The two sides run interleaved, each round in its own random order (effnet_kernels.bench.
 timing), on the same model, images and thread count: on this project's shared CPU machine
@@ -10,6 +11,11 @@ the speed drifts by up to x1.5 between runs, so a change is measured against its
 switch in one process, never against a figure of another run. Switches:
 
   prefetch     the depthwise row kernels' software prefetch (_C.cpu.dw_set_prefetch)
+  planar       the NCHW eval routes (use with --format nchw; a channels_last model takes
+               neither): the depthwise forward reading and writing NCHW tensors in place
+               (_C.cpu.dw_set_planar) and the 1x1 convs as one GEMM per image
+               (nn/gemm_conv.PLANAR_GEMM), against converting to channels_last and back
+               and oneDNN's NCHW conv
   eval_plan    the prepared per-block eval forward (nn/eval_plan.ENABLED) against the
                module route
   keep_y       the depthwise backward keeping y between its passes
@@ -22,13 +28,16 @@ switch in one process, never against a figure of another run. Switches:
   train_tail   the training tail with the SE gate folded into the projection
                (nn/train_tail.ENABLED) against SE op + projection conv
   onnxruntime  not a switch: the converted model against onnxruntime (inference only)
+  eager        not a switch: the converted model against the original timm model
 
-CPU, float32, channels_last. Prints the medians, the p20-p80 spread and the ratio.
+CPU, float32, channels_last (or --format nchw: model and images in NCHW). Prints the
+medians, the p20-p80 spread and the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 
@@ -36,10 +45,11 @@ import effnet_kernels as ek
 from effnet_kernels._ext import ext_module
 from effnet_kernels.bench.e2e import onnx_infer_fn
 from effnet_kernels.bench.timing import measure_interleaved, set_threads
-from effnet_kernels.nn import eval_plan, pointwise, train_tail
+from effnet_kernels.nn import eval_plan, gemm_conv, pointwise, train_tail
 from effnet_kernels.ops import depthwise as dw_ops
 
 CPU = torch.device("cpu")
+FORMATS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
 
 
 def setter(switch: str):
@@ -47,6 +57,13 @@ def setter(switch: str):
     if switch == "prefetch":
         prims = ext_module().cpu
         return lambda on: prims.dw_set_prefetch(on)
+    if switch == "planar":
+        prims = ext_module().cpu
+
+        def set_planar(on: bool) -> None:
+            prims.dw_set_planar(on)
+            gemm_conv.PLANAR_GEMM = on
+        return set_planar
     if switch == "eval_plan":
         return lambda on: setattr(eval_plan, "ENABLED", on)
     if switch == "keep_y":
@@ -60,13 +77,12 @@ def setter(switch: str):
     raise ValueError(f"unknown switch {switch!r}")
 
 
-def model_and_data(name: str, batch: int, resolution: int):
+def model_and_data(name: str, batch: int, resolution: int, fmt: torch.memory_format):
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model(name).to(memory_format=torch.channels_last)
-    images = torch.randn(batch, 3, resolution, resolution).contiguous(
-        memory_format=torch.channels_last)
+    model = timm.create_model(name).to(memory_format=fmt)
+    images = torch.randn(batch, 3, resolution, resolution).contiguous(memory_format=fmt)
     labels = torch.randint(0, 1000, (batch,))
     return model, images, labels
 
@@ -93,23 +109,31 @@ def step_fn(model, images, labels, mode: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--switch", required=True,
-                    choices=("prefetch", "eval_plan", "keep_y", "pw_tiles", "pw_gram",
-                             "train_tail", "onnxruntime"))
+                    choices=("prefetch", "planar", "eval_plan", "keep_y", "pw_tiles", "pw_gram",
+                             "train_tail", "onnxruntime", "eager"))
     ap.add_argument("--mode", choices=("train", "infer"), default="infer")
     ap.add_argument("--model", default="efficientnet_b0")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--resolution", type=int, default=224)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--format", choices=tuple(FORMATS), default="channels_last")
     args = ap.parse_args()
     threads = set_threads(args.threads)
-    model, images, labels = model_and_data(args.model, args.batch, args.resolution)
+    model, images, labels = model_and_data(args.model, args.batch, args.resolution,
+                                           FORMATS[args.format])
+    compared = args.switch in ("onnxruntime", "eager")
     if args.switch == "onnxruntime":
         if args.mode != "infer":
             raise SystemExit("--switch onnxruntime compares inference only (--mode infer)")
         ort = onnx_infer_fn(model.eval(), images.contiguous(), threads)
         ek.convert(model)
         fns = {"converted": step_fn(model, images, labels, "infer"), "onnxruntime": ort}
+    elif args.switch == "eager":
+        original = copy.deepcopy(model)
+        ek.convert(model)
+        fns = {"converted": step_fn(model, images, labels, args.mode),
+               "eager": step_fn(original, images, labels, args.mode)}
     else:
         ek.convert(model)
         step, switch = step_fn(model, images, labels, args.mode), setter(args.switch)
@@ -121,11 +145,11 @@ def main() -> None:
             return run
         fns = {"on": side(True), "off": side(False)}
     t = measure_interleaved(fns, CPU, warmup=2, rounds=args.rounds, min_sample_ms=0.0)
-    if args.switch != "onnxruntime":
+    if not compared:
         setter(args.switch)(True)
     a, b = list(fns)
-    print(f"{args.model} {args.mode} batch {args.batch} at {args.resolution}, {threads} threads, "
-          f"{args.rounds} rounds")
+    print(f"{args.model} {args.mode} batch {args.batch} at {args.resolution}, {args.format}, "
+          f"{threads} threads, {args.rounds} rounds")
     for name in fns:
         print(f"  {name:12s} {t[name].median_ms:8.2f} ms  (p20-p80 {t[name].p20_ms:.2f}-"
               f"{t[name].p80_ms:.2f})")

@@ -1,6 +1,6 @@
 """Eval conv + bias + act in one pass (nn/eval_conv.py): the custom op that traced calls
-take (opcheck on the GEMM and oneDNN routes, NCHW, bfloat16, with and without bias), its
-result against conv2d -> act, and a compiled eval call of conv_bn_act taking it."""
+take (opcheck on the GEMM and oneDNN routes, NCHW on both, bfloat16, with and without
+bias), its result against conv2d -> act, and a compiled eval call of conv_bn_act taking it."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ CASES = {
     "gemm_1x1": (2, 16, 24, 7, 5, 1, 1, CL, torch.float32),
     "onednn_3x3_s2": (2, 3, 8, 9, 9, 3, 2, CL, torch.float32),
     "nchw_1x1": (2, 16, 24, 7, 5, 1, 1, torch.contiguous_format, torch.float32),
+    "nchw_1x1_gemm": (2, 16, 24, 40, 41, 1, 1, torch.contiguous_format, torch.float32),
     "bfloat16_1x1": (2, 16, 24, 7, 5, 1, 1, CL, torch.bfloat16),
 }
 
@@ -73,3 +74,21 @@ def test_compiled_eval_call_takes_the_op(monkeypatch):
     torch._dynamo.reset()
     assert calls, "the traced eval call did not take the custom op"
     assert parity("out", got, same, truth, torch.float32).ok
+
+
+def test_nchw_1x1_routes(monkeypatch):
+    """An NCHW float32 1x1 conv runs as one GEMM per image from PLANAR_MIN_PIXELS pixels
+    per image on (oneDNN below it), and its result matches conv2d -> act."""
+    from effnet_kernels.nn import gemm_conv
+
+    calls = []
+    real = gemm_conv.planar_conv1x1_act
+    monkeypatch.setattr(eval_conv, "planar_conv1x1_act", lambda *a: calls.append(1) or real(*a))
+    for name, expect in (("nchw_1x1_gemm", True), ("nchw_1x1", False)):
+        calls.clear()
+        x, weight, b, (stride, padding, dilation, groups), _ = _case(name)
+        got = eval_conv.eval_conv_act(x, weight, b, stride, padding, dilation, groups, "silu")
+        assert bool(calls) == expect, name
+        assert got.is_contiguous()
+        truth = F.silu(F.conv2d(x.double(), weight.double(), b.double()))
+        assert parity("out", got, F.silu(F.conv2d(x, weight, b)), truth, torch.float32).ok

@@ -94,10 +94,14 @@ for code, act in ((0, lambda t: t), (1, F.relu), (2, F.silu)):
     got = e.cpu.pw_conv_act(x, w, b, code).double()
     ref = act(F.conv2d(x.double(), w.double(), b.double()))
     assert (got - ref).abs().max().item() < 1e-5, ("pw", code)
+    got = e.cpu.pw_conv_act_planar(x.contiguous(), w, b, code).double()
+    assert (got - ref).abs().max().item() < 1e-5, ("pw planar", code)
     got = e.cpu.dw_forward(x, wd, scale, shift, 1, 1, 1, 9, 7, code).double()
     y = F.conv2d(x.double(), wd.double(), None, 1, 1, 1, 37)
     ref = act(y * scale.double()[:, None, None] + shift.double()[:, None, None])
     assert (got - ref).abs().max().item() < 1e-4, ("dw", code)
+    planar = e.cpu.dw_forward(x.contiguous(), wd, scale, shift, 1, 1, 1, 9, 7, code)
+    assert planar.is_contiguous() and torch.equal(planar.double(), got), ("dw planar", code)
 from effnet_kernels import use_backend
 from effnet_kernels.nn import pointwise
 x = torch.randn(2, 8, 16, 16).contiguous(memory_format=torch.channels_last) + 0.5
@@ -124,12 +128,51 @@ for gram in (True, False):  # the tiled BN tile kernels, both backward routes
 @pytest.mark.parametrize("isa", ["avx2", "base"])
 def test_narrower_isa_kernels_match(isa):
     """EFFNET_CPU_ISA forces the AVX2 or baseline copy of the CPU kernels (isa.h): the
-    pointwise epilogue, the depthwise forward with its per-tile activation, and the tiled
+    pointwise epilogue (channels_last and NCHW), the depthwise forward with its per-tile
+    activation (channels_last and NCHW, whose transposes run in 8 x 8 tiles), and the tiled
     1x1 conv + BN tile kernels on both backward routes (Gram and two-pass)."""
     env = dict(os.environ, EFFNET_CPU_ISA=isa)
     done = subprocess.run([sys.executable, "-c", _NARROW_ISA_CHECK], env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# (n, cin, cout, h, w) for the NCHW GEMM: column tiles (the first four; 3x8x512x10x20
+# rounds its tiles up to a multiple of the threads), a W above the tiled path's limit and
+# too few tiles for the threads (one GEMM per image, then the epilogue), 1-pixel rows.
+PLANAR_SHAPES = [(2, 5, 7, 3, 4), (4, 8, 512, 16, 16), (2, 40, 1024, 9, 13), (3, 8, 512, 10, 20),
+                 (2, 400, 400, 24, 24), (1, 16, 24, 2, 2), (3, 24, 33, 7, 1)]
+
+
+@pytest.mark.parametrize("shape", PLANAR_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("act", list(ACT_CODES))
+def test_planar_matches_conv2d_then_act(shape, act):
+    x, weight, bias = _inputs(*shape)
+    x = x.contiguous()
+    got = EXT.cpu.pw_conv_act_planar(x, weight, bias, ACT_CODES[act])
+    assert got.is_contiguous() and got.dtype == torch.float32
+    assert_parity(f"pw_conv_act_planar {act}", got, _reference(x, weight, bias, act, torch.float32),
+                  _reference(x, weight, bias, act, torch.float64), torch.float32)
+
+
+def test_planar_without_bias_empty_batch_and_errors():
+    x, weight, _ = _inputs(2, 6, 9, 4, 4)
+    x = x.contiguous()
+    got = EXT.cpu.pw_conv_act_planar(x, weight, None, ACT_CODES["relu"])
+    assert_parity("no bias", got, _reference(x, weight, None, "relu", torch.float32),
+                  _reference(x, weight, None, "relu", torch.float64), torch.float32)
+    assert EXT.cpu.pw_conv_act_planar(x[:0], weight, None, 2).shape == (0, 9, 4, 4)
+    cases = [
+        ((x.contiguous(memory_format=CL), weight, None, 2), "contiguous in NCHW"),
+        ((x.double(), weight, None, 2), "x must have dtype"),
+        ((x, weight.reshape(1, 9, 6).expand(2, 9, 6), None, 2), r"weight must be \(Cout, Cin"),
+        ((x, weight[:, :3], None, 2), "weight must be"),
+        ((x, weight, torch.randn(4), 2), "bias must have shape"),
+        ((x, weight, None, 5), "act must be"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            EXT.cpu.pw_conv_act_planar(*args)
 
 
 def test_bad_arguments_name_the_argument():

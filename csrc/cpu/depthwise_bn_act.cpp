@@ -20,11 +20,12 @@
 //
 // Every pass but dw_affine_act_ and a dw_backward given the kept y recomputes y from x
 // (design.md §4); y is never saved for backward, only kept from one primitive to the
-// next within a forward or a backward call. Kernels run on channels_last data
-// (NCHW inputs are converted on entry and outputs converted back) and accumulate in
-// float (double for float64). The row kernels live in depthwise_kernels.h, compiled
-// once per ISA (AVX-512, AVX2, baseline) in isa_*.cpp and picked at runtime (isa.h);
-// EFFNET_CPU_ISA=avx2 or =base forces a narrower one. float64 always runs the baseline's
+// next within a forward or a backward call. Kernels run on channels_last data (NCHW
+// inputs are converted on entry and outputs converted back, except in dw_forward and
+// dw_forward_pool, which transpose NCHW rows in cache: depthwise_planar.h) and
+// accumulate in float (double for float64). The row kernels live in
+// depthwise_kernels.h, compiled once per ISA (AVX-512, AVX2, baseline) in isa_*.cpp and
+// picked at runtime (isa.h); EFFNET_CPU_ISA=avx2 or =base forces a narrower one. float64 always runs the baseline's
 // (depthwise_passes.h, EFFNET_DW_PICK_PASS). Threads split fixed work units
 // (at::parallel_for) and write per-group partials that are merged in order, so results
 // are deterministic.
@@ -110,6 +111,18 @@ at::Tensor per_channel(const at::Tensor& t, const char* name, const at::Tensor& 
   return t.contiguous();
 }
 
+// t in memory format fmt: t itself where it already is, else a copy in an output-cache
+// block. An NCHW activation of B0's 112x112 layers (38.5 MB at batch 8) is above glibc's
+// mmap threshold, so a plain .contiguous(fmt) copy lands on fresh pages every call:
+// 14-18 ms per conversion of 8x96x112x112 against 1.7 ms for the 12.8 MB 8x32x112x112
+// (2-core AMD EPYC VM), and an NCHW training call converts x, out, dy and dx.
+at::Tensor to_format(const at::Tensor& t, at::MemoryFormat fmt) {
+  if (t.is_contiguous(fmt)) return t;
+  at::Tensor out = cpu::empty_output(t.sizes(), t.options(), fmt);
+  out.copy_(t);
+  return out;
+}
+
 // dy in x's dtype and channels_last layout, checked against x's N and C.
 at::Tensor grad_output(const at::Tensor& dy, const at::Tensor& x) {
   EFFNET_CHECK_DEVICE(dy, x.device());
@@ -117,7 +130,7 @@ at::Tensor grad_output(const at::Tensor& dy, const at::Tensor& x) {
   TORCH_CHECK(dy.size(0) == x.size(0) && dy.size(1) == x.size(1), "dy must be (N, C, out_h, out_w) = (",
               x.size(0), ", ", x.size(1), ", ...), got shape ", dy.sizes());
   const at::Tensor same_dtype = dy.scalar_type() == x.scalar_type() ? dy : dy.to(x.scalar_type());
-  return same_dtype.contiguous(at::MemoryFormat::ChannelsLast);
+  return to_format(same_dtype, at::MemoryFormat::ChannelsLast);
 }
 
 // Software prefetch in the row kernels (Geo::pf, depthwise_kernels.h): on for float32 and
@@ -142,6 +155,12 @@ int64_t prefetch_pixels(const at::Tensor& t, int64_t C) {
 // Turns the row kernels' software prefetch on or off (benchmarks compare the two; the
 // results are the same bitwise); returns the previous setting.
 bool dw_set_prefetch(bool enabled) { return prefetch_enabled.exchange(enabled); }
+
+// Whether dw_forward(_pool) runs NCHW tensors on the planar row kernels (on) or converts
+// them to channels_last and back (off; benchmarks and tests compare the two, whose
+// results are the same bitwise); returns the previous setting.
+std::atomic<bool> planar_enabled{true};
+bool dw_set_planar(bool enabled) { return planar_enabled.exchange(enabled); }
 
 Geo make_geo(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t pad_top,
              int64_t pad_left, int64_t out_h, int64_t out_w, int64_t act) {
@@ -180,7 +199,6 @@ at::Tensor empty_cl(const at::Tensor& x, int64_t h, int64_t w) {
                            at::MemoryFormat::ChannelsLast);
 }
 
-at::Tensor to_format(const at::Tensor& t, at::MemoryFormat fmt) { return t.contiguous(fmt); }
 
 // Work units are split into groups, each with its own partial sums, merged in group order
 // (deterministic for any thread count: the count depends on the shapes only). About one
@@ -250,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_impl(const at::Tensor& x,
                                                           int64_t out_w, bool stash) {
   check_input(x, weight, stride, pad_top, pad_left, 0);
   const Geo g = make_geo(x, weight, stride, pad_top, pad_left, out_h, out_w, 0);
-  const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto xc = to_format(x, at::MemoryFormat::ChannelsLast);
   const auto acc_opts = x.options().dtype(acc_type_of(x.scalar_type()));
   at::Tensor mean = at::empty({g.C}, acc_opts), var = at::empty({g.C}, acc_opts);
   at::Tensor y;
@@ -331,8 +349,11 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
   const auto fmt = check_input(x, weight, stride, pad_top, pad_left, act);
   const Geo g = make_geo(x, weight, stride, pad_top, pad_left, out_h, out_w, act);
   const auto sc = per_channel(scale, "scale", x), sh = per_channel(shift, "shift", x);
-  const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor out = empty_cl(x, g.OH, g.OW);
+  // An NCHW x is read and out written in NCHW by the planar row kernels (no conversion).
+  const bool planar = fmt == at::MemoryFormat::Contiguous && planar_enabled.load();
+  const auto xc = planar ? x : to_format(x, at::MemoryFormat::ChannelsLast);
+  at::Tensor out = cpu::empty_output({g.N, g.C, g.OH, g.OW}, x.options(),
+                                     planar ? fmt : at::MemoryFormat::ChannelsLast);
   at::Tensor pooled;
   if (pool) pooled = at::zeros({g.N, g.C}, x.options().dtype(acc_type_of(x.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_forward", [&] {
@@ -340,7 +361,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
     using A = AccOf<X>;
     const auto wt = transpose_weight<X>(weight);
     const Params<A> p{wt.data(), sc.const_data_ptr<A>(), sh.const_data_ptr<A>()};
-    const auto kernel = cpu_dw::pick_forward_rows<X>();
+    const auto kernel =
+        planar ? cpu_dw::pick_forward_rows_planar<X>() : cpu_dw::pick_forward_rows<X>();
     std::vector<A> row_sums(pool ? g.N * g.OH * g.C : 0);
     A* sums = pool ? row_sums.data() : nullptr;
     at::parallel_for(0, g.N * g.OH, 1, [&](int64_t r0, int64_t r1) {
@@ -447,7 +469,7 @@ std::tuple<at::Tensor, at::Tensor> dw_expand_forward(
   const auto sc = per_channel(scale, "scale", expanded), sh = per_channel(shift, "shift", expanded);
   Geo g = make_geo(expanded, weight, stride, pad_top, pad_left, out_h, out_w, act);
   g.pf = 0;  // the input rows are in the row cache; only out streams through memory
-  const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto xc = to_format(x, at::MemoryFormat::ChannelsLast);
   const auto w2d = expand_weight.reshape({C, cin}).contiguous();
   const auto bias = expand_bias.contiguous();
   at::Tensor out = empty_cl(expanded, g.OH, g.OW);
@@ -481,7 +503,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> reduce
   const Geo g = make_geo(x, weight, stride, pad_top, pad_left, dy.size(2), dy.size(3), act);
   const auto sc = per_channel(scale, "scale", x), sh = per_channel(shift, "shift", x);
   const auto mu = per_channel(mean, "mean", x);
-  const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto xc = to_format(x, at::MemoryFormat::ChannelsLast);
   const auto acc_opts = x.options().dtype(acc_type_of(x.scalar_type()));
   at::Tensor sum_g = at::empty({g.C}, acc_opts), sum_g_yc = at::empty({g.C}, acc_opts);
   at::Tensor grad;
@@ -558,7 +580,7 @@ std::tuple<at::Tensor, at::Tensor> dw_backward(
   const auto sc = per_channel(scale, "scale", x), sh = per_channel(shift, "shift", x);
   const auto mu = per_channel(mean, "mean", x);
   const auto cb = per_channel(coef_b, "coef_b", x), cc = per_channel(coef_c, "coef_c", x);
-  const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto xc = to_format(x, at::MemoryFormat::ChannelsLast);
   at::Tensor dx = empty_cl(x, g.H, g.W);
   at::Tensor dweight = at::empty_like(weight, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_backward", [&] {
@@ -637,6 +659,11 @@ EFFNET_BINDINGS(bind_cpu_depthwise) {
   cpu.def("dw_set_prefetch", &effnet::cpu_dw::dw_set_prefetch,
           "turn the depthwise row kernels' software prefetch on or off; returns the previous "
           "setting (the results do not depend on it)",
+          py::arg("enabled"));
+  cpu.def("dw_set_planar", &effnet::cpu_dw::dw_set_planar,
+          "turn the NCHW (planar) route of dw_forward / dw_forward_pool on or off (it is on by "
+          "default; off converts NCHW tensors to channels_last and back); returns the previous "
+          "setting",
           py::arg("enabled"));
   cpu.def("dw_simd_isa", []() { return std::string(effnet::cpu::isa_name()); },
           "instruction set the depthwise kernels dispatched to (avx512, avx2, base)");

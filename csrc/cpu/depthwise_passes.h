@@ -91,6 +91,7 @@ struct GroupRange {
 //                   part + i * (1 + 2C) = [count, mean[C], m2[C]] (and y kept in y_out,
 //                   when given: float storage)
 //   forward_rows    out = act(y * scale + shift) (+ per-row sums of out, when asked)
+//   forward_rows_planar  forward_rows with x and out NCHW (depthwise_planar.h)
 //   affine_act_rows forward_rows on a kept y, in place, no conv
 //   reduce_rows     part + i * 2C += [sum g, sum g * (y - mean)] (and g, y kept in
 //                   g_out, y_out, when given: float storage)
@@ -103,6 +104,8 @@ struct GroupRange {
                        const GroupRange& groups, double* part, X* y_out);                      \
   HEAD void forward_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, X* out,          \
                          int64_t r0, int64_t r1, AccOf<X>* row_sums);                          \
+  HEAD void forward_rows_planar(const Geo& g, const X* x, const Params<AccOf<X>>& p, X* out,   \
+                                int64_t r0, int64_t r1, AccOf<X>* row_sums);                   \
   HEAD void affine_act_rows(const Geo& g, X* y, const Params<AccOf<X>>& p, int64_t r0,         \
                             int64_t r1, AccOf<X>* row_sums);                                   \
   HEAD void reduce_rows(const Geo& g, const X* x, const X* dy, const Params<AccOf<X>>& p,      \
@@ -160,6 +163,7 @@ EFFNET_DW_ISA_PASSES(base)
 
 EFFNET_DW_PICK_PASS(stats_rows)
 EFFNET_DW_PICK_PASS(forward_rows)
+EFFNET_DW_PICK_PASS(forward_rows_planar)
 EFFNET_DW_PICK_PASS(affine_act_rows)
 EFFNET_DW_PICK_PASS(reduce_rows)
 EFFNET_DW_PICK_PASS(backward_units)

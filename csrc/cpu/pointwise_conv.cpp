@@ -2,6 +2,7 @@
 //
 //   y[(n, h, w), o] = act(sum_i x[(n, h, w), i] * W[o, i] + bias[o])
 //
+// (pw_conv_act_planar, at the end, is the same for NCHW x: y[n] = W x[n] per image.)
 // Layout: x is channels_last (N, Cin, H, W), so its pixels are the rows of a (N*H*W, Cin)
 // row-major matrix and y's rows are (N*H*W, Cout): the conv is one GEMM, y = x W^T. W is
 // (Cout, Cin) shared by all samples, or (N, Cout, Cin) with one matrix per sample (the
@@ -25,6 +26,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 
 #include "common/binding_registry.h"
 #include "common/checks.h"
@@ -42,12 +44,13 @@ constexpr int64_t kTileFloats = int64_t(1) << 16;
 constexpr int64_t kMaxTiledWeightFloats = int64_t(1) << 17;
 
 at::Tensor check_args(const at::Tensor& x, const at::Tensor& weight,
-                      const std::optional<at::Tensor>& bias, int64_t act) {
+                      const std::optional<at::Tensor>& bias, int64_t act,
+                      at::MemoryFormat fmt = at::MemoryFormat::ChannelsLast) {
   EFFNET_CHECK_DEVICE(x, at::kCPU);
   EFFNET_CHECK_DTYPE(x, at::kFloat);
   EFFNET_CHECK_DIM(x, 4);
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "x must be contiguous in channels_last format");
+  TORCH_CHECK(x.is_contiguous(fmt), "x must be contiguous in ",
+              fmt == at::MemoryFormat::ChannelsLast ? "channels_last" : "NCHW", " format");
   EFFNET_CHECK_DEVICE(weight, at::kCPU);
   EFFNET_CHECK_DTYPE(weight, at::kFloat);
   const int64_t n = x.size(0), cin = x.size(1);
@@ -71,6 +74,23 @@ at::Tensor check_args(const at::Tensor& x, const at::Tensor& weight,
   return b.contiguous();
 }
 
+// (tile, tiles per group) for `groups` groups of `span` output pixels of `cout` values
+// each: tiles of about kTileFloats values (at least 16 pixels), their count rounded up to
+// a multiple of the threads where there are more tiles than threads (7 equal tiles on 2
+// threads leave one idle for an eighth of the time). Tiles never cross a group.
+std::pair<int64_t, int64_t> split_tiles(int64_t groups, int64_t span, int64_t cout) {
+  int64_t tile = std::min(std::max<int64_t>(kTileFloats / cout, 16), span);
+  int64_t per_group = (span + tile - 1) / tile;
+  const int64_t threads = at::get_num_threads();
+  if (groups * per_group > threads) {
+    const int64_t total = (groups * per_group + threads - 1) / threads * threads;
+    per_group = (total + groups - 1) / groups;
+    tile = (span + per_group - 1) / per_group;
+    per_group = (span + tile - 1) / tile;
+  }
+  return {tile, per_group};
+}
+
 at::Tensor pw_conv_act(const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, int64_t act) {
   TORCH_CHECK(cpu::sgemm_available(), "pw_conv_act: libtorch_cpu exports no sgemm_");
@@ -92,17 +112,8 @@ at::Tensor pw_conv_act(const at::Tensor& x, const at::Tensor& weight,
   // Tiles never cross a sample boundary when each sample has its own weights.
   const int64_t span = per_sample ? hw : n * hw;  // rows sharing one weight matrix
   const int64_t groups = per_sample ? n : 1;
-  int64_t tile = std::min(std::max<int64_t>(kTileFloats / cout, 16), span);
-  int64_t tiles_per_group = (span + tile - 1) / tile;
+  const auto [tile, tiles_per_group] = split_tiles(groups, span, cout);
   const int64_t threads = at::get_num_threads();
-  if (groups * tiles_per_group > threads) {
-    // Round the tile count up to a multiple of the threads: 7 equal tiles on 2 threads
-    // leave one idle for an eighth of the time.
-    const int64_t total = (groups * tiles_per_group + threads - 1) / threads * threads;
-    tiles_per_group = (total + groups - 1) / groups;
-    tile = (span + tiles_per_group - 1) / tiles_per_group;
-    tiles_per_group = (span + tile - 1) / tile;
-  }
   const int64_t tiles = groups * tiles_per_group;
   // Each tile's GEMM reads all of W; past kMaxTiledWeightFloats that traffic outweighs
   // the second pass over y, and one multi-threaded GEMM is faster.
@@ -135,6 +146,57 @@ at::Tensor pw_conv_act(const at::Tensor& x, const at::Tensor& weight,
   return y;
 }
 
+// act(conv1x1(x, weight) + bias) for an NCHW float32 x: image n's channels are the rows
+// of a (Cin, H*W) matrix, so y[n] = W x[n] is one GEMM per image, no layout change.
+// Column tiles of about kTileFloats outputs each run a single-threaded GEMM and get bias
+// + act while in cache, as pw_conv_act's row tiles; with too few tiles for the threads or
+// a W above kMaxTiledWeightFloats, each image's GEMM runs whole and the epilogue after.
+at::Tensor pw_conv_act_planar(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, int64_t act) {
+  TORCH_CHECK(cpu::sgemm_available(), "pw_conv_act_planar: libtorch_cpu exports no sgemm_");
+  TORCH_CHECK(weight.dim() == 4, "weight must be (Cout, Cin, 1, 1), got shape ", weight.sizes());
+  const at::Tensor b = check_args(x, weight, bias, act, at::MemoryFormat::Contiguous);
+  const at::Tensor w = weight.contiguous();
+  const int64_t n = x.size(0), cin = x.size(1), hw = x.size(2) * x.size(3), cout = w.size(0);
+  at::Tensor y = cpu::empty_output({n, cout, x.size(2), x.size(3)}, x.options());
+  if (y.numel() == 0) return y;
+  const float* xp = x.const_data_ptr<float>();
+  const float* wp = w.const_data_ptr<float>();
+  const float* bp = b.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  const auto epilogue = EFFNET_PICK_ISA(cpu_pw, bias_act_planar);
+
+  const auto [cols, per_image] = split_tiles(n, hw, cout);
+  const int64_t threads = at::get_num_threads();
+  const int64_t tiles = n * per_image;
+  if (tiles >= 2 * threads && cin * cout <= kMaxTiledWeightFloats) {
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t img = t / per_image, j0 = (t % per_image) * cols;
+        const int64_t width = std::min(cols, hw - j0);
+        float* yt = yp + img * cout * hw + j0;
+        cpu::gemm_wx(wp, xp + img * cin * hw + j0, yt, cout, cin, width, hw);
+        epilogue(yt, cout, width, hw, bp, act);
+      }
+    });
+    return y;
+  }
+  for (int64_t img = 0; img < n; ++img) {
+    cpu::gemm_wx(wp, xp + img * cin * hw, yp + img * cout * hw, cout, cin, hw, hw);
+  }
+  at::parallel_for(0, n * cout, std::max<int64_t>(1, kTileFloats / (4 * hw)),
+                   [&](int64_t r0, int64_t r1) {
+    // Rows r = img * cout + o, split at image boundaries (the bias restarts there).
+    while (r0 < r1) {
+      const int64_t img = r0 / cout, o = r0 % cout;
+      const int64_t end = std::min(r1, (img + 1) * cout);
+      epilogue(yp + r0 * hw, end - r0, hw, hw, bp + o, act);
+      r0 = end;
+    }
+  });
+  return y;
+}
+
 }  // namespace
 }  // namespace effnet::cpu_pw
 
@@ -145,6 +207,10 @@ EFFNET_BINDINGS(bind_pointwise_conv_cpu) {
   cpu.def("pw_conv_act", &pw::pw_conv_act,
           "act(conv1x1(x, weight) + bias) for channels_last float32 x; weight (Cout, Cin, 1, 1) or "
           "per sample (N, Cout, Cin), bias (Cout) or per sample (N, Cout); no autograd",
+          py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("act"));
+  cpu.def("pw_conv_act_planar", &pw::pw_conv_act_planar,
+          "act(conv1x1(x, weight) + bias) for NCHW float32 x (one GEMM per image); weight "
+          "(Cout, Cin, 1, 1), bias (Cout); no autograd",
           py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("act"));
   cpu.def("pw_conv_available", &effnet::cpu::sgemm_available,
           "whether the BLAS sgemm that pw_conv_act calls was found in libtorch_cpu");

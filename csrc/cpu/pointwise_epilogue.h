@@ -4,6 +4,8 @@
 //
 //   y[r, c] = act(y[r, c] + bias[c])      r < rows, c < C; y row-major (one NHWC pixel
 //   y[r, c] = sigmoid(y[r, c] + bias[c])  per row, channels fastest), float32
+//   y[c, j] = act(y[c, j] + bias[c])      c < C, j < cols; rows ld apart (a column tile of
+//                                         one NCHW image: one channel per row), float32
 //
 // No include guard on purpose: each isa_*.cpp includes this once, inside its ISA's
 // namespace and `#pragma GCC target`, after vec_math.h (see its header).
@@ -32,6 +34,30 @@ void bias_act_rows(float* y, int64_t rows, int64_t C, const float* bias, int64_t
     case 1: return bias_act_tile<1>(y, rows, C, bias);
     case 2: return bias_act_tile<2>(y, rows, C, bias);
     default: return bias_act_tile<0>(y, rows, C, bias);
+  }
+}
+
+template <int ACT>
+inline void bias_act_planar_tile(float* y, int64_t C, int64_t cols, int64_t ld,
+                                 const float* bias) {
+  constexpr int L = kLanes<float>;
+  using V = Vec<float, L>;
+  using S = Vec<float, 1>;
+  for (int64_t c = 0; c < C; ++c) {
+    float* row = y + c * ld;
+    const V b = vsplat<V>(bias[c]);
+    int64_t j = 0;
+    for (; j + L <= cols; j += L) vstore(row + j, act_forward(vload<V>(row + j) + b, ACT));
+    for (; j < cols; ++j) row[j] = act_forward(S{row[j] + bias[c]}, ACT)[0];
+  }
+}
+
+void bias_act_planar(float* y, int64_t C, int64_t cols, int64_t ld, const float* bias,
+                     int64_t act) {
+  switch (act) {
+    case 1: return bias_act_planar_tile<1>(y, C, cols, ld, bias);
+    case 2: return bias_act_planar_tile<2>(y, C, cols, ld, bias);
+    default: return bias_act_planar_tile<0>(y, C, cols, ld, bias);
   }
 }
 

@@ -10,6 +10,8 @@
 #define EFFNET_PW_EPILOGUE_DECL(ISA)                                                       \
   namespace effnet::cpu_pw::ISA {                                                          \
   void bias_act_rows(float* y, int64_t rows, int64_t C, const float* bias, int64_t act);   \
+  void bias_act_planar(float* y, int64_t C, int64_t cols, int64_t ld, const float* bias,  \
+                       int64_t act);                                                       \
   void bias_sigmoid_rows(float* y, int64_t rows, int64_t C, const float* bias);            \
   void tile_moments(const float* y, int64_t rows, int64_t C, float* mean, float* m2,       \
                     float* dev);                                                           \

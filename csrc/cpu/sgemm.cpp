@@ -67,4 +67,11 @@ void gemm_dtx(const float* dy, const float* x, float* dw, int64_t rows, int64_t 
   colmajor_sgemm("N", "T", cin, cout, rows, x, cin, dy, cout, accumulate ? 1.0f : 0.0f, dw, cin);
 }
 
+// y seen as (cols, cout) = A B with A = x seen as (cols, cin) (columns ld apart), B = w
+// seen as (cin, cout).
+void gemm_wx(const float* w, const float* x, float* y, int64_t cout, int64_t cin, int64_t cols,
+             int64_t ld) {
+  colmajor_sgemm("N", "N", cols, cout, cin, x, ld, w, cin, 0.0f, y, ld);
+}
+
 }  // namespace effnet::cpu

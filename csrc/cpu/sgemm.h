@@ -6,6 +6,8 @@
 //   gemm_xwt      y  (rows, cout)  = x  (rows, cin)  @ w^T     w (cout, cin)
 //   gemm_xw       dx (rows, cin)   = dy (rows, cout) @ w  (+= when accumulate)  w (cout, cin)
 //   gemm_dtx      dw (cout, cin)   = dy^T @ x  (+= when accumulate)   dy (rows, cout), x (rows, cin)
+//   gemm_wx       y  (cout, cols)  = w (cout, cin) @ x (cin, cols), x and y rows ld apart
+//                 (a column tile of one NCHW image: its channels are the rows)
 #pragma once
 
 #include <cstdint>
@@ -21,5 +23,7 @@ void gemm_xw(const float* dy, const float* w, float* dx, int64_t rows, int64_t c
              int64_t cout, bool accumulate = false);
 void gemm_dtx(const float* dy, const float* x, float* dw, int64_t rows, int64_t cin,
               int64_t cout, bool accumulate);
+void gemm_wx(const float* w, const float* x, float* y, int64_t cout, int64_t cin, int64_t cols,
+             int64_t ld);
 
 }  // namespace effnet::cpu

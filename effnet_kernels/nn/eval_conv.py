@@ -4,6 +4,8 @@ calls, so a compiled converted model keeps it.
 
   float32 1x1 convs on channels_last x   a GEMM tile by tile with bias + act applied to
                                          each tile in cache (nn/gemm_conv.py)
+  float32 1x1 convs on NCHW x, 28x28     the same with one GEMM per image (x[n] is a
+  pixels or more                         (Cin, H*W) matrix) and column tiles
   other convs (k > 1, bfloat16)          one oneDNN conv with the act as its post-op
 
   effnet_kernels::conv_act_eval(x, weight, bias, stride, padding, dilation, groups, act)
@@ -20,7 +22,7 @@ from torch import Tensor
 
 from ..ops.eager import records_graph, traced_cpu_call
 from ..ops.geometry import memory_format_of
-from .gemm_conv import gemm_conv1x1_act, gemm_conv_eligible
+from .gemm_conv import gemm_conv1x1_act, gemm_conv_eligible, planar_conv1x1_act, planar_gemm_eligible
 
 ONEDNN_ACTS = {"silu": "swish", "relu": "relu", "identity": "none"}
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -47,6 +49,8 @@ def eval_conv_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride, paddin
     if gemm_conv_eligible(x, weight, stride, padding, groups) and (
             x.dtype == torch.float32 or _conv_out_bytes(x, weight) > _GLIBC_MMAP_MAX):
         return gemm_conv1x1_act(x, weight, bias, act)
+    if planar_gemm_eligible(x, weight, stride, padding, groups):
+        return planar_conv1x1_act(x, weight, bias, act)
     return torch.ops.mkldnn._convolution_pointwise(
         x, weight, bias, list(padding), list(stride), list(dilation), groups,
         ONEDNN_ACTS[act], [], "")

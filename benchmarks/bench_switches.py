@@ -4,6 +4,7 @@
     python benchmarks/bench_switches.py --switch eval_plan --batch 4 --resolution 160
     python benchmarks/bench_switches.py --switch onnxruntime              # converted vs ORT
     python benchmarks/bench_switches.py --switch planar --format nchw     # NCHW model
+    python benchmarks/bench_switches.py --switch native_gemm --mode train  # GEMM route
 
 The two sides run interleaved, each round in its own random order (effnet_kernels.bench.
 timing), on the same model, images and thread count: on this project's shared CPU machine
@@ -16,6 +17,9 @@ switch in one process, never against a figure of another run. Switches:
                (_C.cpu.dw_set_planar) and the 1x1 convs as one GEMM per image
                (nn/gemm_conv.PLANAR_GEMM), against converting to channels_last and back
                and oneDNN's NCHW conv
+  native_gemm  the 1x1 convs' products on the native packed GEMM (_C.cpu.gemm_set_mode
+               "native", csrc/cpu/packed_gemm.h) against BLAS sgemm_ ("blas"); "auto"
+               picks one per CPU vendor
   eval_plan    the prepared per-block eval forward (nn/eval_plan.ENABLED) against the
                module route
   keep_y       the depthwise backward keeping y between its passes
@@ -64,6 +68,9 @@ def setter(switch: str):
             prims.dw_set_planar(on)
             gemm_conv.PLANAR_GEMM = on
         return set_planar
+    if switch == "native_gemm":
+        prims = ext_module().cpu
+        return lambda on: prims.gemm_set_mode("native" if on else "blas")
     if switch == "eval_plan":
         return lambda on: setattr(eval_plan, "ENABLED", on)
     if switch == "keep_y":
@@ -109,8 +116,8 @@ def step_fn(model, images, labels, mode: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--switch", required=True,
-                    choices=("prefetch", "planar", "eval_plan", "keep_y", "pw_tiles", "pw_gram",
-                             "train_tail", "onnxruntime", "eager"))
+                    choices=("prefetch", "planar", "native_gemm", "eval_plan", "keep_y",
+                             "pw_tiles", "pw_gram", "train_tail", "onnxruntime", "eager"))
     ap.add_argument("--mode", choices=("train", "infer"), default="infer")
     ap.add_argument("--model", default="efficientnet_b0")
     ap.add_argument("--batch", type=int, default=8)

@@ -58,4 +58,13 @@ def build_info() -> dict:
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_gemm": _cpu_gemm(mod),
     }
+
+
+def _cpu_gemm(mod) -> str | None:
+    """The 1x1 convs' float32 GEMM route: "native" (packed AVX2/AVX-512 kernel) or "blas"
+    (csrc/cpu/packed_gemm.h); None without the extension."""
+    if mod is None:
+        return None
+    return "native" if mod.cpu.gemm_native() else "blas"

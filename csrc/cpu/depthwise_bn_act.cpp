@@ -442,7 +442,7 @@ std::tuple<at::Tensor, at::Tensor> dw_expand_forward(
     int64_t expand_act, const at::Tensor& weight, const at::Tensor& scale,
     const at::Tensor& shift, int64_t stride, int64_t pad_top, int64_t pad_left, int64_t out_h,
     int64_t out_w, int64_t act, bool pool) {
-  TORCH_CHECK(cpu::sgemm_available(), "dw_expand_forward: libtorch_cpu exports no sgemm_");
+  TORCH_CHECK(cpu::gemm_available(), "dw_expand_forward: no float32 GEMM (no sgemm_ in libtorch_cpu, no AVX2)");
   EFFNET_CHECK_DEVICE(x, at::kCPU);
   EFFNET_CHECK_DTYPE(x, at::kFloat);
   EFFNET_CHECK_DIM(x, 4);
@@ -477,8 +477,9 @@ std::tuple<at::Tensor, at::Tensor> dw_expand_forward(
   if (pool) pooled = at::zeros({g.N, g.C}, x.options());
   const auto wt = transpose_weight<float>(weight);
   const Params<float> p{wt.data(), sc.const_data_ptr<float>(), sh.const_data_ptr<float>()};
-  const ExpandSource e{xc.const_data_ptr<float>(), w2d.const_data_ptr<float>(),
-                       bias.const_data_ptr<float>(), cin, expand_act,
+  const cpu::XWtProduct product(w2d.const_data_ptr<float>(), C, cin);
+  const ExpandSource e{xc.const_data_ptr<float>(), &product, bias.const_data_ptr<float>(), cin,
+                       expand_act,
                        EFFNET_PICK_ISA(cpu_pw, bias_act_rows)};
   const auto kernel = EFFNET_PICK_ISA(cpu_dw, expand_forward_rows);
   std::vector<float> row_sums(pool ? g.N * g.OH * g.C : 0);

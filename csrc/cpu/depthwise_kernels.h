@@ -862,8 +862,8 @@ void forward_rows(const Geo& g, const X* x, const Params<AccOf<X>>& p, X* out, i
 }
 
 // Pixels per GEMM of ExpandedRows: a GEMM over one narrow row (7-28 pixels on B0) spent
-// about as long packing the weight as multiplying (MKL's sgemm packs its operand per
-// call), so rows are computed in blocks of at least this many pixels.
+// about as long packing the weight as multiplying when MKL's sgemm ran it (it packs its
+// operand per call), so rows are computed in blocks of at least this many pixels.
 constexpr int64_t kExpandGemmPixels = 64;
 
 // The input rows of a depthwise conv computed from the expand conv that feeds it (the eval
@@ -900,7 +900,7 @@ class ExpandedRows {
     const int64_t WC = W_ * C_;
     // One row (wide rows: B = 1) goes straight into its slot.
     float* blk = rows == 1 ? ring_.row(q0 % R_) : block_.data();
-    ::effnet::cpu::gemm_xwt(e_.x + q0 * W_ * e_.cin, e_.w, blk, rows * W_, e_.cin, C_);
+    (*e_.product)(e_.x + q0 * W_ * e_.cin, blk, rows * W_);
     e_.bias_act(blk, rows * W_, C_, e_.bias, e_.act);
     for (int64_t i = 0; i < rows; ++i) {
       if (rows > 1) std::memcpy(ring_.row((q0 + i) % R_), blk + i * WC, WC * sizeof(float));

@@ -28,7 +28,7 @@
 #endif
 
 #include "common/math.h"
-#include "sgemm.h"
+#include "packed_gemm.h"
 
 namespace effnet::cpu_dw {
 
@@ -116,12 +116,12 @@ struct GroupRange {
 
 // The eval expand conv feeding a depthwise conv (BN folded): the depthwise input row ih
 // of image n is act(x[n, ih] w^T + bias), computed per row by expand_forward_rows instead
-// of being read from memory. x is (N, H, W, cin) channels_last, w (C, cin) row-major,
-// bias (C), act an act code; float32 only. bias_act is pw_conv_act's epilogue
+// of being read from memory. x is (N, H, W, cin) channels_last, product runs x w^T for
+// w (C, cin) (packed_gemm.h), bias (C), act an act code; float32 only. bias_act is pw_conv_act's epilogue
 // (cpu_pw::bias_act_rows of the same ISA), so the rows are those pw_conv_act writes.
 struct ExpandSource {
   const float* x;
-  const float* w;
+  const ::effnet::cpu::XWtProduct* product;  // x row block -> its expanded rows before bias + act
   const float* bias;
   int64_t cin, act;
   void (*bias_act)(float* y, int64_t rows, int64_t C, const float* bias, int64_t act);

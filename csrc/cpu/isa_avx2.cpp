@@ -1,5 +1,6 @@
 // The CPU kernels for AVX2 + FMA (32-byte vectors); see isa_kernels.inc.
 #include "depthwise_passes.h"
+#include "gemm_microkernel_decl.h"
 #include "pointwise_epilogue_decl.h"
 
 #ifdef EFFNET_CPU_X86

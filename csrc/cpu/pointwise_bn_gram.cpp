@@ -194,7 +194,7 @@ pw_bn_backward_gram(const at::Tensor& dout, const at::Tensor& x, const at::Tenso
   auto [dx, dweight] = tiled_input_grads(a, tl, x, need_dx, need_dweight,
                                          [&](int64_t t, float* scratch) {
     const int64_t r0 = tl.begin(t);
-    cpu::gemm_xwt(a.x + r0 * a.cin, a.w, scratch, tl.count(t), a.cin, a.cout);
+    a.xwt(a.x + r0 * a.cin, scratch, tl.count(t));
     float* p = part.data() + t * 2 * a.cout;
     reduce_scale(in.dout + r0 * a.cout, scratch, tl.count(t), a.cout, in.scale, in.shift, in.mean,
                  act, p, p + a.cout);

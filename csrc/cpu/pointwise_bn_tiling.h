@@ -24,10 +24,12 @@
 #include <memory>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common/checks.h"
 #include "output_cache.h"
+#include "packed_gemm.h"
 #include "sgemm.h"
 
 namespace effnet::cpu_pw {
@@ -67,6 +69,8 @@ struct Args {
   int64_t rows, cin, cout;
   const float* x;
   const float* w;
+  cpu::XWtProduct xwt;         // rows of x -> rows of y = x w^T (packed_gemm.h)
+  cpu::XWtProduct dx_product;  // rows of dL/dy -> rows of dx = dL/dy w (check_backward)
 };
 
 inline Args check_x_w(const at::Tensor& x, const at::Tensor& weight) {
@@ -83,8 +87,10 @@ inline Args check_x_w(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(weight.size(1) == x.size(1), "weight must be (Cout, ", x.size(1),
               "), got shape ", weight.sizes());
   TORCH_CHECK(x.numel() > 0 && weight.size(0) > 0, "x and weight must be non-empty");
-  return {x.numel() / x.size(1), x.size(1), weight.size(0), x.const_data_ptr<float>(),
-          weight.const_data_ptr<float>()};
+  Args a{x.numel() / x.size(1), x.size(1), weight.size(0), x.const_data_ptr<float>(),
+         weight.const_data_ptr<float>(), {}, {}};
+  a.xwt.reset(a.w, a.cout, a.cin);
+  return a;
 }
 
 inline void check_like_out(const at::Tensor& t, const char* name, const at::Tensor& x,
@@ -173,7 +179,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> tiled_input_gra
   for_tiles(tl, tl.tile * a.cout, [&](int64_t g, int64_t t, float* scratch) {
     const int64_t r0 = tl.begin(t), rows = tl.count(t);
     tile_dy(t, scratch);
-    if (need_dx) cpu::gemm_xw(scratch, a.w, dxp + r0 * a.cin, rows, a.cin, a.cout);
+    if (need_dx) a.dx_product(scratch, dxp + r0 * a.cin, rows);
     if (need_dweight) {
       cpu::gemm_dtx(scratch, a.x + r0 * a.cin, dw_part.get() + g * a.cout * a.cin, rows, a.cin,
                     a.cout, t != tl.first_tile(g));
@@ -205,12 +211,15 @@ inline BackwardInputs check_backward(const at::Tensor& dout, const at::Tensor& x
                               const at::Tensor& weight, const std::optional<at::Tensor>& y,
                               const at::Tensor& scale, const at::Tensor& shift,
                               const at::Tensor& mean, int64_t act) {
-  const Args a = check_x_w(x, weight);
+  Args a = check_x_w(x, weight);
   check_act(act);
   check_like_out(dout, "dout", x, a.cout);
-  return {a, dout.const_data_ptr<float>(), kept_y(y, x, a.cout),
-          channel_vector(scale, "scale", a.cout), channel_vector(shift, "shift", a.cout),
-          channel_vector(mean, "mean", a.cout)};
+  a.dx_product.reset_xw(a.w, a.cout, a.cin);
+  const float* y_kept = kept_y(y, x, a.cout);
+  const int64_t cout = a.cout;
+  return {std::move(a), dout.const_data_ptr<float>(), y_kept,
+          channel_vector(scale, "scale", cout), channel_vector(shift, "shift", cout),
+          channel_vector(mean, "mean", cout)};
 }
 
 }  // namespace effnet::cpu_pw

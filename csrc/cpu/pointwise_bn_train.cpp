@@ -55,7 +55,7 @@ const float* tile_y(const Args& a, const Tiling& tl, int64_t t, const float* kep
                     float* scratch) {
   const int64_t r0 = tl.begin(t);
   if (kept != nullptr) return kept + r0 * a.cout;
-  cpu::gemm_xwt(a.x + r0 * a.cin, a.w, scratch, tl.count(t), a.cin, a.cout);
+  a.xwt(a.x + r0 * a.cin, scratch, tl.count(t));
   return scratch;
 }
 
@@ -74,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> pw_bn_stats(
   std::vector<float> part(tl.tiles * per_tile);
   for_tiles(tl, keep_y ? 0 : tl.tile * a.cout, [&](int64_t, int64_t t, float* scratch) {
     float* dest = keep_y ? yp + tl.begin(t) * a.cout : scratch;
-    cpu::gemm_xwt(a.x + tl.begin(t) * a.cin, a.w, dest, tl.count(t), a.cin, a.cout);
+    a.xwt(a.x + tl.begin(t) * a.cin, dest, tl.count(t));
     float* p = part.data() + t * per_tile;
     moments(dest, tl.count(t), a.cout, p, p + a.cout, p + 2 * a.cout);
   });
@@ -110,7 +110,7 @@ at::Tensor pw_bn_forward(const at::Tensor& x, const at::Tensor& weight,
   for_tiles(tl, stream ? tl.tile * a.cout : 0, [&](int64_t, int64_t t, float* scratch) {
     float* dest = op + tl.begin(t) * a.cout;
     float* z = stream ? scratch : dest;  // the GEMM's output: scratch, or out itself
-    cpu::gemm_xwt(a.x + tl.begin(t) * a.cin, a.w, z, tl.count(t), a.cin, a.cout);
+    a.xwt(a.x + tl.begin(t) * a.cin, z, tl.count(t));
     if (stream) {
       affine_act_stream(z, dest, tl.count(t), a.cout, sp, hp, act);
     } else {

@@ -17,8 +17,9 @@
 // while the tile is still in L2. With too few tiles to feed every thread, or a shared W so
 // large that re-reading it per tile costs more than a second pass over y, one
 // multi-threaded GEMM covers all rows and the epilogue runs as a separate parallel loop. The GEMM is
-// the BLAS sgemm_ that libtorch_cpu ships (sgemm.h): without it `pw_conv_available()` is
-// false and Python keeps ATen's path. float32 only.
+// XWtProduct (packed_gemm.h): the native packed GEMM or the BLAS sgemm_ that libtorch_cpu
+// ships, by its policy; without sgemm_ `pw_conv_available()` is false and Python keeps
+// ATen's path. float32 only.
 // The output comes from the output cache (output_cache.h). No autograd: the eval paths
 // and the training tail's per-sample products (nn/train_tail.py) call it.
 #include <ATen/Parallel.h>
@@ -31,6 +32,7 @@
 #include "common/binding_registry.h"
 #include "common/checks.h"
 #include "output_cache.h"
+#include "packed_gemm.h"
 #include "pointwise_epilogue_decl.h"
 #include "sgemm.h"
 
@@ -119,19 +121,29 @@ at::Tensor pw_conv_act(const at::Tensor& x, const at::Tensor& weight,
   // the second pass over y, and one multi-threaded GEMM is faster.
   const bool tiled = tiles >= 2 * threads && (per_sample || cin * cout <= kMaxTiledWeightFloats);
   if (tiled) {
+    // One product per weight: the shared one built here, per-sample ones by each thread
+    // for the samples its tiles cover.
+    const cpu::XWtProduct shared = per_sample ? cpu::XWtProduct() : cpu::XWtProduct(wp, cout, cin);
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      cpu::XWtProduct own;
+      int64_t own_group = -1;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t g = t / tiles_per_group;
         const int64_t r0 = g * span + (t % tiles_per_group) * tile;
         const int64_t rows = std::min(tile, (g + 1) * span - r0);
-        cpu::gemm_xwt(xp + r0 * cin, wp + g * cout * cin, yp + r0 * cout, rows, cin, cout);
+        if (per_sample && g != own_group) {
+          own.reset(wp + g * cout * cin, cout, cin);
+          own_group = g;
+        }
+        (per_sample ? own : shared)(xp + r0 * cin, yp + r0 * cout, rows);
         epilogue(yp + r0 * cout, rows, cout, bp + g * bias_stride, act);
       }
     });
     return y;
   }
   for (int64_t g = 0; g < groups; ++g) {
-    cpu::gemm_xwt(xp + g * span * cin, wp + g * cout * cin, yp + g * span * cout, span, cin, cout);
+    cpu::XWtProduct(wp + g * cout * cin, cout, cin)
+        .parallel(xp + g * span * cin, yp + g * span * cout, span);
   }
   const int64_t rows = n * hw;
   at::parallel_for(0, rows, std::max<int64_t>(1, kTileFloats / (4 * cout)), [&](int64_t r0, int64_t r1) {
@@ -214,4 +226,11 @@ EFFNET_BINDINGS(bind_pointwise_conv_cpu) {
           py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("act"));
   cpu.def("pw_conv_available", &effnet::cpu::sgemm_available,
           "whether the BLAS sgemm that pw_conv_act calls was found in libtorch_cpu");
+  cpu.def("gemm_set_mode", &effnet::cpu::set_gemm_mode,
+          "the float32 GEMM policy of the 1x1 convs: 'auto', 'native' or 'blas' "
+          "(packed_gemm.h); returns the previous one",
+          py::arg("mode"));
+  cpu.def("gemm_mode", &effnet::cpu::gemm_mode, "the float32 GEMM policy");
+  cpu.def("gemm_native", &effnet::cpu::native_gemm,
+          "whether the 1x1 convs' products run on the native packed GEMM now");
 }

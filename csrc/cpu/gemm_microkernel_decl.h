@@ -1,0 +1,20 @@
+// Declarations of the per-ISA native GEMM (gemm_microkernel.h), defined in isa_avx512.cpp,
+// isa_avx2.cpp and isa_base.cpp and picked at runtime (isa.h).
+#pragma once
+
+#include <cstdint>
+
+#include "isa.h"
+
+#define EFFNET_GEMM_DECL(ISA)                                                              \
+  namespace effnet::cpu_gemm::ISA {                                                        \
+  void gemm_packed(const float* x, int64_t ldx, const float* wt, int64_t ldw, float* y,   \
+                   int64_t ldy, int64_t rows, int64_t cin, int64_t col0, int64_t col1);    \
+  int64_t packed_lanes();                                                                  \
+  }
+
+#ifdef EFFNET_CPU_X86
+EFFNET_GEMM_DECL(avx512)
+EFFNET_GEMM_DECL(avx2)
+#endif
+EFFNET_GEMM_DECL(base)

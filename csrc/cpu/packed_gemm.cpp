@@ -1,0 +1,158 @@
+// Route choice and weight packing for XWtProduct (packed_gemm.h).
+#include "packed_gemm.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <mutex>
+
+#include "gemm_microkernel_decl.h"
+#include "isa.h"
+#include "sgemm.h"
+
+namespace effnet::cpu {
+namespace {
+
+std::mutex mode_mutex;
+
+void check_mode(const std::string& mode, const char* source) {
+  TORCH_CHECK_VALUE(mode == "auto" || mode == "native" || mode == "blas", source,
+                    " must be 'auto', 'native' or 'blas', got '", mode, "'");
+}
+
+std::string& mode_slot() {
+  static std::string mode = [] {
+    const char* env = std::getenv("EFFNET_CPU_GEMM");
+    std::string chosen = env && *env ? env : "auto";
+    check_mode(chosen, "EFFNET_CPU_GEMM");
+    return chosen;
+  }();
+  return mode;
+}
+
+bool native_isa() { return cpu_isa() != Isa::Base; }
+
+bool intel_cpu() {
+#ifdef EFFNET_CPU_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel");
+#else
+  return false;
+#endif
+}
+
+// Vectors per column panel of gemm_microkernel.h.
+constexpr int64_t kPanelVectors = 2;
+// Square blocks of the transposing copy in reset().
+constexpr int64_t kPackBlock = 32;
+// Fewest rows per thread when parallel() splits rows.
+constexpr int64_t kRowGrain = 48;
+
+}  // namespace
+
+std::string gemm_mode() {
+  std::lock_guard<std::mutex> lock(mode_mutex);
+  return mode_slot();
+}
+
+std::string set_gemm_mode(const std::string& mode) {
+  check_mode(mode, "gemm mode");
+  TORCH_CHECK(mode != "native" || native_isa(),
+              "gemm mode 'native' needs an AVX2 or AVX-512 CPU (this one runs the '", isa_name(),
+              "' kernels)");
+  TORCH_CHECK(mode != "blas" || sgemm_available(),
+              "gemm mode 'blas' needs the sgemm_ of libtorch_cpu, which was not found");
+  std::lock_guard<std::mutex> lock(mode_mutex);
+  std::string previous = mode_slot();
+  mode_slot() = mode;
+  return previous;
+}
+
+bool native_gemm() {
+  const std::string mode = gemm_mode();
+  if (!native_isa()) return false;
+  if (mode == "native" || !sgemm_available()) return true;
+  if (mode == "blas") return false;
+  static const bool intel = intel_cpu();
+  return !intel;
+}
+
+bool gemm_available() { return sgemm_available() || native_isa(); }
+
+bool XWtProduct::prepare(const float* w, int64_t cout, int64_t cin, bool xw) {
+  TORCH_CHECK(gemm_available(), "no float32 GEMM: no sgemm_ in libtorch_cpu and no AVX2");
+  w_ = w;
+  xw_ = xw;
+  cout_ = cout;
+  cin_ = cin;
+  if (!native_gemm()) {
+    kernel_ = nullptr;
+    wt_.clear();
+    return false;
+  }
+  kernel_ = EFFNET_PICK_ISA(cpu_gemm, gemm_packed);
+  const int64_t lanes = EFFNET_PICK_ISA(cpu_gemm, packed_lanes)();
+  panel_ = kPanelVectors * lanes;
+  ld_ = (cout + lanes - 1) / lanes * lanes;
+  wt_.assign(cin * ld_, 0.0f);
+  return true;
+}
+
+void XWtProduct::reset(const float* w, int64_t cout, int64_t cin) {
+  if (!prepare(w, cout, cin, false)) return;
+  for (int64_t k0 = 0; k0 < cin; k0 += kPackBlock) {
+    const int64_t k1 = std::min(cin, k0 + kPackBlock);
+    for (int64_t o0 = 0; o0 < cout; o0 += kPackBlock) {
+      const int64_t o1 = std::min(cout, o0 + kPackBlock);
+      for (int64_t k = k0; k < k1; ++k) {
+        for (int64_t o = o0; o < o1; ++o) wt_[k * ld_ + o] = w[o * cin + k];
+      }
+    }
+  }
+}
+
+void XWtProduct::reset_xw(const float* m, int64_t cin, int64_t cout) {
+  if (!prepare(m, cout, cin, true)) return;
+  for (int64_t k = 0; k < cin; ++k) std::copy(m + k * cout, m + (k + 1) * cout, wt_.data() + k * ld_);
+}
+
+void XWtProduct::blas(const float* x, float* y, int64_t rows) const {
+  if (xw_) {
+    gemm_xw(x, w_, y, rows, cout_, cin_);
+  } else {
+    gemm_xwt(x, w_, y, rows, cin_, cout_);
+  }
+}
+
+void XWtProduct::operator()(const float* x, float* y, int64_t rows) const {
+  if (rows <= 0) return;
+  if (kernel_ == nullptr) {
+    blas(x, y, rows);
+    return;
+  }
+  kernel_(x, cin_, wt_.data(), ld_, y, cout_, rows, cin_, 0, cout_);
+}
+
+void XWtProduct::parallel(const float* x, float* y, int64_t rows) const {
+  if (rows <= 0) return;
+  if (kernel_ == nullptr) {
+    blas(x, y, rows);
+    return;
+  }
+  // Column panels over the threads where there are enough of them, else row ranges.
+  const int64_t panels = (cout_ + panel_ - 1) / panel_;
+  if (panels >= at::get_num_threads()) {
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+      kernel_(x, cin_, wt_.data(), ld_, y, cout_, rows, cin_, p0 * panel_,
+              std::min(cout_, p1 * panel_));
+    });
+    return;
+  }
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
+    kernel_(x + r0 * cin_, cin_, wt_.data(), ld_, y + r0 * cout_, cout_, r1 - r0, cin_, 0, cout_);
+  });
+}
+
+}  // namespace effnet::cpu

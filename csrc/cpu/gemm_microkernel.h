@@ -1,12 +1,12 @@
 // Float32 GEMM y = x w^T on a packed w^T, register-blocked for this ISA (the native
-// alternative to the BLAS sgemm_ in sgemm.h; which one runs is sgemm.h's policy).
+// alternative to the BLAS sgemm_ in sgemm.h; which one runs is packed_gemm.h's policy).
 //
 //   y[r, j] = sum_k x[r, k] * wt[k, j]        r < rows, col0 <= j < col1
 //
 // Layout: x rows are ldx floats apart (the NHWC pixels of a channels_last activation),
-// y rows ldy apart; wt is w^T packed by pack_wt (sgemm.h): (cin, ldw) row-major with
-// ldw = cout rounded up to whole vectors and zero padding past cout, so every vector load
-// of a wt row is in bounds.
+// y rows ldy apart; wt is w^T packed by pack_wt (below; packed_gemm.cpp calls it): (cin,
+// ldw) row-major with ldw = cout rounded up to whole vectors and zero padding past cout,
+// so every vector load of a wt row is in bounds.
 //
 // Blocking: a micro tile of kMR rows x kNV vectors of columns keeps kMR * kNV accumulators
 // in registers over the whole k loop (per k: kNV loads of wt, kMR broadcasts of x, kMR *
@@ -120,3 +120,9 @@ void gemm_packed(const float* x, int64_t ldx, const float* wt, int64_t ldw, floa
 
 // The column padding unit of wt (floats per vector); panels are kNV of them.
 int64_t packed_lanes() { return kGemmLanes; }
+
+// wt[k * ldw + o] = w[o * cin + k] for o < cout, k < cin (ldw >= cout; the caller zeroes
+// the padding columns): w^T in 8 x 8 register transposes (depthwise_planar.h).
+void pack_wt(const float* w, int64_t cout, int64_t cin, float* wt, int64_t ldw) {
+  ::effnet::cpu_dw::EFFNET_ISA::transpose_block<float, float>(w, cin, wt, ldw, cout, cin);
+}

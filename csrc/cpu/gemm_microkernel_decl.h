@@ -11,6 +11,7 @@
   void gemm_packed(const float* x, int64_t ldx, const float* wt, int64_t ldw, float* y,   \
                    int64_t ldy, int64_t rows, int64_t cin, int64_t col0, int64_t col1);    \
   int64_t packed_lanes();                                                                  \
+  void pack_wt(const float* w, int64_t cout, int64_t cin, float* wt, int64_t ldw);         \
   }
 
 #ifdef EFFNET_CPU_X86

@@ -45,8 +45,6 @@ bool intel_cpu() {
 
 // Vectors per column panel of gemm_microkernel.h.
 constexpr int64_t kPanelVectors = 2;
-// Square blocks of the transposing copy in reset().
-constexpr int64_t kPackBlock = 32;
 // Fewest rows per thread when parallel() splits rows.
 constexpr int64_t kRowGrain = 48;
 
@@ -101,16 +99,7 @@ bool XWtProduct::prepare(const float* w, int64_t cout, int64_t cin, bool xw) {
 }
 
 void XWtProduct::reset(const float* w, int64_t cout, int64_t cin) {
-  if (!prepare(w, cout, cin, false)) return;
-  for (int64_t k0 = 0; k0 < cin; k0 += kPackBlock) {
-    const int64_t k1 = std::min(cin, k0 + kPackBlock);
-    for (int64_t o0 = 0; o0 < cout; o0 += kPackBlock) {
-      const int64_t o1 = std::min(cout, o0 + kPackBlock);
-      for (int64_t k = k0; k < k1; ++k) {
-        for (int64_t o = o0; o < o1; ++o) wt_[k * ld_ + o] = w[o * cin + k];
-      }
-    }
-  }
+  if (prepare(w, cout, cin, false)) EFFNET_PICK_ISA(cpu_gemm, pack_wt)(w, cout, cin, wt_.data(), ld_);
 }
 
 void XWtProduct::reset_xw(const float* m, int64_t cin, int64_t cout) {

@@ -5,8 +5,8 @@
 //
 // Which one is a policy (gemm_mode): "native", "blas" or "auto" (the default, or the
 // environment's EFFNET_CPU_GEMM): auto takes the native GEMM on AVX2/AVX-512 CPUs not
-// made by Intel, where MKL's sgemm runs a generic path (AMD EPYC Zen 5, single thread,
-// B0's 1x1 shapes: 69-94 GFLOP/s for MKL against 126-199 for the native AVX-512 kernel),
+// made by Intel, where MKL's sgemm measured about half its rate (AMD EPYC Zen 5, single
+// thread, B0's 1x1 shapes: 69-100 GFLOP/s for MKL against 126-226 for the AVX-512 kernel),
 // and MKL on Intel CPUs, where its kernels are tuned (the native kernel was not measured
 // against it there). Without sgemm_ the native GEMM is the only route.
 //

@@ -126,3 +126,96 @@ int64_t packed_lanes() { return kGemmLanes; }
 void pack_wt(const float* w, int64_t cout, int64_t cin, float* wt, int64_t ldw) {
   ::effnet::cpu_dw::EFFNET_ISA::transpose_block<float, float>(w, cin, wt, ldw, cout, cin);
 }
+
+// The first n (< lanes) floats at p into a vector, zeros after them.
+template <class V = GemmVec>
+inline V load_part(const float* p, int n) {
+#ifdef EFFNET_CPU_X86
+  if constexpr (sizeof(V) == 64 && kVecBytes == 64) {
+    return reinterpret_cast<V>(_mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p));
+  }
+#endif
+  V v{};
+  std::memcpy(&v, p, sizeof(float) * n);
+  return v;
+}
+
+// The weight gradient's product, y (+)= a^T b over `count` rows: a (count, M) rows lda
+// apart, b (count, N) rows ldb apart, y (M, N) rows ldy apart; here row p of a and b is
+// the reduction index, so a micro tile broadcasts MR consecutive values of a's row p and
+// loads NV vectors of b's row p (the last one `tail` lanes wide, masked: b has no
+// padding). Each output is one float32 sum in p order.
+template <int MR, int NV>
+inline void micro_tile_tn(const float* a, int64_t lda, const float* b, int64_t ldb, float* y,
+                          int64_t ldy, int64_t count, int tail, bool accumulate) {
+  GemmVec acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = GemmVec{};
+  }
+  for (int64_t p = 0; p < count; ++p) {
+    GemmVec bv[NV];
+    const float* brow = b + p * ldb;
+#pragma GCC unroll 4
+    for (int v = 0; v + 1 < NV; ++v) bv[v] = vload<GemmVec>(brow + v * kGemmLanes);
+    bv[NV - 1] = tail == kGemmLanes ? vload<GemmVec>(brow + (NV - 1) * kGemmLanes)
+                                    : load_part(brow + (NV - 1) * kGemmLanes, tail);
+    const float* arow = a + p * lda;
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const GemmVec s = vsplat<GemmVec>(arow[i]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] = gemm_fma(s, bv[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    float* row = y + i * ldy;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const int n = v + 1 < NV ? kGemmLanes : tail;
+      GemmVec out = acc[i][v];
+      if (accumulate) out += n == kGemmLanes ? vload<GemmVec>(row + v * kGemmLanes)
+                                              : load_part(row + v * kGemmLanes, n);
+      if (n == kGemmLanes) {
+        vstore(row + v * kGemmLanes, out);
+      } else {
+        std::memcpy(row + v * kGemmLanes, &out, sizeof(float) * n);
+      }
+    }
+  }
+}
+
+template <int NV, int MR = kMR - 1>
+inline void short_tile_tn(int64_t m, const float* a, int64_t lda, const float* b, int64_t ldb,
+                          float* y, int64_t ldy, int64_t count, int tail, bool accumulate) {
+  if constexpr (MR >= 1) {
+    if (m == MR) return micro_tile_tn<MR, NV>(a, lda, b, ldb, y, ldy, count, tail, accumulate);
+    short_tile_tn<NV, MR - 1>(m, a, lda, b, ldb, y, ldy, count, tail, accumulate);
+  }
+}
+
+// dw (cout, cin) (+)= dy^T x for dy (rows, cout) and x (rows, cin), both row-major;
+// single-threaded.
+void gemm_dtx_native(const float* dy, const float* x, float* dw, int64_t rows, int64_t cin,
+                     int64_t cout, bool accumulate) {
+  constexpr int64_t panel = kNV * kGemmLanes;
+  for (int64_t j = 0; j < cin; j += panel) {
+    const int64_t cols = std::min(panel, cin - j);
+    const int nv = cols > kGemmLanes ? 2 : 1;
+    const int tail = int(cols - (nv - 1) * kGemmLanes);
+    for (int64_t o = 0; o < cout; o += kMR) {
+      const int64_t m = std::min<int64_t>(kMR, cout - o);
+      float* yt = dw + o * cin + j;
+      if (m == kMR) {
+        if (nv == 2) micro_tile_tn<kMR, 2>(dy + o, cout, x + j, cin, yt, cin, rows, tail, accumulate);
+        else micro_tile_tn<kMR, 1>(dy + o, cout, x + j, cin, yt, cin, rows, tail, accumulate);
+      } else if (nv == 2) {
+        short_tile_tn<2>(m, dy + o, cout, x + j, cin, yt, cin, rows, tail, accumulate);
+      } else {
+        short_tile_tn<1>(m, dy + o, cout, x + j, cin, yt, cin, rows, tail, accumulate);
+      }
+    }
+  }
+}

@@ -12,6 +12,8 @@
                    int64_t ldy, int64_t rows, int64_t cin, int64_t col0, int64_t col1);    \
   int64_t packed_lanes();                                                                  \
   void pack_wt(const float* w, int64_t cout, int64_t cin, float* wt, int64_t ldw);         \
+  void gemm_dtx_native(const float* dy, const float* x, float* dw, int64_t rows,           \
+                       int64_t cin, int64_t cout, bool accumulate);                        \
   }
 
 #ifdef EFFNET_CPU_X86

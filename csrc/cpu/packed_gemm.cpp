@@ -79,6 +79,15 @@ bool native_gemm() {
 
 bool gemm_available() { return sgemm_available() || native_isa(); }
 
+void dtx_product(const float* dy, const float* x, float* dw, int64_t rows, int64_t cin,
+                 int64_t cout, bool accumulate) {
+  if (native_gemm()) {
+    EFFNET_PICK_ISA(cpu_gemm, gemm_dtx_native)(dy, x, dw, rows, cin, cout, accumulate);
+  } else {
+    gemm_dtx(dy, x, dw, rows, cin, cout, accumulate);
+  }
+}
+
 bool XWtProduct::prepare(const float* w, int64_t cout, int64_t cin, bool xw) {
   TORCH_CHECK(gemm_available(), "no float32 GEMM: no sgemm_ in libtorch_cpu and no AVX2");
   w_ = w;

@@ -1,7 +1,7 @@
 // y = x w^T for one fixed float32 weight w (Cout, Cin), the product every 1x1 conv of the
-// CPU kernels runs: on the native GEMM (gemm_microkernel.h, with w^T packed once per
-// weight here) or on the BLAS sgemm_ that libtorch_cpu ships (sgemm.h, which packs its
-// operand on every call).
+// CPU kernels runs (and dtx_product, its weight gradient): on the native GEMM
+// (gemm_microkernel.h, with w^T packed once per weight here) or on the BLAS sgemm_ that
+// libtorch_cpu ships (sgemm.h, which packs its operand on every call).
 //
 // Which one is a policy (gemm_mode): "native", "blas" or "auto" (the default, or the
 // environment's EFFNET_CPU_GEMM): auto takes the native GEMM on AVX2/AVX-512 CPUs not
@@ -27,6 +27,12 @@ std::string set_gemm_mode(const std::string& mode);
 std::string gemm_mode();
 // Whether either route exists (the native one needs AVX2; x86 only).
 bool gemm_available();
+
+// dw (cout, cin) = dy^T x (+= with accumulate) for dy (rows, cout) and x (rows, cin): the
+// weight gradient of a 1x1 conv, on the route native_gemm() picks; single-threaded
+// (BLAS: threaded as its context makes it).
+void dtx_product(const float* dy, const float* x, float* dw, int64_t rows, int64_t cin,
+                 int64_t cout, bool accumulate);
 
 class XWtProduct {
  public:

@@ -181,8 +181,8 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> tiled_input_gra
     tile_dy(t, scratch);
     if (need_dx) a.dx_product(scratch, dxp + r0 * a.cin, rows);
     if (need_dweight) {
-      cpu::gemm_dtx(scratch, a.x + r0 * a.cin, dw_part.get() + g * a.cout * a.cin, rows, a.cin,
-                    a.cout, t != tl.first_tile(g));
+      cpu::dtx_product(scratch, a.x + r0 * a.cin, dw_part.get() + g * a.cout * a.cin, rows,
+                       a.cin, a.cout, t != tl.first_tile(g));
     }
   });
   if (need_dweight) {  // check_x_w refuses empty x: every group has at least one tile

@@ -13,7 +13,8 @@
 // kNV FMAs; AVX-512 12 x 32 = 24 of the 32 registers, AVX2 6 x 16 = 12 of 16). Rows go in
 // blocks of about kRowBlockFloats of x (L2-resident) and each block sweeps every column
 // panel of wt, so x is read from memory once and wt from L2/L3 once per block. Each
-// output element is one float32 dot product accumulated in k order, as BLAS does.
+// output element is one float32 dot product accumulated in k order. The same micro tiles
+// run the weight gradient dw (+)= dy^T x (gemm_dtx_native), reducing over pixel rows.
 //
 // No include guard on purpose: included once per ISA by isa_kernels.inc, after
 // vec_math.h, inside namespace effnet::cpu_gemm::<isa>.
@@ -43,90 +44,6 @@ inline V gemm_fma(V a, V b, V c) {
   return a * b + c;
 }
 
-// MR rows x NV vectors of y; the last vector keeps its first `tail` lanes (tail <= lanes).
-template <int MR, int NV>
-inline void micro_tile(const float* x, int64_t ldx, const float* wt, int64_t ldw, float* y,
-                       int64_t ldy, int64_t cin, int tail) {
-  GemmVec acc[MR][NV];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[i][v] = GemmVec{};
-  }
-  for (int64_t k = 0; k < cin; ++k) {
-    GemmVec b[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = vload<GemmVec>(wt + k * ldw + v * kGemmLanes);
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) {
-      const GemmVec a = vsplat<GemmVec>(x[i * ldx + k]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[i][v] = gemm_fma(a, b[v], acc[i][v]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) {
-    float* row = y + i * ldy;
-#pragma GCC unroll 4
-    for (int v = 0; v + 1 < NV; ++v) vstore(row + v * kGemmLanes, acc[i][v]);
-    if (tail == kGemmLanes) {
-      vstore(row + (NV - 1) * kGemmLanes, acc[i][NV - 1]);
-    } else {
-      std::memcpy(row + (NV - 1) * kGemmLanes, &acc[i][NV - 1], sizeof(float) * tail);
-    }
-  }
-}
-
-// A micro tile of m < MR rows (the last rows of a block).
-template <int NV, int MR = kMR - 1>
-inline void short_tile(int64_t m, const float* x, int64_t ldx, const float* wt, int64_t ldw,
-                       float* y, int64_t ldy, int64_t cin, int tail) {
-  if constexpr (MR >= 1) {
-    if (m == MR) return micro_tile<MR, NV>(x, ldx, wt, ldw, y, ldy, cin, tail);
-    short_tile<NV, MR - 1>(m, x, ldx, wt, ldw, y, ldy, cin, tail);
-  }
-}
-
-template <int NV>
-inline void panel_rows(const float* x, int64_t ldx, const float* wt, int64_t ldw, float* y,
-                       int64_t ldy, int64_t rows, int64_t cin, int tail) {
-  int64_t r = 0;
-  for (; r + kMR <= rows; r += kMR) {
-    micro_tile<kMR, NV>(x + r * ldx, ldx, wt, ldw, y + r * ldy, ldy, cin, tail);
-  }
-  if (r < rows) short_tile<NV>(rows - r, x + r * ldx, ldx, wt, ldw, y + r * ldy, ldy, cin, tail);
-}
-
-// y[:, col0:col1] of y = x w^T for x (rows, cin); col0 is a multiple of the panel width
-// kNV * lanes (or col1 == ldw's last panel start); single-threaded.
-void gemm_packed(const float* x, int64_t ldx, const float* wt, int64_t ldw, float* y,
-                 int64_t ldy, int64_t rows, int64_t cin, int64_t col0, int64_t col1) {
-  constexpr int64_t panel = kNV * kGemmLanes;
-  const int64_t block = std::max<int64_t>(kMR, kRowBlockFloats / std::max<int64_t>(cin, 1) / kMR * kMR);
-  for (int64_t r0 = 0; r0 < rows; r0 += block) {
-    const int64_t m = std::min(block, rows - r0);
-    for (int64_t j = col0; j < col1; j += panel) {
-      const int64_t cols = std::min(panel, col1 - j);
-      const float* xb = x + r0 * ldx;
-      float* yb = y + r0 * ldy + j;
-      if (cols > kGemmLanes) {
-        panel_rows<2>(xb, ldx, wt + j, ldw, yb, ldy, m, cin, int(cols - kGemmLanes));
-      } else {
-        panel_rows<1>(xb, ldx, wt + j, ldw, yb, ldy, m, cin, int(cols));
-      }
-    }
-  }
-}
-
-// The column padding unit of wt (floats per vector); panels are kNV of them.
-int64_t packed_lanes() { return kGemmLanes; }
-
-// wt[k * ldw + o] = w[o * cin + k] for o < cout, k < cin (ldw >= cout; the caller zeroes
-// the padding columns): w^T in 8 x 8 register transposes (depthwise_planar.h).
-void pack_wt(const float* w, int64_t cout, int64_t cin, float* wt, int64_t ldw) {
-  ::effnet::cpu_dw::EFFNET_ISA::transpose_block<float, float>(w, cin, wt, ldw, cout, cin);
-}
-
 // The first n (< lanes) floats at p into a vector, zeros after them.
 template <class V = GemmVec>
 inline V load_part(const float* p, int n) {
@@ -140,44 +57,60 @@ inline V load_part(const float* p, int n) {
   return v;
 }
 
-// The weight gradient's product, y (+)= a^T b over `count` rows: a (count, M) rows lda
-// apart, b (count, N) rows ldb apart, y (M, N) rows ldy apart; here row p of a and b is
-// the reduction index, so a micro tile broadcasts MR consecutive values of a's row p and
-// loads NV vectors of b's row p (the last one `tail` lanes wide, masked: b has no
-// padding). Each output is one float32 sum in p order.
+// The operands of one micro tile of MR rows x NV vectors:
+//   y[i, j] (+)= sum_k a[i * a_row + k * a_k] * b[k * ldb + j]      k < count
+// gemm_packed: a = x (a_row = ldx, a_k = 1), b = the packed wt; gemm_dtx_native: a = dy
+// (a_row = 1, a_k = Cout), b = x. b's last vector has load_tail valid lanes (lanes when b
+// is zero padded, the rest masked to zeros otherwise), y's last vector store_tail.
+struct TileArgs {
+  const float* a;
+  int64_t a_row, a_k;
+  const float* b;
+  int64_t ldb;
+  float* y;
+  int64_t ldy, count;
+  int load_tail, store_tail;
+  bool accumulate;
+};
+
 template <int MR, int NV>
-inline void micro_tile_tn(const float* a, int64_t lda, const float* b, int64_t ldb, float* y,
-                          int64_t ldy, int64_t count, int tail, bool accumulate) {
+inline void micro_tile(const TileArgs& t) {
+  const float* a = t.a;
+  const float* b = t.b;
+  const int64_t a_row = t.a_row, a_k = t.a_k, ldb = t.ldb;
+  const int load_tail = t.load_tail;
   GemmVec acc[MR][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[i][v] = GemmVec{};
   }
-  for (int64_t p = 0; p < count; ++p) {
+  for (int64_t k = 0; k < t.count; ++k) {
+    const float* brow = b + k * ldb;
     GemmVec bv[NV];
-    const float* brow = b + p * ldb;
 #pragma GCC unroll 4
     for (int v = 0; v + 1 < NV; ++v) bv[v] = vload<GemmVec>(brow + v * kGemmLanes);
-    bv[NV - 1] = tail == kGemmLanes ? vload<GemmVec>(brow + (NV - 1) * kGemmLanes)
-                                    : load_part(brow + (NV - 1) * kGemmLanes, tail);
-    const float* arow = a + p * lda;
+    bv[NV - 1] = load_tail == kGemmLanes ? vload<GemmVec>(brow + (NV - 1) * kGemmLanes)
+                                         : load_part(brow + (NV - 1) * kGemmLanes, load_tail);
+    const float* ak = a + k * a_k;
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const GemmVec s = vsplat<GemmVec>(arow[i]);
+      const GemmVec s = vsplat<GemmVec>(ak[i * a_row]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[i][v] = gemm_fma(s, bv[v], acc[i][v]);
     }
   }
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
-    float* row = y + i * ldy;
+    float* row = t.y + i * t.ldy;
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      const int n = v + 1 < NV ? kGemmLanes : tail;
+      const int n = v + 1 < NV ? kGemmLanes : t.store_tail;
       GemmVec out = acc[i][v];
-      if (accumulate) out += n == kGemmLanes ? vload<GemmVec>(row + v * kGemmLanes)
-                                              : load_part(row + v * kGemmLanes, n);
+      if (t.accumulate) {
+        out += n == kGemmLanes ? vload<GemmVec>(row + v * kGemmLanes)
+                               : load_part(row + v * kGemmLanes, n);
+      }
       if (n == kGemmLanes) {
         vstore(row + v * kGemmLanes, out);
       } else {
@@ -187,35 +120,71 @@ inline void micro_tile_tn(const float* a, int64_t lda, const float* b, int64_t l
   }
 }
 
+// A micro tile of m < MR rows (the last rows).
 template <int NV, int MR = kMR - 1>
-inline void short_tile_tn(int64_t m, const float* a, int64_t lda, const float* b, int64_t ldb,
-                          float* y, int64_t ldy, int64_t count, int tail, bool accumulate) {
+inline void short_tile(int64_t m, const TileArgs& t) {
   if constexpr (MR >= 1) {
-    if (m == MR) return micro_tile_tn<MR, NV>(a, lda, b, ldb, y, ldy, count, tail, accumulate);
-    short_tile_tn<NV, MR - 1>(m, a, lda, b, ldb, y, ldy, count, tail, accumulate);
+    if (m == MR) return micro_tile<MR, NV>(t);
+    short_tile<NV, MR - 1>(m, t);
   }
 }
 
-// dw (cout, cin) (+)= dy^T x for dy (rows, cout) and x (rows, cin), both row-major;
-// single-threaded.
+// m rows of one column panel, kMR rows at a time.
+template <int NV>
+inline void tile_rows(int64_t m, TileArgs t) {
+  int64_t r = 0;
+  for (; r + kMR <= m; r += kMR) {
+    micro_tile<kMR, NV>(t);
+    t.a += kMR * t.a_row;
+    t.y += kMR * t.ldy;
+  }
+  if (r < m) short_tile<NV>(m - r, t);
+}
+
+// m rows of the column panel of `cols` (<= kNV * lanes) columns that t starts at; b is zero
+// padded past them or not.
+inline void panel_rows(int64_t m, TileArgs t, int64_t cols, bool padded_b) {
+  const bool two = cols > kGemmLanes;
+  t.store_tail = int(two ? cols - kGemmLanes : cols);
+  t.load_tail = padded_b ? kGemmLanes : t.store_tail;
+  if (two) {
+    tile_rows<2>(m, t);
+  } else {
+    tile_rows<1>(m, t);
+  }
+}
+
+// y[:, col0:col1] of y = x w^T for x (rows, cin); col0 is a multiple of the panel width
+// kNV * lanes; single-threaded.
+void gemm_packed(const float* x, int64_t ldx, const float* wt, int64_t ldw, float* y,
+                 int64_t ldy, int64_t rows, int64_t cin, int64_t col0, int64_t col1) {
+  constexpr int64_t panel = kNV * kGemmLanes;
+  const int64_t block = std::max<int64_t>(kMR, kRowBlockFloats / std::max<int64_t>(cin, 1) / kMR * kMR);
+  for (int64_t r0 = 0; r0 < rows; r0 += block) {
+    const int64_t m = std::min(block, rows - r0);
+    for (int64_t j = col0; j < col1; j += panel) {
+      const TileArgs t{x + r0 * ldx, ldx, 1, wt + j, ldw, y + r0 * ldy + j, ldy, cin, 0, 0, false};
+      panel_rows(m, t, std::min(panel, col1 - j), true);
+    }
+  }
+}
+
+// dw (cout, cin) (+)= dy^T x for dy (rows, cout) and x (rows, cin), both row-major (the
+// weight gradient: rows are the reduction index, x is not padded); single-threaded.
 void gemm_dtx_native(const float* dy, const float* x, float* dw, int64_t rows, int64_t cin,
                      int64_t cout, bool accumulate) {
   constexpr int64_t panel = kNV * kGemmLanes;
   for (int64_t j = 0; j < cin; j += panel) {
-    const int64_t cols = std::min(panel, cin - j);
-    const int nv = cols > kGemmLanes ? 2 : 1;
-    const int tail = int(cols - (nv - 1) * kGemmLanes);
-    for (int64_t o = 0; o < cout; o += kMR) {
-      const int64_t m = std::min<int64_t>(kMR, cout - o);
-      float* yt = dw + o * cin + j;
-      if (m == kMR) {
-        if (nv == 2) micro_tile_tn<kMR, 2>(dy + o, cout, x + j, cin, yt, cin, rows, tail, accumulate);
-        else micro_tile_tn<kMR, 1>(dy + o, cout, x + j, cin, yt, cin, rows, tail, accumulate);
-      } else if (nv == 2) {
-        short_tile_tn<2>(m, dy + o, cout, x + j, cin, yt, cin, rows, tail, accumulate);
-      } else {
-        short_tile_tn<1>(m, dy + o, cout, x + j, cin, yt, cin, rows, tail, accumulate);
-      }
-    }
+    const TileArgs t{dy, 1, cout, x + j, cin, dw + j, cin, rows, 0, 0, accumulate};
+    panel_rows(cout, t, std::min(panel, cin - j), false);
   }
+}
+
+// The column padding unit of wt (floats per vector); panels are kNV of them.
+int64_t packed_lanes() { return kGemmLanes; }
+
+// wt[k * ldw + o] = w[o * cin + k] for o < cout, k < cin (ldw >= cout; the caller zeroes
+// the padding columns): w^T in 8 x 8 register transposes (depthwise_planar.h).
+void pack_wt(const float* w, int64_t cout, int64_t cin, float* wt, int64_t ldw) {
+  ::effnet::cpu_dw::EFFNET_ISA::transpose_block<float, float>(w, cin, wt, ldw, cout, cin);
 }

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from effnet_kernels._ext import ext_module
+from effnet_kernels.nn.gemm_conv import EXTENSION_GEMM_MIN_ROWS
 from effnet_kernels.nn.gemm_conv2d import (
     Conv1x1Gemm,
     GemmConv2d,
@@ -42,7 +43,7 @@ def _run(conv: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> dict[str, torch.
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shape,cout", [((4, 32, 5, 5), 128), ((2, 20, 7, 3), 36),
-                                        ((3, 7, 1, 1), 5)])
+                                        ((3, 7, 1, 1), 5), ((3, 40, 7, 7), 70)])
 def test_matches_conv2d_in_training(shape, cout, bias):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=g).contiguous(memory_format=CL)
@@ -71,11 +72,15 @@ def test_gradcheck_and_gradgradcheck_float64(bias):
     assert torch.autograd.gradgradcheck(fn, (x, *params))
 
 
-def test_eval_and_no_grad_calls_match_conv2d():
-    base = _conv(16, 24, True)
+@pytest.mark.parametrize("shape,cout", [((3, 16, 6, 6), 24), ((3, 40, 7, 7), 70)])
+def test_eval_and_no_grad_calls_match_conv2d(shape, cout):
+    """Both GEMM routes: torch.mm below EXTENSION_GEMM_MIN_ROWS pixel rows, the extension's
+    GEMM (the native one where the policy picks it) from there on."""
+    assert 3 * 6 * 6 < EXTENSION_GEMM_MIN_ROWS <= 3 * 7 * 7
+    base = _conv(shape[1], cout, True)
     fused = copy.deepcopy(base)
     to_gemm_conv(fused)
-    x = torch.randn(3, 16, 6, 6).contiguous(memory_format=CL)
+    x = torch.randn(shape).contiguous(memory_format=CL)
     with torch.no_grad():
         got, same = fused(x), base(x)
         truth = base.double()(x.double())

@@ -11,7 +11,8 @@ Why not F.conv2d: its output is a fresh ATen allocation. Above glibc's largest m
 threshold (32 MiB, e.g. B0's first expand output at batch 8: 8x96x112x112 fp32) every
 such allocation is new pages, page-faulted and zeroed by the kernel on first write:
 measured 24 ms for a conv whose GEMM takes 4 ms. torch.mm(out=) into a cached block
-avoids that. The GEMM itself is ATen's (MKL / oneDNN).
+avoids that. The GEMM itself is ATen's (MKL / oneDNN), or for float32 convs of
+EXTENSION_GEMM_MIN_ROWS pixel rows or more the extension's (pw_conv_act, below).
 
 Eval conv + activation (`gemm_conv1x1_act`): for float32 the compiled extension runs the
 GEMM tile by tile and applies bias + act to each tile while it is in cache
@@ -99,9 +100,19 @@ def _cached_like(x: Tensor, channels: int) -> Tensor:
     return ext_module().cpu.empty_cached([n, channels, h, w], x, True)
 
 
+# float32 convs of at least this many pixel rows run on the extension's GEMM (pw_conv_act
+# with the identity act: the native packed GEMM where the GEMM policy picks it) instead of
+# torch.mm; it packs the weight per call, which fewer rows do not repay. B0's head conv
+# (320 -> 1280) on AMD EPYC, 2 threads: 98 rows 0.48-0.50 ms torch.mm vs 0.44-0.53
+# native, 196 rows 0.90-0.97 vs 0.62-0.74, 392 rows (batch 8) 1.69-1.72 vs 1.07-1.19.
+EXTENSION_GEMM_MIN_ROWS = 128
+
+
 def gemm_conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """conv2d(x, weight, bias) for a gemm_conv_eligible call; channels_last output.
     No autograd: callers run it inside an autograd.Function or without a graph."""
+    if x.shape[0] * x.shape[2] * x.shape[3] >= EXTENSION_GEMM_MIN_ROWS and epilogue_gemm_serves(x):
+        return ext_module().cpu.pw_conv_act(x, weight, bias, act_code("identity"))
     cout = weight.shape[0]
     y = _cached_like(x, cout)
     w_t = weight.reshape(cout, -1).t()

@@ -75,6 +75,23 @@ def test_without_bias_and_with_strided_weight():
                       _reference(x, w, None, "silu", torch.float64), torch.float32)
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_bare_product_without_bias_or_act(shape, layout):
+    """No bias and the identity act: the product alone, with no epilogue pass (tiled and
+    one-GEMM routes; the output buffer starts out with garbage, so a GEMM that relied on
+    the epilogue to finish the values would show here)."""
+    x, weight, _ = _inputs(*shape)
+    run = EXT.cpu.pw_conv_act if layout == "channels_last" else EXT.cpu.pw_conv_act_planar
+    if layout == "nchw":
+        x = x.contiguous()
+    for _ in range(2):  # the second call may reuse the first one's output memory
+        got = run(x, weight, None, ACT_CODES["identity"])
+        assert_parity("bare product", got, _reference(x, weight, None, "identity", torch.float32),
+                      _reference(x, weight, None, "identity", torch.float64), torch.float32)
+        del got
+
+
 def test_empty_batch():
     x, weight, bias = _inputs(0, 4, 6, 3, 3)
     assert EXT.cpu.pw_conv_act(x, weight, bias, 2).shape == (0, 6, 3, 3)

@@ -64,6 +64,7 @@ at::Tensor check_args(const at::Tensor& x, const at::Tensor& weight,
               "), got shape ", weight.sizes());
   const int64_t cout = per_sample ? weight.size(1) : weight.size(0);
   check_act(act);
+  // No bias: zeros, which the callers never read when the act is the identity too.
   if (!bias.has_value()) return at::zeros({cout}, x.options());
   const at::Tensor& b = *bias;
   TORCH_CHECK(b.device().is_cpu(), "bias must be on cpu, got ", b.device());
@@ -109,6 +110,8 @@ at::Tensor pw_conv_act(const at::Tensor& x, const at::Tensor& weight,
   const float* bp = b.const_data_ptr<float>();
   const int64_t bias_stride = b.dim() == 2 ? cout : 0;  // per-sample bias rows
   float* yp = y.mutable_data_ptr<float>();
+  // Without bias and with the identity act the epilogue changes nothing: skip its pass.
+  const bool bare = !bias.has_value() && act == 0;
   const auto epilogue = EFFNET_PICK_ISA(cpu_pw, bias_act_rows);
 
   // Tiles never cross a sample boundary when each sample has its own weights.
@@ -136,7 +139,7 @@ at::Tensor pw_conv_act(const at::Tensor& x, const at::Tensor& weight,
           own_group = g;
         }
         (per_sample ? own : shared)(xp + r0 * cin, yp + r0 * cout, rows);
-        epilogue(yp + r0 * cout, rows, cout, bp + g * bias_stride, act);
+        if (!bare) epilogue(yp + r0 * cout, rows, cout, bp + g * bias_stride, act);
       }
     });
     return y;
@@ -145,6 +148,7 @@ at::Tensor pw_conv_act(const at::Tensor& x, const at::Tensor& weight,
     cpu::XWtProduct(wp + g * cout * cin, cout, cin)
         .parallel(xp + g * span * cin, yp + g * span * cout, span);
   }
+  if (bare) return y;
   const int64_t rows = n * hw;
   at::parallel_for(0, rows, std::max<int64_t>(1, kTileFloats / (4 * cout)), [&](int64_t r0, int64_t r1) {
     // Split at sample boundaries where each sample has its own bias.
@@ -176,6 +180,7 @@ at::Tensor pw_conv_act_planar(const at::Tensor& x, const at::Tensor& weight,
   const float* wp = w.const_data_ptr<float>();
   const float* bp = b.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
+  const bool bare = !bias.has_value() && act == 0;  // epilogue would change nothing
   const auto epilogue = EFFNET_PICK_ISA(cpu_pw, bias_act_planar);
 
   const auto [cols, per_image] = split_tiles(n, hw, cout);
@@ -188,7 +193,7 @@ at::Tensor pw_conv_act_planar(const at::Tensor& x, const at::Tensor& weight,
         const int64_t width = std::min(cols, hw - j0);
         float* yt = yp + img * cout * hw + j0;
         cpu::gemm_wx(wp, xp + img * cin * hw + j0, yt, cout, cin, width, hw);
-        epilogue(yt, cout, width, hw, bp, act);
+        if (!bare) epilogue(yt, cout, width, hw, bp, act);
       }
     });
     return y;
@@ -196,6 +201,7 @@ at::Tensor pw_conv_act_planar(const at::Tensor& x, const at::Tensor& weight,
   for (int64_t img = 0; img < n; ++img) {
     cpu::gemm_wx(wp, xp + img * cin * hw, yp + img * cout * hw, cout, cin, hw, hw);
   }
+  if (bare) return y;
   at::parallel_for(0, n * cout, std::max<int64_t>(1, kTileFloats / (4 * hw)),
                    [&](int64_t r0, int64_t r1) {
     // Rows r = img * cout + o, split at image boundaries (the bias restarts there).

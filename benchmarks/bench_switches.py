@@ -5,6 +5,7 @@
     python benchmarks/bench_switches.py --switch onnxruntime              # converted vs ORT
     python benchmarks/bench_switches.py --switch planar --format nchw     # NCHW model
     python benchmarks/bench_switches.py --switch native_gemm --mode train  # GEMM route
+    python benchmarks/bench_switches.py --switch pw_backward --mode train  # 1x1 backward
 
 The two sides run interleaved, each round in its own random order (effnet_kernels.bench.
 timing), on the same model, images and thread count: on this project's shared CPU machine
@@ -29,6 +30,10 @@ switch in one process, never against a figure of another run. Switches:
   pw_gram      the tiled convs whose y is recomputed taking the Gram route
                (nn/pointwise.GRAM: statistics from the input's second moments, a one-pass
                backward) against the two-pass route
+  pw_backward  the training 1x1 convs' backward on the extension: tiled on a kept y
+               (nn/pointwise.TILED_KEPT_BACKWARD) and dx / dW of plain 1x1 convs
+               (the head) from pw_conv_backward (nn/gemm_conv.
+               EXTENSION_GEMM_BACKWARD_MIN_ROWS), against BN passes + two torch.mm
   train_tail   the training tail with the SE gate folded into the projection
                (nn/train_tail.ENABLED) against SE op + projection conv
   onnxruntime  not a switch: the converted model against onnxruntime (inference only)
@@ -79,6 +84,13 @@ def setter(switch: str):
         return lambda on: setattr(pointwise, "TILED", on)
     if switch == "pw_gram":
         return lambda on: setattr(pointwise, "GRAM", on)
+    if switch == "pw_backward":
+        rows = gemm_conv.EXTENSION_GEMM_BACKWARD_MIN_ROWS
+
+        def set_pw_backward(on: bool) -> None:
+            pointwise.TILED_KEPT_BACKWARD = on
+            gemm_conv.EXTENSION_GEMM_BACKWARD_MIN_ROWS = rows if on else 1 << 62
+        return set_pw_backward
     if switch == "train_tail":
         return lambda on: setattr(train_tail, "ENABLED", on)
     raise ValueError(f"unknown switch {switch!r}")
@@ -117,7 +129,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--switch", required=True,
                     choices=("prefetch", "planar", "native_gemm", "eval_plan", "keep_y",
-                             "pw_tiles", "pw_gram", "train_tail", "onnxruntime", "eager"))
+                             "pw_tiles", "pw_gram", "pw_backward", "train_tail", "onnxruntime",
+                             "eager"))
     ap.add_argument("--mode", choices=("train", "infer"), default="infer")
     ap.add_argument("--model", default="efficientnet_b0")
     ap.add_argument("--batch", type=int, default=8)

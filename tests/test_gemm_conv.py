@@ -1,5 +1,7 @@
 """The 1x1 conv as a GEMM into cached memory (nn/gemm_conv.py): exact conv2d semantics
-forward and backward, the eligibility rules, and its two users (training conv + BN + act,
+forward and backward (both backward routes: torch.mm, and the extension's
+pw_conv_backward from EXTENSION_GEMM_BACKWARD_MIN_ROWS pixel rows, with its argument errors
+and thread-count independence), the eligibility rules, and its two users (training conv + BN + act,
 and the eval conv + act of large outputs in MBConv)."""
 
 from __future__ import annotations
@@ -12,8 +14,14 @@ import effnet_kernels
 from effnet_kernels._ext import ext_module
 from effnet_kernels.nn import conv_bn_act as conv_bn_act_module
 from effnet_kernels.nn import eval_conv
-from effnet_kernels.nn.gemm_conv import gemm_conv1x1, gemm_conv1x1_backward, gemm_conv_eligible
+from effnet_kernels.nn.gemm_conv import (
+    EXTENSION_GEMM_BACKWARD_MIN_ROWS,
+    gemm_conv1x1,
+    gemm_conv1x1_backward,
+    gemm_conv_eligible,
+)
 from effnet_kernels.nn.pointwise import ConvBNActTrain
+from effnet_kernels.testing import parity
 
 pytestmark = pytest.mark.skipif(ext_module() is None, reason="compiled extension not built")
 CL = torch.channels_last
@@ -44,6 +52,107 @@ def test_forward_and_backward_match_conv2d(dtype, with_bias):
     torch.testing.assert_close(dweight, ref_w.grad)
     assert dx.is_contiguous(memory_format=CL) and dweight.shape == weight.shape
     assert gemm_conv1x1_backward(dy, x, weight, False, False) == (None, None)
+
+
+# (n, cin, cout, h, w) around EXTENSION_GEMM_BACKWARD_MIN_ROWS: 96 rows stay on
+# torch.mm; 162 rows (Cin and Cout tails), 392 rows of B0's head width (dW partials in 5
+# groups) and 2048 rows (16 groups) run pw_conv_backward.
+BACKWARD_CASES = [(2, 24, 40, 6, 8), (2, 37, 70, 9, 9), (8, 320, 1280, 7, 7), (2, 16, 96, 32, 32)]
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_backward_routes_match_float64(case, monkeypatch):
+    """dx and dweight against float64 under the parity rule, on the route the row count
+    picks (the extension's pw_conv_backward from EXTENSION_GEMM_BACKWARD_MIN_ROWS rows),
+    each gradient alone as well."""
+    n, cin, cout, h, w = case
+    calls = []
+    native = ext_module().cpu.pw_conv_backward
+    monkeypatch.setattr(ext_module().cpu, "pw_conv_backward",
+                        lambda *a: calls.append(a[3:]) or native(*a))
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(n, cin, h, w, generator=gen).contiguous(memory_format=CL)
+    weight = torch.randn(cout, cin, 1, 1, generator=gen) / cin ** 0.5
+    dy = torch.randn(n, cout, h, w, generator=gen).contiguous(memory_format=CL)
+    dx, dweight = gemm_conv1x1_backward(dy, x, weight, True, True)
+    on_extension = n * h * w >= EXTENSION_GEMM_BACKWARD_MIN_ROWS
+    assert calls == ([(True, True)] if on_extension else [])
+    truth = [t.grad for t in _conv2d_grads(x.double(), weight.double(), dy.double())]
+    same = [t.grad for t in _conv2d_grads(x, weight, dy)]
+    for name, got, ref32, ref64 in zip(("dx", "dweight"), (dx, dweight), same, truth):
+        result = parity(name, got, ref32, ref64, torch.float32)
+        assert result.ok, str(result)
+    assert dx.is_contiguous(memory_format=CL) and dweight.shape == weight.shape
+    only_dx, none = gemm_conv1x1_backward(dy, x, weight, True, False)
+    none2, only_dw = gemm_conv1x1_backward(dy, x, weight, False, True)
+    assert none is None and none2 is None
+    assert torch.equal(only_dx, dx) and torch.equal(only_dw, dweight)
+
+
+def test_backward_does_not_depend_on_the_thread_count():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 96, 12, 12, generator=gen).contiguous(memory_format=CL)
+    weight = torch.randn(200, 96, 1, 1, generator=gen)
+    dy = torch.randn(4, 200, 12, 12, generator=gen).contiguous(memory_format=CL)
+    threads, got = torch.get_num_threads(), []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            got.append(ext_module().cpu.pw_conv_backward(dy, x, weight.view(200, 96), True, True))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*got))
+
+
+def test_pw_conv_backward_names_bad_arguments():
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=CL)
+    w = torch.randn(6, 8)
+    dy = torch.randn(2, 6, 4, 4).contiguous(memory_format=CL)
+    run = ext_module().cpu.pw_conv_backward
+    cases = [((dy, x.contiguous(), w), "x must be contiguous in channels_last"),
+             ((dy.contiguous(), x, w), "dy must be contiguous in channels_last"),
+             ((dy[:, :5], x, w), r"dy must be a cpu \(2, 6, 4, 4\)"),
+             ((dy, x, torch.randn(6, 7)), r"weight must be \(Cout, 8\)"),
+             ((dy, x.double(), w), "x must have dtype"),
+             ((dy, x, w.t()), "weight must be contiguous")]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            run(*args, True, True)
+
+
+@pytest.mark.parametrize("shape", [(4, 37, 70, 5, 7), (3, 16, 96, 1, 1), (2, 8, 12, 0, 3)],
+                         ids=["tails", "one_pixel", "no_pixels"])
+def test_per_sample_weight_grads_match_float64(shape):
+    """M[n] = dy_n^T x_n against float64 bmm under the parity rule (zeros without pixels)."""
+    n, cin, cout, h, w = shape
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(n, cin, h, w, generator=gen).contiguous(memory_format=CL)
+    dy = torch.randn(n, cout, h, w, generator=gen).contiguous(memory_format=CL)
+
+    def bmm(dy, x):
+        return torch.bmm(dy.permute(0, 2, 3, 1).reshape(n, h * w, cout).transpose(1, 2),
+                         x.permute(0, 2, 3, 1).reshape(n, h * w, cin))
+    got = ext_module().cpu.pw_weight_grad_per_sample(dy, x)
+    assert got.shape == (n, cout, cin)
+    result = parity("M", got, bmm(dy, x), bmm(dy.double(), x.double()), torch.float32)
+    assert result.ok, str(result)
+
+
+def test_per_sample_weight_grads_name_bad_arguments():
+    run = ext_module().cpu.pw_weight_grad_per_sample
+    x = torch.randn(4, 6, 2, 2).contiguous(memory_format=CL)
+    with pytest.raises(RuntimeError, match=r"dy must be a cpu \(4, 5, 2, 2\)"):
+        run(torch.randn(3, 5, 2, 2).contiguous(memory_format=CL), x)
+    with pytest.raises(RuntimeError, match="x must be contiguous in channels_last"):
+        run(torch.randn(4, 5, 2, 2).contiguous(memory_format=CL), x.contiguous())
+    with pytest.raises(RuntimeError, match="x must have dtype"):
+        run(torch.randn(4, 5, 2, 2).contiguous(memory_format=CL), x.double())
+
+
+def _conv2d_grads(x, weight, dy):
+    x, weight = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    F.conv2d(x, weight).backward(dy)
+    return x, weight
 
 
 def test_bfloat16_close_to_float32():

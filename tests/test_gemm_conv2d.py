@@ -43,8 +43,10 @@ def _run(conv: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> dict[str, torch.
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shape,cout", [((4, 32, 5, 5), 128), ((2, 20, 7, 3), 36),
-                                        ((3, 7, 1, 1), 5), ((3, 40, 7, 7), 70)])
+                                        ((3, 7, 1, 1), 5), ((3, 40, 7, 7), 70),
+                                        ((4, 40, 7, 7), 70)])
 def test_matches_conv2d_in_training(shape, cout, bias):
+    """(4, 40, 7, 7) has enough pixel rows for the extension's backward as well."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=g).contiguous(memory_format=CL)
     dy = torch.randn(shape[0], cout, *shape[2:], generator=g).contiguous(memory_format=CL)

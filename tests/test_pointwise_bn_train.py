@@ -2,7 +2,8 @@
 nn/pointwise.py): output, every gradient and the running statistics against float64
 conv2d -> batch_norm -> act under the parity rule, for a recomputed and a kept y, shapes
 with few tiles, many tiles, more tiles than groups and a weight large enough to cap the
-dW partials, and a narrowing conv that stays on the unfused route; bitwise the same
+dW partials, and a narrowing conv that stays on the unfused route; convs whose forward
+runs untiled and keeps y, with the backward tiled on that y or not; bitwise the same
 results on one thread and on two; the primitives' argument errors."""
 
 from __future__ import annotations
@@ -113,6 +114,37 @@ def test_tiled_route_matches_eager(case, act, gram, stats_calls, monkeypatch):
                 if not (p := parity(key, got[key], same[key], truth[key], torch.float32)).ok]
     assert not failures, "; ".join(failures)
     assert got["out"].is_contiguous(memory_format=CL) and got["dx"].is_contiguous(memory_format=CL)
+
+
+# (N, Cin, Cout, H, W) of convs whose forward stays untiled and keeps y: narrowing
+# (projections, one of them with a Cout tail) and a weight above TILED_MAX_WEIGHT.
+KEPT_UNTILED = [(3, 40, 24, 8, 8), (2, 96, 37, 7, 5), (1, 400, 1200, 4, 4)]
+
+
+@pytest.mark.parametrize("tiled_backward", [True, False], ids=["tiled_bwd", "passes_bwd"])
+@pytest.mark.parametrize("case", KEPT_UNTILED, ids=str)
+@pytest.mark.parametrize("act", ["silu", "identity"])
+def test_untiled_forward_with_kept_y(case, act, tiled_backward, stats_calls, monkeypatch):
+    """The forward runs one GEMM, then the BN passes, and keeps y; the backward runs the
+    tiled primitives on that y (TILED_KEPT_BACKWARD) or the BN passes and two GEMMs."""
+    monkeypatch.setattr(pointwise, "TILED_KEPT_BACKWARD", tiled_backward)
+    tiled_calls = []
+    backward = EXT.cpu.pw_bn_backward
+
+    def spy(*args):
+        tiled_calls.append(args[3] is not None)  # y given: the kept one
+        return backward(*args)
+    monkeypatch.setattr(EXT.cpu, "pw_bn_backward", spy)
+    inputs = _inputs(case, seed=5)
+    truth = _run(_eager(act), inputs, torch.float64)
+    same = _run(_eager(act), inputs, torch.float32)
+    with use_backend("cpu"):
+        got = _run(_fused(act), inputs, torch.float32)
+    assert stats_calls == [] and tiled_calls == ([True] if tiled_backward else [])
+    failures = [str(p) for key in truth
+                if not (p := parity(key, got[key], same[key], truth[key], torch.float32)).ok]
+    assert not failures, "; ".join(failures)
+    assert got["dx"].is_contiguous(memory_format=CL)
 
 
 @pytest.mark.parametrize("case", CASES[1:5], ids=str)

@@ -55,15 +55,18 @@ def _step(block, x, dout):
 @pytest.mark.parametrize("name,hw,tail", [("ds", 12, True), ("mb_s2", 16, True),
                                           ("mb_res", 8, True), ("mb_late", 8, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_block_training_matches_timm(name, hw, tail, dtype, tail_calls):
+@pytest.mark.parametrize("batch", [3, 2 * torch.get_num_threads() + 1], ids=["few", "many"])
+def test_block_training_matches_timm(name, hw, tail, dtype, batch, tail_calls):
     """The tail where H*W >= 2 Cout (ds: 144 >= 32, mb_s2: 8x8 after stride 2 >= 48,
-    mb_res: 64 >= 48), the unfused order where not (mb_late: 64 < 640)."""
+    mb_res: 64 >= 48), the unfused order where not (mb_late: 64 < 640); with fewer and
+    with more than two samples per thread (float32: the per-sample weight-gradient
+    products on torch.bmm, then on the extension)."""
     original = _timm_block(name).to(dtype)
     cls = DepthwiseSeparable if name == "ds" else MBConv
     fused = cls.from_timm(copy.deepcopy(original))
     cin = original.conv_dw.in_channels if name == "ds" else original.conv_pw.in_channels
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, cin, hw, hw, generator=g).contiguous(memory_format=CL)
+    x = torch.randn(batch, cin, hw, hw, generator=g).contiguous(memory_format=CL)
     with torch.no_grad():
         out_shape = copy.deepcopy(original)(x.to(dtype)).shape
     dout = torch.randn(out_shape, generator=g).contiguous(memory_format=CL)

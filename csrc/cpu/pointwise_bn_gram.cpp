@@ -191,13 +191,14 @@ pw_bn_backward_gram(const at::Tensor& dout, const at::Tensor& x, const at::Tenso
   const auto reduce_scale = EFFNET_PICK_ISA(cpu_pw, tile_bn_reduce_scale);
   // Scratch: the recomputed y tile, overwritten by s = scale * g (the tile's part of dy
   // that needs no batch sums), while the tile's sums are taken.
-  auto [dx, dweight] = tiled_input_grads(a, tl, x, need_dx, need_dweight,
+  auto [dx, dweight] = tiled_input_grads(a, tl, x, need_dx, need_dweight, tl.tile * a.cout,
                                          [&](int64_t t, float* scratch) {
     const int64_t r0 = tl.begin(t);
     a.xwt(a.x + r0 * a.cin, scratch, tl.count(t));
     float* p = part.data() + t * 2 * a.cout;
     reduce_scale(in.dout + r0 * a.cout, scratch, tl.count(t), a.cout, in.scale, in.shift, in.mean,
                  act, p, p + a.cout);
+    return static_cast<const float*>(scratch);
   });
   auto [sum_g, sum_g_yc] = merge_tile_sums(part, tl.tiles, a.cout, x.options());
   return {sum_g, sum_g_yc, dx, dweight};

@@ -73,7 +73,8 @@ struct Args {
   cpu::XWtProduct dx_product;  // rows of dL/dy -> rows of dx = dL/dy w (check_backward)
 };
 
-inline Args check_x_w(const at::Tensor& x, const at::Tensor& weight) {
+// The checked (x, weight) pair; with pack_xwt, xwt ready for y = x w^T.
+inline Args check_x_w(const at::Tensor& x, const at::Tensor& weight, bool pack_xwt = true) {
   TORCH_CHECK(cpu::sgemm_available(), "pointwise BN kernels: libtorch_cpu exports no sgemm_");
   EFFNET_CHECK_DEVICE(x, at::kCPU);
   EFFNET_CHECK_DTYPE(x, at::kFloat);
@@ -89,7 +90,7 @@ inline Args check_x_w(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.numel() > 0 && weight.size(0) > 0, "x and weight must be non-empty");
   Args a{x.numel() / x.size(1), x.size(1), weight.size(0), x.const_data_ptr<float>(),
          weight.const_data_ptr<float>(), {}, {}};
-  a.xwt.reset(a.w, a.cout, a.cin);
+  if (pack_xwt) a.xwt.reset(a.w, a.cout, a.cin);
   return a;
 }
 
@@ -159,14 +160,15 @@ inline Tiling backward_tiling(const Args& a) {
                      std::max<int64_t>(2, kDwPartialFloats / (a.cout * a.cin)));
 }
 
-// (dx, dW) of the conv from dL/dy tile by tile: tile_dy(t, scratch) writes the tile's rows
-// of dL/dy, (count(t), Cout) row-major, into scratch (tile * Cout floats per thread); then
-// dx's rows = dy W and the group's dW partial += dy^T x. tile_dy runs for every tile even
-// where neither gradient is needed (callers may gather sums in it).
+// (dx, dW) of the conv from dL/dy tile by tile: tile_dy(t, scratch) returns the tile's
+// rows of dL/dy, (count(t), Cout) row-major (written into scratch, `scratch_floats` floats
+// per thread, or already in memory); then dx's rows = dy W and the group's dW partial +=
+// dy^T x. tile_dy runs for every tile even where neither gradient is needed (callers may
+// gather sums in it).
 template <class TileDy>
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> tiled_input_grads(
     const Args& a, const Tiling& tl, const at::Tensor& x, bool need_dx, bool need_dweight,
-    TileDy&& tile_dy) {
+    int64_t scratch_floats, TileDy&& tile_dy) {
   std::optional<at::Tensor> dx, dweight;
   float* dxp = nullptr;
   if (need_dx) {
@@ -176,12 +178,12 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> tiled_input_gra
   // Each group's first tile writes its dW partial, later tiles add to it: no zeroing of
   // groups * Cout * Cin floats on one thread first (up to 8 MB on B0's 14x14 expands).
   std::unique_ptr<float[]> dw_part(need_dweight ? new float[tl.groups * a.cout * a.cin] : nullptr);
-  for_tiles(tl, tl.tile * a.cout, [&](int64_t g, int64_t t, float* scratch) {
+  for_tiles(tl, scratch_floats, [&](int64_t g, int64_t t, float* scratch) {
     const int64_t r0 = tl.begin(t), rows = tl.count(t);
-    tile_dy(t, scratch);
-    if (need_dx) a.dx_product(scratch, dxp + r0 * a.cin, rows);
+    const float* dy = tile_dy(t, scratch);
+    if (need_dx) a.dx_product(dy, dxp + r0 * a.cin, rows);
     if (need_dweight) {
-      cpu::dtx_product(scratch, a.x + r0 * a.cin, dw_part.get() + g * a.cout * a.cin, rows,
+      cpu::dtx_product(dy, a.x + r0 * a.cin, dw_part.get() + g * a.cout * a.cin, rows,
                        a.cin, a.cout, t != tl.first_tile(g));
     }
   });
@@ -211,7 +213,7 @@ inline BackwardInputs check_backward(const at::Tensor& dout, const at::Tensor& x
                               const at::Tensor& weight, const std::optional<at::Tensor>& y,
                               const at::Tensor& scale, const at::Tensor& shift,
                               const at::Tensor& mean, int64_t act) {
-  Args a = check_x_w(x, weight);
+  Args a = check_x_w(x, weight, !y.has_value());  // y = x w^T only to recompute y
   check_act(act);
   check_like_out(dout, "dout", x, a.cout);
   a.dx_product.reset_xw(a.w, a.cout, a.cin);

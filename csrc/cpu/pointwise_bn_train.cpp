@@ -152,10 +152,12 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> pw_bn_backward(
   const Tiling tl = backward_tiling(a);
   const auto grad = EFFNET_PICK_ISA(cpu_pw, tile_bn_grad);
   // Scratch: the recomputed y tile, overwritten by dy; with a kept y, dy alone.
-  return tiled_input_grads(a, tl, x, need_dx, need_dweight, [&](int64_t t, float* scratch) {
+  return tiled_input_grads(a, tl, x, need_dx, need_dweight, tl.tile * a.cout,
+                           [&](int64_t t, float* scratch) {
     const float* yt = tile_y(a, tl, t, in.y_kept, scratch);
     grad(in.dout + tl.begin(t) * a.cout, yt, scratch, tl.count(t), a.cout, in.scale, in.shift,
          in.mean, bp, cp, act);
+    return static_cast<const float*>(scratch);
   });
 }
 

@@ -12,7 +12,8 @@ threshold (32 MiB, e.g. B0's first expand output at batch 8: 8x96x112x112 fp32) 
 such allocation is new pages, page-faulted and zeroed by the kernel on first write:
 measured 24 ms for a conv whose GEMM takes 4 ms. torch.mm(out=) into a cached block
 avoids that. The GEMM itself is ATen's (MKL / oneDNN), or for float32 convs of
-EXTENSION_GEMM_MIN_ROWS pixel rows or more the extension's (pw_conv_act, below).
+EXTENSION_GEMM_MIN_ROWS pixel rows or more the extension's (pw_conv_act, below; the
+backward's from EXTENSION_GEMM_BACKWARD_MIN_ROWS, pw_conv_backward).
 
 Eval conv + activation (`gemm_conv1x1_act`): for float32 the compiled extension runs the
 GEMM tile by tile and applies bias + act to each tile while it is in cache
@@ -157,12 +158,27 @@ def gemm_conv1x1_act(x: Tensor, weight: Tensor, bias: Tensor | None, act: str,
     return apply_act_(y, act)
 
 
+# float32 backward calls of at least this many pixel rows run on the extension
+# (pw_conv_backward: row tiles, dx and dW partials per tile on the GEMM policy's route)
+# instead of two torch.mm. Below it the per-group dW partials (up to 8 MB for the head)
+# and per-tile weight reads cost more than they save. B0's head conv (320 -> 1280) on AMD
+# EPYC, 2 threads, dx + dW: 98 rows 0.77 ms torch.mm vs 0.85, 196 rows 1.46 vs 1.14,
+# 392 rows 2.74 vs 1.53; the 7x7 1152 -> 192 projection 1.73 vs 1.06.
+EXTENSION_GEMM_BACKWARD_MIN_ROWS = 160
+
+
 def gemm_conv1x1_backward(dy: Tensor, x: Tensor, weight: Tensor, need_dx: bool,
                           need_dweight: bool) -> tuple[Tensor | None, Tensor | None]:
     """(dx, dweight) of gemm_conv1x1 for the gradient dy of its output."""
     cout = weight.shape[0]
-    dy_rows = _rows(dy.contiguous(memory_format=torch.channels_last))
+    dy = dy.contiguous(memory_format=torch.channels_last)
     w2d = weight.reshape(cout, -1)
+    if x.shape[0] * x.shape[2] * x.shape[3] >= EXTENSION_GEMM_BACKWARD_MIN_ROWS \
+            and epilogue_gemm_serves(x) and dy.dtype == torch.float32:
+        dx, dweight = ext_module().cpu.pw_conv_backward(dy, x, w2d.contiguous(), need_dx,
+                                                        need_dweight)
+        return dx, None if dweight is None else dweight.view(weight.shape)
+    dy_rows = _rows(dy)
     dx = dweight = None
     if need_dx:
         dx = _cached_like(x, x.shape[1])

@@ -23,6 +23,8 @@ switch in one process, never against a figure of another run. Switches:
                picks one per CPU vendor
   eval_plan    the prepared per-block eval forward (nn/eval_plan.ENABLED) against the
                module route
+  packed       the eval plans' 1x1 weights packed once for the GEMM
+               (nn/eval_plan.PACK_WEIGHTS) against packing them per call
   keep_y       the depthwise backward keeping y between its passes
                (ops/depthwise.KEEP_Y_IN_BACKWARD) against recomputing it
   pw_tiles     the training 1x1 conv + BN + act on GEMM tiles (nn/pointwise.TILED)
@@ -78,6 +80,8 @@ def setter(switch: str):
         return lambda on: prims.gemm_set_mode("native" if on else "blas")
     if switch == "eval_plan":
         return lambda on: setattr(eval_plan, "ENABLED", on)
+    if switch == "packed":
+        return lambda on: setattr(eval_plan, "PACK_WEIGHTS", on)
     if switch == "keep_y":
         return lambda on: setattr(dw_ops, "KEEP_Y_IN_BACKWARD", on)
     if switch == "pw_tiles":
@@ -128,7 +132,7 @@ def step_fn(model, images, labels, mode: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--switch", required=True,
-                    choices=("prefetch", "planar", "native_gemm", "eval_plan", "keep_y",
+                    choices=("prefetch", "planar", "native_gemm", "eval_plan", "packed", "keep_y",
                              "pw_tiles", "pw_gram", "pw_backward", "train_tail", "onnxruntime",
                              "eager"))
     ap.add_argument("--mode", choices=("train", "infer"), default="infer")

@@ -167,6 +167,33 @@ def test_plan_follows_in_place_changes(change, plan_calls):
     _assert_module_route(got, same_route)
 
 
+@pytest.mark.parametrize("name,hw", [("efficientnet_b0", 64), ("efficientnet_b0", 16)])
+def test_weights_are_packed_once_and_give_the_same_bits(name, hw, monkeypatch):
+    """Each plan packs its expand and (where the gate is not folded in) projection weight
+    once, on first use; later calls reuse them and the logits are bitwise those of per-call
+    packing (PACK_WEIGHTS off). At 16 x 16 the 7x7-stage blocks' projections run ungated
+    (on y * gate), so their weights are packed too. A write to a source packs again."""
+    packs = []
+    pack = EXT.cpu.pack_weight
+    monkeypatch.setattr(EXT.cpu, "pack_weight", lambda w: packs.append(tuple(w.shape)) or pack(w))
+    fused = copy.deepcopy(_model("timm", name)).to(memory_format=CL)
+    ek.convert(fused)
+    x = torch.randn(2, 3, hw, hw, generator=torch.Generator().manual_seed(0))
+    x = x.contiguous(memory_format=CL)
+    with torch.no_grad():
+        got = fused(x)
+        first = len(packs)
+        assert fused(x).equal(got) and len(packs) == first
+        monkeypatch.setattr(eval_plan, "PACK_WEIGHTS", False)
+        assert fused(x).equal(got) and len(packs) == first
+        monkeypatch.setattr(eval_plan, "PACK_WEIGHTS", True)
+        expands = sum(1 for _, b in _blocks(fused) if hasattr(b, "conv_pw"))
+        assert first >= expands
+        fused.blocks[6][0].conv_pwl.weight.mul_(0.5)
+        fused(x)
+    assert len(packs) > first
+
+
 def test_inference_tensors_are_planned_per_call(plan_calls):
     """Weights loaded under inference_mode have no version counter: no memo, a plan per
     call, the module route's results."""

@@ -75,20 +75,34 @@ def test_gradcheck_and_gradgradcheck_float64(bias):
 
 
 @pytest.mark.parametrize("shape,cout", [((3, 16, 6, 6), 24), ((3, 40, 7, 7), 70)])
-def test_eval_and_no_grad_calls_match_conv2d(shape, cout):
-    """Both GEMM routes: torch.mm below EXTENSION_GEMM_MIN_ROWS pixel rows, the extension's
-    GEMM (the native one where the policy picks it) from there on."""
+def test_eval_and_no_grad_calls_match_conv2d(shape, cout, monkeypatch):
+    """Training-mode no_grad calls: torch.mm below EXTENSION_GEMM_MIN_ROWS pixel rows, the
+    extension's GEMM (the native one where the policy picks it) from there on. Eval calls:
+    the extension's GEMM at any row count on the weight packed once, packed again after
+    the weight changes."""
     assert 3 * 6 * 6 < EXTENSION_GEMM_MIN_ROWS <= 3 * 7 * 7
+    packs = []
+    pack = ext_module().cpu.pack_weight
+    monkeypatch.setattr(ext_module().cpu, "pack_weight", lambda w: packs.append(1) or pack(w))
     base = _conv(shape[1], cout, True)
     fused = copy.deepcopy(base)
     to_gemm_conv(fused)
     x = torch.randn(shape).contiguous(memory_format=CL)
     with torch.no_grad():
         got, same = fused(x), base(x)
-        truth = base.double()(x.double())
-    assert parity("out", got, same, truth, torch.float32).ok
+        truth = copy.deepcopy(base).double()(x.double())
+    assert parity("out", got, same, truth, torch.float32).ok and not packs
     with torch.inference_mode():
         assert parity("out", fused(x), same, truth, torch.float32).ok
+    fused.eval()
+    with torch.no_grad():
+        for _ in range(3):
+            assert parity("out", fused(x), same, truth, torch.float32).ok
+        assert len(packs) == 1
+        fused.weight.mul_(-0.5)  # an in-place write (an optimizer step): packed again
+        base.weight.mul_(-0.5)
+        same, truth = base(x), copy.deepcopy(base).double()(x.double())
+        assert parity("out", fused(x), same, truth, torch.float32).ok and len(packs) == 2
 
 
 @pytest.mark.parametrize("case", ["nchw", "bfloat16", "autocast"])

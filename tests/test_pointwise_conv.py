@@ -92,6 +92,49 @@ def test_bare_product_without_bias_or_act(shape, layout):
         del got
 
 
+@pytest.mark.parametrize("shape", [(2, 40, 1024, 9, 13), (1, 192, 1152, 7, 7), (3, 24, 33, 7, 1)],
+                         ids=["tiled", "one_gemm", "tails"])
+def test_packed_weight_gives_the_same_bits(shape):
+    """A weight packed once (pack_weight) gives bitwise the per-call result, on both
+    routes; after an in-place write it no longer serves (packed per call: still right)."""
+    x, weight, bias = _inputs(*shape)
+    packed = EXT.cpu.pack_weight(weight)
+    assert (packed.cout, packed.cin) == tuple(weight.shape[:2])
+    for act in (0, 2):
+        assert torch.equal(EXT.cpu.pw_conv_act(x, weight, bias, act, packed),
+                           EXT.cpu.pw_conv_act(x, weight, bias, act))
+    weight.mul_(2)
+    got = EXT.cpu.pw_conv_act(x, weight, bias, 2, packed)
+    assert_parity("stale pack", got, _reference(x, weight, bias, "silu", torch.float32),
+                  _reference(x, weight, bias, "silu", torch.float64), torch.float32)
+
+
+def test_packed_weight_follows_the_gemm_policy_and_refuses_misuse():
+    x, weight, bias = _inputs(2, 16, 48, 6, 6)
+    packed = EXT.cpu.pack_weight(weight)
+    expected = EXT.cpu.pw_conv_act(x, weight, bias, 1)
+    previous = EXT.cpu.gemm_set_mode("blas")
+    try:  # packed for the other route: not served, the result is the blas one
+        torch.testing.assert_close(EXT.cpu.pw_conv_act(x, weight, bias, 1, packed), expected)
+        assert torch.equal(EXT.cpu.pw_conv_act(x, weight, bias, 1, packed),
+                           EXT.cpu.pw_conv_act(x, weight, bias, 1))
+    finally:
+        EXT.cpu.gemm_set_mode(previous)
+    with pytest.raises(RuntimeError, match=r"packed must be made from this weight"):
+        EXT.cpu.pw_conv_act(x, torch.randn(40, 16, 1, 1), None, 1, packed)
+    per_sample = torch.randn(2, 48, 16)
+    with pytest.raises(RuntimeError, match="not per-sample weights"):
+        EXT.cpu.pw_conv_act(x, per_sample, None, 1, packed)
+    with pytest.raises(RuntimeError, match="weight must have dtype"):
+        EXT.cpu.pack_weight(weight.double())
+    with pytest.raises(RuntimeError, match=r"weight must be \(Cout, Cin, 1, 1\)"):
+        EXT.cpu.pack_weight(torch.randn(4, 3, 3, 3))
+    with torch.inference_mode():  # no version counter: never served, still right
+        frozen = weight.clone()
+        got = EXT.cpu.pw_conv_act(x, frozen, bias, 1, EXT.cpu.pack_weight(frozen))
+    assert torch.equal(got, EXT.cpu.pw_conv_act(x, weight, bias, 1))
+
+
 def test_empty_batch():
     x, weight, bias = _inputs(0, 4, 6, 3, 3)
     assert EXT.cpu.pw_conv_act(x, weight, bias, 2).shape == (0, 6, 3, 3)

@@ -55,6 +55,7 @@
 #include "depthwise_passes.h"
 #include "isa.h"
 #include "output_cache.h"
+#include "packed_weight.h"
 #include "pointwise_epilogue_decl.h"
 
 namespace effnet::cpu_dw {
@@ -436,12 +437,13 @@ std::tuple<at::Tensor, at::Tensor> dw_forward_pool(const at::Tensor& x, const at
 // The eval plan's expand conv + depthwise conv in one pass (float32, channels_last): the
 // depthwise input act_e(x expand_weight^T + expand_bias) is computed row by row into a
 // per-thread cache of K rows (ExpandedRows, depthwise_kernels.h) and never stored. With
-// `pool`, also the (N, C) sums of out (as dw_forward_pool).
+// `pool`, also the (N, C) sums of out (as dw_forward_pool). `packed`: the expand weight
+// packed once (packed_weight.h), else packed here.
 std::tuple<at::Tensor, at::Tensor> dw_expand_forward(
     const at::Tensor& x, const at::Tensor& expand_weight, const at::Tensor& expand_bias,
     int64_t expand_act, const at::Tensor& weight, const at::Tensor& scale,
     const at::Tensor& shift, int64_t stride, int64_t pad_top, int64_t pad_left, int64_t out_h,
-    int64_t out_w, int64_t act, bool pool) {
+    int64_t out_w, int64_t act, bool pool, const cpu::PackedWeightPtr& packed) {
   TORCH_CHECK(cpu::gemm_available(), "dw_expand_forward: no float32 GEMM (no sgemm_ in libtorch_cpu, no AVX2)");
   EFFNET_CHECK_DEVICE(x, at::kCPU);
   EFFNET_CHECK_DTYPE(x, at::kFloat);
@@ -477,8 +479,10 @@ std::tuple<at::Tensor, at::Tensor> dw_expand_forward(
   if (pool) pooled = at::zeros({g.N, g.C}, x.options());
   const auto wt = transpose_weight<float>(weight);
   const Params<float> p{wt.data(), sc.const_data_ptr<float>(), sh.const_data_ptr<float>()};
-  const cpu::XWtProduct product(w2d.const_data_ptr<float>(), C, cin);
-  const ExpandSource e{xc.const_data_ptr<float>(), &product, bias.const_data_ptr<float>(), cin,
+  const cpu::XWtProduct* prepacked = packed ? packed->product_for(expand_weight) : nullptr;
+  cpu::XWtProduct own;
+  if (!prepacked) own.reset(w2d.const_data_ptr<float>(), C, cin);
+  const ExpandSource e{xc.const_data_ptr<float>(), prepacked ? prepacked : &own, bias.const_data_ptr<float>(), cin,
                        expand_act,
                        EFFNET_PICK_ISA(cpu_pw, bias_act_rows)};
   const auto kernel = EFFNET_PICK_ISA(cpu_dw, expand_forward_rows);
@@ -642,7 +646,7 @@ EFFNET_BINDINGS(bind_cpu_depthwise) {
           py::arg("x"), py::arg("expand_weight"), py::arg("expand_bias"), py::arg("expand_act"),
           py::arg("weight"), py::arg("scale"), py::arg("shift"), py::arg("stride"),
           py::arg("pad_top"), py::arg("pad_left"), py::arg("out_h"), py::arg("out_w"),
-          py::arg("act"), py::arg("pool"));
+          py::arg("act"), py::arg("pool"), py::arg("packed") = py::none());
   cpu.def("dw_backward_reduce", &dw_backward_reduce, "per-channel sums of g and g * (y - mean)",
           py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("shift"),
           py::arg("mean"), py::arg("stride"), py::arg("pad_top"), py::arg("pad_left"),

@@ -18,7 +18,7 @@
 // large that re-reading it per tile costs more than a second pass over y, one
 // multi-threaded GEMM covers all rows and the epilogue runs as a separate parallel loop. The GEMM is
 // XWtProduct (packed_gemm.h): the native packed GEMM or the BLAS sgemm_ that libtorch_cpu
-// ships, by its policy; without sgemm_ `pw_conv_available()` is false and Python keeps
+// ships, by its policy, packed per call or once (`packed`, packed_weight.h); without sgemm_ `pw_conv_available()` is false and Python keeps
 // ATen's path. float32 only.
 // The output comes from the output cache (output_cache.h). No autograd: the eval paths
 // and the training tail's per-sample products (nn/train_tail.py) call it.
@@ -33,6 +33,7 @@
 #include "common/checks.h"
 #include "output_cache.h"
 #include "packed_gemm.h"
+#include "packed_weight.h"
 #include "pointwise_epilogue_decl.h"
 #include "sgemm.h"
 
@@ -95,10 +96,13 @@ std::pair<int64_t, int64_t> split_tiles(int64_t groups, int64_t span, int64_t co
 }
 
 at::Tensor pw_conv_act(const at::Tensor& x, const at::Tensor& weight,
-                       const std::optional<at::Tensor>& bias, int64_t act) {
+                       const std::optional<at::Tensor>& bias, int64_t act,
+                       const cpu::PackedWeightPtr& packed) {
   TORCH_CHECK(cpu::sgemm_available(), "pw_conv_act: libtorch_cpu exports no sgemm_");
   const at::Tensor b = check_args(x, weight, bias, act);
   const bool per_sample = weight.dim() == 3;
+  TORCH_CHECK(!(packed && per_sample), "packed serves a shared weight, not per-sample weights");
+  const cpu::XWtProduct* prepacked = packed ? packed->product_for(weight) : nullptr;
   const at::Tensor w = weight.contiguous();
   const int64_t n = x.size(0), cin = x.size(1), hw = x.size(2) * x.size(3);
   const int64_t cout = per_sample ? w.size(1) : w.size(0);
@@ -126,7 +130,9 @@ at::Tensor pw_conv_act(const at::Tensor& x, const at::Tensor& weight,
   if (tiled) {
     // One product per weight: the shared one built here, per-sample ones by each thread
     // for the samples its tiles cover.
-    const cpu::XWtProduct shared = per_sample ? cpu::XWtProduct() : cpu::XWtProduct(wp, cout, cin);
+    cpu::XWtProduct own_shared;
+    if (!per_sample && !prepacked) own_shared.reset(wp, cout, cin);
+    const cpu::XWtProduct& shared = prepacked ? *prepacked : own_shared;
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
       cpu::XWtProduct own;
       int64_t own_group = -1;
@@ -144,9 +150,13 @@ at::Tensor pw_conv_act(const at::Tensor& x, const at::Tensor& weight,
     });
     return y;
   }
-  for (int64_t g = 0; g < groups; ++g) {
-    cpu::XWtProduct(wp + g * cout * cin, cout, cin)
-        .parallel(xp + g * span * cin, yp + g * span * cout, span);
+  if (prepacked) {
+    prepacked->parallel(xp, yp, span);
+  } else {
+    for (int64_t g = 0; g < groups; ++g) {
+      cpu::XWtProduct(wp + g * cout * cin, cout, cin)
+          .parallel(xp + g * span * cin, yp + g * span * cout, span);
+    }
   }
   if (bare) return y;
   const int64_t rows = n * hw;
@@ -224,8 +234,10 @@ EFFNET_BINDINGS(bind_pointwise_conv_cpu) {
   auto cpu = m.def_submodule("cpu");
   cpu.def("pw_conv_act", &pw::pw_conv_act,
           "act(conv1x1(x, weight) + bias) for channels_last float32 x; weight (Cout, Cin, 1, 1) or "
-          "per sample (N, Cout, Cin), bias (Cout) or per sample (N, Cout); no autograd",
-          py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("act"));
+          "per sample (N, Cout, Cin), bias (Cout) or per sample (N, Cout); packed: the shared "
+          "weight from pack_weight (packed per call where None or stale); no autograd",
+          py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("act"),
+          py::arg("packed") = py::none());
   cpu.def("pw_conv_act_planar", &pw::pw_conv_act_planar,
           "act(conv1x1(x, weight) + bias) for NCHW float32 x (one GEMM per image); weight "
           "(Cout, Cin, 1, 1), bias (Cout); no autograd",

@@ -96,7 +96,7 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str) -> Ten
     if not args["training"]:
         geo = (conv.stride, padding, conv.dilation, conv.groups)
         if eager_eval_serves(x, weight, bias):
-            return eval_conv_act(x, weight, bias, *geo, act)
+            return eval_conv_act(x, weight, bias, *geo, act, packs_for=bn)  # bn: its fold's memo key
         if traced_eval_serves(x, weight, bias):  # torch.compile / export: one custom op
             return conv_act_eval(x, weight, bias, *map(list, geo[:3]), conv.groups, act)
     y = F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)

@@ -44,11 +44,13 @@ def _conv_out_bytes(x: Tensor, weight: Tensor) -> int:
 
 
 def eval_conv_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation,
-                  groups: int, act: str) -> Tensor:
-    """act(conv2d(x, weight, bias)) in one pass, for a CPU tensor of a oneDNN dtype."""
+                  groups: int, act: str, packs_for: object | None = None) -> Tensor:
+    """act(conv2d(x, weight, bias)) in one pass, for a CPU tensor of a oneDNN dtype.
+    packs_for: the module whose (memoized) weight this is, to keep it packed for the GEMM
+    (nn/gemm_conv.py, packed_weight)."""
     if gemm_conv_eligible(x, weight, stride, padding, groups) and (
             x.dtype == torch.float32 or _conv_out_bytes(x, weight) > _GLIBC_MMAP_MAX):
-        return gemm_conv1x1_act(x, weight, bias, act)
+        return gemm_conv1x1_act(x, weight, bias, act, packs_for=packs_for)
     if planar_gemm_eligible(x, weight, stride, padding, groups):
         return planar_conv1x1_act(x, weight, bias, act)
     return torch.ops.mkldnn._convolution_pointwise(

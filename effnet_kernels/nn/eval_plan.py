@@ -14,6 +14,10 @@ not depend on the input prepared once.
                                              (on y * gate when H * W < Cout)
     out += x                                 residual (eval: drop-connect is the identity)
 
+The expand and (ungated) projection weights are packed for the extension's GEMM once,
+on first use, and kept with the plan (pack_weight, csrc/cpu/packed_weight.h): packing
+per call costs 50-200 us per 7x7-stage weight whatever the batch size.
+
 The module route (nn/mbconv.py) computes the same thing with the same primitives, but
 every call re-derives the folded weights' memo keys, the BN scale/shift, the checks and
 the backend choice per op, and allocates a separate residual sum: measured 0.2-0.4 ms of
@@ -41,6 +45,7 @@ compiled converted model keeps the prepared route (B0 batch 8 x 224^2 under indu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import weakref
 from dataclasses import dataclass
@@ -59,6 +64,7 @@ from ..ops.eager import plain_eager, records_graph, traced_cpu_call
 from ..ops.geometry import conv_geometry
 from .conv_bn_act import is_same_conv
 from .eval_fold import clear_folds, fold_conv_bn
+from .gemm_conv import clear_packs
 
 # Switch for in-process A/B measurements and the parity tests; the module route is
 # always correct.
@@ -87,6 +93,9 @@ class _Plan:
     proj_bias: Tensor
     proj_act: int
     skip: bool
+    # "expand" / "proj" -> the weight packed once for the extension's GEMM (pack_weight),
+    # made on first use; None: pack per call (plans built per traced call).
+    packs: dict | None = None
 
 
 # block -> (settings, watched sources, plan); entries go with the block.
@@ -199,7 +208,8 @@ def _build(expand, depthwise, se, projection, skip: bool, slots: list,
     conv, bn, act = depthwise
     # Traced calls (bn_affine given) record no graph here (checked by the caller) and
     # keep grad-mode changes out of the traced graph.
-    context = contextlib.nullcontext() if bn_affine is not None else _plain_no_grad()
+    traced = bn_affine is not None
+    context = contextlib.nullcontext() if traced else _plain_no_grad()
     bn_affine = bn_affine or vector_math(_cpu_prims()).bn_affine
     with context:
         ones = bn.running_mean.new_ones(conv.in_channels)
@@ -217,7 +227,8 @@ def _build(expand, depthwise, se, projection, skip: bool, slots: list,
         proj_weight, proj_bias = fold_conv_bn(projection[0], projection[1])
         return _Plan(folded_expand, conv.weight.detach(), scale, shift, conv.stride[0], padding,
                      act_code(act), se_mats, proj_weight, proj_weight.flatten(1).unsqueeze(0),
-                     proj_bias, act_code(projection[2]), skip)
+                     proj_bias, act_code(projection[2]), skip,
+                     None if traced else {})
 
 
 @contextlib.contextmanager
@@ -239,6 +250,7 @@ def clear_eval_cache() -> None:
     into the tensors' memory)."""
     _PLANS.clear()
     clear_folds()
+    clear_packs()
 
 
 def _plan_for(block: nn.Module, expand, depthwise, se, projection, skip) -> _Plan | None:
@@ -253,6 +265,8 @@ def _plan_for(block: nn.Module, expand, depthwise, se, projection, skip) -> _Pla
     watched = _watch(slots)
     if watched is not None:
         _PLANS[block] = (settings, watched, plan)
+    elif plan is not None:  # a plan for this call only: packing once would not pay
+        plan = dataclasses.replace(plan, packs=None)
     return plan
 
 
@@ -282,6 +296,22 @@ def _fuses_expand(expand_weight: Tensor) -> bool:
     return FUSED_EXPAND and expand_weight.shape[0] * expand_weight.shape[1] <= FUSED_EXPAND_MAX_WEIGHT
 
 
+# Switch for in-process A/B measurements and tests: the plans' weights packed once (True)
+# or per call (False).
+PACK_WEIGHTS = True
+
+
+def _packed(plan: _Plan, part: str, weight: Tensor):
+    """The plan's `part` weight packed for the GEMM (made once, kept with the plan: the
+    plan goes when a source changes), or None for per-call packing."""
+    if plan.packs is None or not PACK_WEIGHTS:
+        return None
+    packed = plan.packs.get(part)
+    if packed is None:
+        packed = plan.packs[part] = _cpu_prims().pack_weight(weight)
+    return packed
+
+
 def _run(plan: _Plan, x: Tensor) -> Tensor:
     prims = _cpu_prims()
     k = plan.dw_weight.shape[-1]
@@ -290,16 +320,17 @@ def _run(plan: _Plan, x: Tensor) -> Tensor:
         raise ValueError(f"x spatial size {tuple(x.shape[2:])} is too small for kernel size {k}")
     pool = plan.se is not None
     dw_args = (plan.dw_weight, plan.dw_scale, plan.dw_shift, *geo, plan.dw_act)
+    expand_packed = None if plan.expand is None else _packed(plan, "expand", plan.expand[0])
     if plan.expand is not None and _fuses_expand(plan.expand[0]):
-        y, sums = prims.dw_expand_forward(x, *plan.expand, *dw_args, pool)
+        y, sums = prims.dw_expand_forward(x, *plan.expand, *dw_args, pool, expand_packed)
     else:
-        h = x if plan.expand is None else prims.pw_conv_act(x, *plan.expand)
+        h = x if plan.expand is None else prims.pw_conv_act(x, *plan.expand, expand_packed)
         y, sums = prims.dw_forward_pool(h, *dw_args) if pool else (prims.dw_forward(h, *dw_args),
                                                                    None)
         y = y.contiguous(memory_format=torch.channels_last)
     weight, bias = plan.proj_weight, plan.proj_bias
     if plan.se is None:
-        out = prims.pw_conv_act(y, weight, bias, plan.proj_act)
+        out = prims.pw_conv_act(y, weight, bias, plan.proj_act, _packed(plan, "proj", weight))
     else:
         count = geo.out_h * geo.out_w
         if count >= weight.shape[0]:  # the gate goes into per-sample weights
@@ -307,7 +338,8 @@ def _run(plan: _Plan, x: Tensor) -> Tensor:
             out = prims.pw_conv_act(y, gated, bias, plan.proj_act)
         else:  # late small stages: per-sample weights would outweigh the activation
             gate, _ = prims.se_gate_eval(sums, count, *plan.se)
-            out = prims.pw_conv_act(prims.se_scale(y, gate), weight, bias, plan.proj_act)
+            out = prims.pw_conv_act(prims.se_scale(y, gate), weight, bias, plan.proj_act,
+                                    _packed(plan, "proj", weight))
     if plan.skip:
         out.add_(x)  # out is this call's own buffer
     return out

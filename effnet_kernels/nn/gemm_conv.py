@@ -24,6 +24,7 @@ other dtypes take the GEMM above and an in-place activation.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 from torch import Tensor
@@ -109,11 +110,19 @@ def _cached_like(x: Tensor, channels: int) -> Tensor:
 EXTENSION_GEMM_MIN_ROWS = 128
 
 
-def gemm_conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def gemm_conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+                 packs_for: object | None = None) -> Tensor:
     """conv2d(x, weight, bias) for a gemm_conv_eligible call; channels_last output.
-    No autograd: callers run it inside an autograd.Function or without a graph."""
-    if x.shape[0] * x.shape[2] * x.shape[3] >= EXTENSION_GEMM_MIN_ROWS and epilogue_gemm_serves(x):
-        return ext_module().cpu.pw_conv_act(x, weight, bias, act_code("identity"))
+    No autograd: callers run it inside an autograd.Function or without a graph.
+    packs_for: the module owning weight, for eval calls of a weight that does not change
+    between them: float32 calls then take the extension's GEMM at any row count, on the
+    weight packed once and kept with the module while it is unchanged (packed_weight)."""
+    packed = None
+    if packs_for is not None and epilogue_gemm_serves(x):
+        packed = packed_weight(packs_for, weight)
+    if packed is not None or (x.shape[0] * x.shape[2] * x.shape[3] >= EXTENSION_GEMM_MIN_ROWS
+                              and epilogue_gemm_serves(x)):
+        return ext_module().cpu.pw_conv_act(x, weight, bias, act_code("identity"), packed)
     cout = weight.shape[0]
     y = _cached_like(x, cout)
     w_t = weight.reshape(cout, -1).t()
@@ -122,6 +131,29 @@ def gemm_conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     else:
         torch.addmm(bias, _rows(x), w_t, out=_rows(y))
     return y
+
+
+# module -> (weight, version, data pointer, its PackedWeight): gemm_conv1x1's kept packs;
+# an entry goes with its module.
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def packed_weight(owner: object, weight: Tensor):
+    """owner's weight packed for the extension's GEMM (csrc/cpu/packed_weight.h), made
+    once and again whenever the weight is another tensor or changed; None for an inference
+    tensor (no version counter to watch) or a weight that is not contiguous float32."""
+    if weight.is_inference() or weight.dtype != torch.float32 or not weight.is_contiguous():
+        return None
+    entry = _PACKED.get(owner)
+    version, ptr = weight._version, weight.data_ptr()
+    if entry is None or entry[0] is not weight or entry[1] != version or entry[2] != ptr:
+        entry = _PACKED[owner] = (weight, version, ptr, ext_module().cpu.pack_weight(weight))
+    return entry[3]
+
+
+def clear_packs() -> None:
+    """Forget every kept pack (see effnet_kernels.clear_eval_cache)."""
+    _PACKED.clear()
 
 
 def gated_gemm_conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None,
@@ -145,15 +177,19 @@ def gated_gemm_conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None,
 
 
 def gemm_conv1x1_act(x: Tensor, weight: Tensor, bias: Tensor | None, act: str,
-                     gate: Tensor | None = None) -> Tensor:
+                     gate: Tensor | None = None, packs_for: object | None = None) -> Tensor:
     """act(conv2d(x, weight, bias)), or with gate (N, Cin) act(conv2d(x * gate[n, c], ...))
     as in gated_gemm_conv1x1, for a gemm_conv_eligible call; channels_last output, no
-    autograd. float32: one pass with the activation as a GEMM epilogue."""
+    autograd. float32: one pass with the activation as a GEMM epilogue; packs_for as in
+    gemm_conv1x1 (ungated calls)."""
     if epilogue_gemm_serves(x):
+        packed = None
         if gate is not None:
             cout, cin = weight.shape[:2]
             weight = weight.reshape(1, cout, cin) * gate.reshape(-1, 1, cin).to(weight.dtype)
-        return ext_module().cpu.pw_conv_act(x, weight, bias, act_code(act))
+        elif packs_for is not None:
+            packed = packed_weight(packs_for, weight)
+        return ext_module().cpu.pw_conv_act(x, weight, bias, act_code(act), packed)
     y = gemm_conv1x1(x, weight, bias) if gate is None else gated_gemm_conv1x1(x, weight, bias, gate)
     return apply_act_(y, act)
 

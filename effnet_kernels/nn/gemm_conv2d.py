@@ -65,7 +65,8 @@ class GemmConv2d(nn.Conv2d):
             return super().forward(x)
         if records_graph(x, self.weight, self.bias):
             return Conv1x1Gemm.apply(x, self.weight, self.bias)
-        return gemm_conv1x1(x, self.weight, self.bias)
+        # Eval and no_grad calls: the weight packed once while it is unchanged.
+        return gemm_conv1x1(x, self.weight, self.bias, None if self.training else self)
 
     def gemm_serves(self, x: Tensor) -> bool:
         weight, bias = self.weight, self.bias

@@ -36,6 +36,8 @@ switch in one process, never against a figure of another run. Switches:
                (nn/pointwise.TILED_KEPT_BACKWARD) and dx / dW of plain 1x1 convs
                (the head) from pw_conv_backward (nn/gemm_conv.
                EXTENSION_GEMM_BACKWARD_MIN_ROWS), against BN passes + two torch.mm
+  classifier   the classifier's eval calls on the packed GEMM (nn/gemm_linear.ENABLED)
+               against nn.Linear (MKL sgemm)
   train_tail   the training tail with the SE gate folded into the projection
                (nn/train_tail.ENABLED) against SE op + projection conv
   onnxruntime  not a switch: the converted model against onnxruntime (inference only)
@@ -56,7 +58,7 @@ import effnet_kernels as ek
 from effnet_kernels._ext import ext_module
 from effnet_kernels.bench.e2e import onnx_infer_fn
 from effnet_kernels.bench.timing import measure_interleaved, set_threads
-from effnet_kernels.nn import eval_plan, gemm_conv, pointwise, train_tail
+from effnet_kernels.nn import eval_plan, gemm_conv, gemm_linear, pointwise, train_tail
 from effnet_kernels.ops import depthwise as dw_ops
 
 CPU = torch.device("cpu")
@@ -95,6 +97,8 @@ def setter(switch: str):
             pointwise.TILED_KEPT_BACKWARD = on
             gemm_conv.EXTENSION_GEMM_BACKWARD_MIN_ROWS = rows if on else 1 << 62
         return set_pw_backward
+    if switch == "classifier":
+        return lambda on: setattr(gemm_linear, "ENABLED", on)
     if switch == "train_tail":
         return lambda on: setattr(train_tail, "ENABLED", on)
     raise ValueError(f"unknown switch {switch!r}")
@@ -134,8 +138,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--switch", required=True,
                     choices=("prefetch", "planar", "native_gemm", "eval_plan", "packed", "keep_y",
-                             "pw_tiles", "pw_gram", "pw_backward", "train_tail", "onnxruntime",
-                             "eager"))
+                             "pw_tiles", "pw_gram", "pw_backward", "classifier", "train_tail",
+                             "onnxruntime", "eager"))
     ap.add_argument("--mode", choices=("train", "infer"), default="infer")
     ap.add_argument("--model", default="efficientnet_b0")
     ap.add_argument("--batch", type=int, default=8)

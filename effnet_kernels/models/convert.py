@@ -41,7 +41,7 @@ from ..nn.mbconv import (
     dw_se_projection,
     read_se,
 )
-from .stem_head import fuse_stem_and_head, unfuse_timm_stem_head
+from .stem_head import fuse_stem_and_head, unfuse_swapped_classes
 
 
 @dataclass
@@ -199,4 +199,4 @@ def revert(model: nn.Module) -> int:
             original = sync_unfused_children(fused)
             original.train(fused.training)
         _set_child(model, name, original)
-    return len(restored) + unfuse_timm_stem_head(model)
+    return len(restored) + unfuse_swapped_classes(model)

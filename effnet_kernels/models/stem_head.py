@@ -20,6 +20,10 @@ finds norms by class. (Fusing the conv too would make the conv apply the norm it
 sibling no longer applies, which breaks as soon as that sibling is replaced or frozen by
 class.) The 1x1 head conv's class becomes GemmConv2d (nn/gemm_conv2d.py), still an
 nn.Conv2d, whose CPU calls run as GEMMs instead of oneDNN's slower 1x1 conv.
+
+Both: the classifier's nn.Linear (timm's `classifier`, the Linear in torchvision's
+`classifier` Sequential) becomes GemmLinear (nn/gemm_linear.py), still an nn.Linear, whose
+eval CPU calls run on the packed GEMM.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from ..nn.block_structure import (
 )
 from ..nn.conv_bn_act import conv_bn_act
 from ..nn.gemm_conv2d import from_gemm_conv, to_gemm_conv
+from ..nn.gemm_linear import from_gemm_linear, to_gemm_linear
 from ..nn.mbconv import read_bn
 
 
@@ -72,17 +77,29 @@ def _timm_norms(model: nn.Module) -> list[str]:
     return [b for b in ("bn1", "bn2") if b in model._modules]
 
 
-def unfuse_timm_stem_head(model: nn.Module) -> int:
-    """Give every FusedBatchNormAct2d and GemmConv2d in `model` back its class; returns
-    how many."""
+def unfuse_swapped_classes(model: nn.Module) -> int:
+    """Give every FusedBatchNormAct2d, GemmConv2d and GemmLinear in `model` back its class;
+    returns how many."""
     undone = 0
     for module in model.modules():
         if type(module).__name__ == "FusedBatchNormAct2d":
             from .timm_norm import unfuse_norm  # imports timm: only when there is one
             undone += unfuse_norm(module)
         else:
-            undone += from_gemm_conv(module)
+            undone += from_gemm_conv(module) or from_gemm_linear(module)
     return undone
+
+
+def _classifier_linears(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of a timm or torchvision EfficientNet's classifier layers that may
+    be its nn.Linear: timm's `classifier`, the children of torchvision's `classifier`
+    Sequential."""
+    head = module._modules.get("classifier")
+    if _is_timm_efficientnet(module) and head is not None:
+        return [("classifier", head)]
+    if _torchvision_layers(module) and isinstance(head, nn.Sequential):
+        return [(f"classifier.{i}", layer) for i, layer in head._modules.items()]
+    return []
 
 
 def _torchvision_layers(model: nn.Module) -> list[str]:
@@ -119,6 +136,8 @@ def fuse_stem_and_head(model: nn.Module, read_cna) -> tuple[list[str], dict[str,
         head = module._modules.get("conv_head") if _is_timm_efficientnet(module) else None
         if head is not None and to_gemm_conv(head):
             fused.append(f"{dot}conv_head")
+        fused += [f"{dot}{name}" for name, layer in _classifier_linears(module)
+                  if to_gemm_linear(layer)]
         for index in _torchvision_layers(module):
             layer = module.features[int(index)]
             if isinstance(layer, FusedConvNormActivation):

@@ -116,5 +116,7 @@ def test_converted_timm_model_pickles_and_reverts():
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
     assert type(loaded.conv_head).__name__ == "GemmConv2d"
-    assert effnet_kernels.revert(loaded) == 16 + 3
+    assert type(loaded.classifier).__name__ == "GemmLinear"
+    assert effnet_kernels.revert(loaded) == 16 + 4  # blocks; bn1, bn2, conv_head, classifier
     assert type(loaded.bn1).__name__ == "BatchNormAct2d"
+    assert type(loaded.classifier) is nn.Linear

@@ -1,7 +1,8 @@
 """The CPU 1x1 conv with bias + activation as a GEMM epilogue (csrc/cpu/pointwise_conv.cpp,
 `_C.cpu.pw_conv_act`): parity with conv2d + act against float64, shared and per-sample
-weights and biases, both work splits (tiled GEMMs, one GEMM + a separate epilogue), every ISA copy of
-the epilogue, and its argument errors."""
+weights and biases, a per-sample gate on the input channels, both work splits (tiled
+GEMMs, one GEMM + a separate epilogue), every ISA copy of the epilogue, and its argument
+errors."""
 
 from __future__ import annotations
 
@@ -135,9 +136,56 @@ def test_packed_weight_follows_the_gemm_policy_and_refuses_misuse():
     assert torch.equal(got, EXT.cpu.pw_conv_act(x, weight, bias, 1))
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("route", ["native", "blas"])
+def test_gate_scales_the_input_channels_per_sample(shape, route):
+    """pw_conv_act(x, W, b, act, packed, gate) = act(conv1x1(x * gate[n, c], W) + b): the
+    gate goes into each sample's copy of the packed W^T (or of W on the BLAS route), on
+    both work splits; with and without a pack made once; x is left untouched."""
+    x, weight, bias = _inputs(*shape)
+    gate = torch.rand(shape[0], shape[1], generator=torch.Generator().manual_seed(3))
+    scaled = x * gate[:, :, None, None]
+    previous = EXT.cpu.gemm_set_mode(route)
+    try:
+        packed = EXT.cpu.pack_weight(weight)
+        x_before = x.clone()
+        for act in ("identity", "silu"):
+            for pack in (None, packed):
+                got = EXT.cpu.pw_conv_act(x, weight, bias, ACT_CODES[act], pack, gate)
+                assert got.is_contiguous(memory_format=CL)
+                assert_parity(f"gated {act}", got,
+                              _reference(scaled, weight, bias, act, torch.float32),
+                              _reference(scaled.double(), weight, bias, act, torch.float64),
+                              torch.float32)
+        assert torch.equal(x, x_before)
+        got = EXT.cpu.pw_conv_act(x, weight, None, ACT_CODES["identity"], packed, gate)
+        assert_parity("gated bare", got, _reference(scaled, weight, None, "identity", torch.float32),
+                      _reference(scaled.double(), weight, None, "identity", torch.float64),
+                      torch.float32)
+    finally:
+        EXT.cpu.gemm_set_mode(previous)
+
+
+def test_gate_errors():
+    x, weight, bias = _inputs(2, 4, 6, 3, 3)
+    gate = torch.rand(2, 4)
+    cases = [
+        (gate[:, :3], r"gate must be a contiguous float32 \(N, Cin\) = \(2, 4\)"),
+        (gate.double(), "gate must be a contiguous float32"),
+        (torch.rand(4, 2).t(), "gate must be a contiguous float32"),
+        (gate[:1], "gate must be a contiguous float32"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            EXT.cpu.pw_conv_act(x, weight, bias, 2, None, bad)
+    with pytest.raises(RuntimeError, match="gate scales a shared"):
+        EXT.cpu.pw_conv_act(x, weight.reshape(1, 6, 4).expand(2, 6, 4), bias, 2, None, gate)
+
+
 def test_empty_batch():
     x, weight, bias = _inputs(0, 4, 6, 3, 3)
     assert EXT.cpu.pw_conv_act(x, weight, bias, 2).shape == (0, 6, 3, 3)
+    assert EXT.cpu.pw_conv_act(x, weight, bias, 2, None, torch.rand(0, 4)).shape == (0, 6, 3, 3)
 
 
 _NARROW_ISA_CHECK = """

@@ -1,6 +1,6 @@
 """se_gate_eval (csrc/cpu/squeeze_excite.cpp), the eval plan's squeeze-excite gate: parity with
-the ATen composition it replaces against float64, with and without the gated projection
-rows, every activation; clear errors for malformed arguments."""
+the ATen composition it replaces against float64, every activation; clear errors for
+malformed arguments. (The projection applies the gate: test_pointwise_conv.py.)"""
 
 from __future__ import annotations
 
@@ -16,42 +16,33 @@ EXT = ext_module()
 pytestmark = pytest.mark.skipif(EXT is None, reason="compiled extension not available")
 
 
-def _inputs(n, c, cr, cout, seed=0):
+def _inputs(n, c, cr, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return {"sums": torch.randn(n, c, generator=gen) * 40,
             "reduce_t": torch.randn(c, cr, generator=gen) / c ** 0.5,
             "reduce_bias": torch.randn(cr, generator=gen) * 0.1,
             "expand_t": torch.randn(cr, c, generator=gen) / cr ** 0.5,
-            "expand_bias": torch.randn(c, generator=gen) * 0.1,
-            "rows": torch.randn(1, cout, c, generator=gen)}
+            "expand_bias": torch.randn(c, generator=gen) * 0.1}
 
 
 def _composition(t, count, act, dtype):
-    """The ATen ops the plan ran before: div, addmm, act, addmm, sigmoid, mul."""
+    """The ATen ops the plan ran before: div, addmm, act, addmm, sigmoid."""
     v = {k: x.to(dtype) for k, x in t.items()}
     hidden = torch.addmm(v["reduce_bias"], v["sums"] / count, v["reduce_t"])
     hidden = {"silu": F.silu, "relu": F.relu, "identity": lambda h: h}[act](hidden)
-    gate = torch.addmm(v["expand_bias"], hidden, v["expand_t"]).sigmoid()
-    return gate, v["rows"] * gate.unsqueeze(1)
+    return torch.addmm(v["expand_bias"], hidden, v["expand_t"]).sigmoid()
 
 
 @pytest.mark.parametrize("act", ["silu", "relu", "identity"])
-@pytest.mark.parametrize("n,c,cr,cout", [(8, 96, 4, 24), (1, 1152, 48, 320), (3, 37, 5, 19),
-                                         (2, 16, 1, 1)])
-def test_matches_composition(n, c, cr, cout, act):
-    t = _inputs(n, c, cr, cout)
+@pytest.mark.parametrize("n,c,cr", [(8, 96, 4), (1, 1152, 48), (3, 37, 5), (2, 16, 1)])
+def test_matches_composition(n, c, cr, act):
+    t = _inputs(n, c, cr)
     count = 49
-    args = (t["sums"], count, t["reduce_t"], t["reduce_bias"], t["expand_t"], t["expand_bias"],
-            act_code(act))
-    gate, none = EXT.cpu.se_gate_eval(*args)
-    assert none is None
-    gate2, gated = EXT.cpu.se_gate_eval(*args, t["rows"])
-    truth_gate, truth_gated = _composition(t, count, act, torch.float64)
-    same_gate, same_gated = _composition(t, count, act, torch.float32)
-    assert torch.equal(gate, gate2)
-    assert gate.shape == (n, c) and gated.shape == (n, cout, c)
-    assert_parity("gate", gate, same_gate, truth_gate, torch.float32)
-    assert_parity("gated rows", gated, same_gated, truth_gated, torch.float32)
+    gate = EXT.cpu.se_gate_eval(t["sums"], count, t["reduce_t"], t["reduce_bias"], t["expand_t"],
+                                t["expand_bias"], act_code(act))
+    assert gate.shape == (n, c)
+    assert_parity("gate", gate, _composition(t, count, act, torch.float32),
+                  _composition(t, count, act, torch.float64), torch.float32)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -59,13 +50,12 @@ def test_matches_composition(n, c, cr, cout, act):
     ("reduce_t_shape", "reduce_t must have shape"),
     ("expand_t_dtype", "expand_t must be float32"),
     ("bias_len", "expand_bias must have shape"),
-    ("rows", "proj_rows must be a contiguous float32"),
     ("act", "act must be"),
     ("non_contiguous", "reduce_t must be contiguous"),
 ])
 def test_bad_arguments(bad, match):
-    t = _inputs(2, 16, 4, 8)
-    count, act, rows = 9, act_code("silu"), t["rows"]
+    t = _inputs(2, 16, 4)
+    count, act = 9, act_code("silu")
     if bad == "count":
         count = 0
     elif bad == "reduce_t_shape":
@@ -74,12 +64,10 @@ def test_bad_arguments(bad, match):
         t["expand_t"] = t["expand_t"].double()
     elif bad == "bias_len":
         t["expand_bias"] = t["expand_bias"][:-1]
-    elif bad == "rows":
-        rows = rows[:, :, :-1]
     elif bad == "act":
         act = 7
     elif bad == "non_contiguous":
         t["reduce_t"] = t["reduce_t"].t().contiguous().t()
     with pytest.raises(RuntimeError, match=match):
         EXT.cpu.se_gate_eval(t["sums"], count, t["reduce_t"], t["reduce_bias"], t["expand_t"],
-                             t["expand_bias"], act, rows)
+                             t["expand_bias"], act)

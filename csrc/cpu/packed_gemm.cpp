@@ -116,6 +116,35 @@ void XWtProduct::reset_xw(const float* m, int64_t cin, int64_t cout) {
   for (int64_t k = 0; k < cin; ++k) std::copy(m + k * cout, m + (k + 1) * cout, wt_.data() + k * ld_);
 }
 
+void XWtProduct::reset_in_scaled(const XWtProduct& base, const float* scale) {
+  TORCH_CHECK(!base.xw_ && base.w_ != nullptr, "reset_in_scaled needs a product made by reset()");
+  xw_ = false;
+  cout_ = base.cout_;
+  cin_ = base.cin_;
+  ld_ = base.ld_;
+  panel_ = base.panel_;
+  kernel_ = base.kernel_;
+  if (kernel_ == nullptr) {
+    w_scaled_.resize(cout_ * cin_);
+    for (int64_t o = 0; o < cout_; ++o) {
+      const float* src = base.w_ + o * cin_;
+      float* dst = w_scaled_.data() + o * cin_;
+      for (int64_t i = 0; i < cin_; ++i) dst[i] = src[i] * scale[i];
+    }
+    w_ = w_scaled_.data();
+    wt_.clear();
+    return;
+  }
+  w_ = nullptr;
+  wt_.resize(cin_ * ld_);
+  for (int64_t i = 0; i < cin_; ++i) {
+    const float s = scale[i];
+    const float* src = base.wt_.data() + i * ld_;
+    float* dst = wt_.data() + i * ld_;
+    for (int64_t j = 0; j < ld_; ++j) dst[j] = src[j] * s;
+  }
+}
+
 void XWtProduct::blas(const float* x, float* y, int64_t rows) const {
   if (xw_) {
     gemm_xw(x, w_, y, rows, cout_, cin_);

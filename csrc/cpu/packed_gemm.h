@@ -46,6 +46,12 @@ class XWtProduct {
   // conv, dx = dy w, is reset_xw(w, Cout, Cin) (m = w^T is already packed: a copy).
   void reset_xw(const float* m, int64_t cin, int64_t cout);
 
+  // This product for w[o, i] * scale[i] (input channel i of base's weight scaled; the
+  // squeeze-excite gate folded into a projection), from base's packing: native, base's
+  // w^T rows scaled (one contiguous pass, no repacking); BLAS, a scaled copy of w kept
+  // here. base must have been made by reset(); the result keeps no reference to it.
+  void reset_in_scaled(const XWtProduct& base, const float* scale);
+
   // y = x w^T for `rows` rows, on the calling thread (BLAS: threaded as its context
   // makes it).
   void operator()(const float* x, float* y, int64_t rows) const;
@@ -67,6 +73,7 @@ class XWtProduct {
   bool xw_ = false;  // w_ is m (cin, cout) of reset_xw
   int64_t cout_ = 0, cin_ = 0, ld_ = 0, panel_ = 0;
   std::vector<float> wt_;  // w^T, (cin, ld_) zero padded; native only
+  std::vector<float> w_scaled_;  // w with scaled input channels; reset_in_scaled on BLAS
   Kernel kernel_ = nullptr;
 };
 

@@ -5,10 +5,13 @@
 // (pw_conv_act_planar, at the end, is the same for NCHW x: y[n] = W x[n] per image.)
 // Layout: x is channels_last (N, Cin, H, W), so its pixels are the rows of a (N*H*W, Cin)
 // row-major matrix and y's rows are (N*H*W, Cout): the conv is one GEMM, y = x W^T. W is
-// (Cout, Cin) shared by all samples, or (N, Cout, Cin) with one matrix per sample (the
-// squeeze-excite gate folded into the projection weights, nn/eval_tail.py), with a bias
+// (Cout, Cin) shared by all samples, or (N, Cout, Cin) with one matrix per sample, with a bias
 // (Cout) shared by all samples or, for per-sample weights, (N, Cout) with one per sample
 // (the squeeze-excite mean's gradient added to the training tail's dx, nn/train_tail.py).
+// With a gate (N, Cin) and a shared W, y_n = act((x_n * gate[n]) W^T + bias) is computed
+// as x_n (W * gate[n])^T: the eval plan's squeeze-excite gate folded into the projection
+// (nn/eval_plan.py) by scaling the rows of the packed W^T per sample
+// (XWtProduct::reset_in_scaled), never x.
 //
 // Why not ATen's conv/GEMM followed by an activation: that is a second full pass over the
 // widest activation of the block (read + write), which costs as much as the GEMM itself on
@@ -95,11 +98,26 @@ std::pair<int64_t, int64_t> split_tiles(int64_t groups, int64_t span, int64_t co
   return {tile, per_group};
 }
 
+// gate (N, Cin): the per-sample input-channel scale of pw_conv_act, checked against x.
+const float* gate_data(const std::optional<at::Tensor>& gate, const at::Tensor& x,
+                       const at::Tensor& weight) {
+  if (!gate) return nullptr;
+  TORCH_CHECK(weight.dim() == 4, "gate scales a shared (Cout, Cin, 1, 1) weight, got weight shape ",
+              weight.sizes());
+  EFFNET_CHECK_DEVICE((*gate), at::kCPU);
+  TORCH_CHECK(gate->scalar_type() == at::kFloat && gate->dim() == 2 && gate->size(0) == x.size(0) &&
+                  gate->size(1) == x.size(1) && gate->is_contiguous(),
+              "gate must be a contiguous float32 (N, Cin) = (", x.size(0), ", ", x.size(1),
+              ") tensor, got ", gate->scalar_type(), " ", gate->sizes());
+  return gate->const_data_ptr<float>();
+}
+
 at::Tensor pw_conv_act(const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, int64_t act,
-                       const cpu::PackedWeightPtr& packed) {
+                       const cpu::PackedWeightPtr& packed, const std::optional<at::Tensor>& gate) {
   TORCH_CHECK(cpu::sgemm_available(), "pw_conv_act: libtorch_cpu exports no sgemm_");
   const at::Tensor b = check_args(x, weight, bias, act);
+  const float* gp = gate_data(gate, x, weight);
   const bool per_sample = weight.dim() == 3;
   TORCH_CHECK(!(packed && per_sample), "packed serves a shared weight, not per-sample weights");
   const cpu::XWtProduct* prepacked = packed ? packed->product_for(weight) : nullptr;
@@ -118,21 +136,32 @@ at::Tensor pw_conv_act(const at::Tensor& x, const at::Tensor& weight,
   const bool bare = !bias.has_value() && act == 0;
   const auto epilogue = EFFNET_PICK_ISA(cpu_pw, bias_act_rows);
 
-  // Tiles never cross a sample boundary when each sample has its own weights.
-  const int64_t span = per_sample ? hw : n * hw;  // rows sharing one weight matrix
-  const int64_t groups = per_sample ? n : 1;
+  // The shared weight's product (a gate scales its input channels per sample).
+  cpu::XWtProduct own_shared;
+  if (!per_sample && !prepacked) own_shared.reset(wp, cout, cin);
+  const cpu::XWtProduct& shared = prepacked ? *prepacked : own_shared;
+  // Sample g's own product where each sample has one: its weight packed, or the shared
+  // product with its gate applied.
+  const bool per_group = per_sample || gp != nullptr;
+  const auto make_own = [&](cpu::XWtProduct& own, int64_t g) {
+    if (per_sample) {
+      own.reset(wp + g * cout * cin, cout, cin);
+    } else {
+      own.reset_in_scaled(shared, gp + g * cin);
+    }
+  };
+
+  // Tiles never cross a sample boundary when each sample has its own product.
+  const int64_t span = per_group ? hw : n * hw;  // rows sharing one product
+  const int64_t groups = per_group ? n : 1;
   const auto [tile, tiles_per_group] = split_tiles(groups, span, cout);
   const int64_t threads = at::get_num_threads();
   const int64_t tiles = groups * tiles_per_group;
   // Each tile's GEMM reads all of W; past kMaxTiledWeightFloats that traffic outweighs
   // the second pass over y, and one multi-threaded GEMM is faster.
-  const bool tiled = tiles >= 2 * threads && (per_sample || cin * cout <= kMaxTiledWeightFloats);
+  const bool tiled = tiles >= 2 * threads && (per_group || cin * cout <= kMaxTiledWeightFloats);
   if (tiled) {
-    // One product per weight: the shared one built here, per-sample ones by each thread
-    // for the samples its tiles cover.
-    cpu::XWtProduct own_shared;
-    if (!per_sample && !prepacked) own_shared.reset(wp, cout, cin);
-    const cpu::XWtProduct& shared = prepacked ? *prepacked : own_shared;
+    // Per-sample products are made by each thread for the samples its tiles cover.
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
       cpu::XWtProduct own;
       int64_t own_group = -1;
@@ -140,22 +169,23 @@ at::Tensor pw_conv_act(const at::Tensor& x, const at::Tensor& weight,
         const int64_t g = t / tiles_per_group;
         const int64_t r0 = g * span + (t % tiles_per_group) * tile;
         const int64_t rows = std::min(tile, (g + 1) * span - r0);
-        if (per_sample && g != own_group) {
-          own.reset(wp + g * cout * cin, cout, cin);
+        if (per_group && g != own_group) {
+          make_own(own, g);
           own_group = g;
         }
-        (per_sample ? own : shared)(xp + r0 * cin, yp + r0 * cout, rows);
+        (per_group ? own : shared)(xp + r0 * cin, yp + r0 * cout, rows);
         if (!bare) epilogue(yp + r0 * cout, rows, cout, bp + g * bias_stride, act);
       }
     });
     return y;
   }
-  if (prepacked) {
-    prepacked->parallel(xp, yp, span);
+  if (!per_group) {
+    shared.parallel(xp, yp, span);
   } else {
+    cpu::XWtProduct own;
     for (int64_t g = 0; g < groups; ++g) {
-      cpu::XWtProduct(wp + g * cout * cin, cout, cin)
-          .parallel(xp + g * span * cin, yp + g * span * cout, span);
+      make_own(own, g);
+      own.parallel(xp + g * span * cin, yp + g * span * cout, span);
     }
   }
   if (bare) return y;
@@ -235,9 +265,11 @@ EFFNET_BINDINGS(bind_pointwise_conv_cpu) {
   cpu.def("pw_conv_act", &pw::pw_conv_act,
           "act(conv1x1(x, weight) + bias) for channels_last float32 x; weight (Cout, Cin, 1, 1) or "
           "per sample (N, Cout, Cin), bias (Cout) or per sample (N, Cout); packed: the shared "
-          "weight from pack_weight (packed per call where None or stale); no autograd",
+          "weight from pack_weight (packed per call where None or stale); gate (N, Cin): "
+          "x's channels scaled per sample, as conv1x1(x * gate[n, c], weight), applied to the "
+          "packed shared weight instead of x; no autograd",
           py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("act"),
-          py::arg("packed") = py::none());
+          py::arg("packed") = py::none(), py::arg("gate") = py::none());
   cpu.def("pw_conv_act_planar", &pw::pw_conv_act_planar,
           "act(conv1x1(x, weight) + bias) for NCHW float32 x (one GEMM per image); weight "
           "(Cout, Cin, 1, 1), bias (Cout); no autograd",

@@ -403,11 +403,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_backwa
 //
 //   h[n, r]        = act(sum_k (sums[n, k] / count) * wr_t[k, r] + br[r])     wr_t (C, Cr)
 //   gate[n, c]     = sigmoid(sum_r h[n, r] * we_t[r, c] + be[c])              we_t (Cr, C)
-//   gated[n, o, c] = rows[o, c] * gate[n, c]       optional: the per-sample projection weights
 //
 // float32, every matrix row-major and contiguous. The two products are vec_mat_f32 (axpy
 // over the contiguous output row), followed by the pointwise conv's bias + act and bias +
-// sigmoid epilogues (pointwise_epilogue.h); the gated rows are rows_scale_f32 per sample.
+// sigmoid epilogues (pointwise_epilogue.h). The projection applies the gate
+// (pw_conv_act's gate argument).
 // Why not ATen: at batch 8 x 224^2 the six ATen ops this replaces (div, addmm, silu_,
 // addmm, sigmoid_, mul) took about 190 us per B0 block on the 2-core development machine,
 // each paying dispatch and setup after the depthwise pass had evicted its code and data
@@ -428,10 +428,9 @@ void check_vector(const at::Tensor& t, const char* name, int64_t n) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-std::tuple<at::Tensor, std::optional<at::Tensor>> se_gate_eval(
-    const at::Tensor& sums, int64_t count, const at::Tensor& reduce_t, const at::Tensor& reduce_bias,
-    const at::Tensor& expand_t, const at::Tensor& expand_bias, int64_t act,
-    const std::optional<at::Tensor>& proj_rows) {
+at::Tensor se_gate_eval(const at::Tensor& sums, int64_t count, const at::Tensor& reduce_t,
+                        const at::Tensor& reduce_bias, const at::Tensor& expand_t,
+                        const at::Tensor& expand_bias, int64_t act) {
   check_act(act);
   TORCH_CHECK(count > 0, "count must be positive, got ", count);
   EFFNET_CHECK_DIM(sums, 2);
@@ -456,22 +455,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> se_gate_eval(
     vec_mat_f32(hidden.data() + n * Cr, Cr, expand_t.const_data_ptr<float>(), C, g + n * C);
   }
   bias_sigmoid(g, N, C, expand_bias.const_data_ptr<float>());
-  if (!proj_rows) return {gate, std::nullopt};
-
-  const at::Tensor& rows = *proj_rows;
-  EFFNET_CHECK_DEVICE(rows, at::kCPU);
-  TORCH_CHECK(rows.scalar_type() == at::kFloat && rows.dim() == 3 && rows.size(0) == 1 &&
-                  rows.size(2) == C && rows.is_contiguous(),
-              "proj_rows must be a contiguous float32 (1, Cout, ", C, ") tensor, got ",
-              rows.scalar_type(), " ", rows.sizes());
-  const int64_t cout = rows.size(1);
-  at::Tensor gated = cpu::empty_output({N, cout, C}, rows.options());
-  const float* r = rows.const_data_ptr<float>();
-  float* out = gated.mutable_data_ptr<float>();
-  at::parallel_for(0, N, grain_for(cout * C), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) rows_scale_f32(r, out + n * cout * C, cout, C, g + n * C);
-  });
-  return {gate, gated};
+  return gate;
 }
 
 }  // namespace effnet::cpu_se
@@ -491,11 +475,11 @@ EFFNET_BINDINGS(bind_squeeze_excite_cpu) {
           pybind11::arg("expand_weight"), pybind11::arg("expand_bias"), pybind11::arg("pooled"),
           pybind11::arg("act"));
   cpu.def("se_gate_eval", &se::se_gate_eval,
-          "(gate, gated projection rows or None) of the eval plan's squeeze-excite: "
+          "the eval plan's squeeze-excite gate (N, C): "
           "sigmoid(act(sums / count @ reduce_t + reduce_bias) @ expand_t + expand_bias)",
           pybind11::arg("sums"), pybind11::arg("count"), pybind11::arg("reduce_t"),
           pybind11::arg("reduce_bias"), pybind11::arg("expand_t"), pybind11::arg("expand_bias"),
-          pybind11::arg("act"), pybind11::arg("proj_rows") = std::nullopt);
+          pybind11::arg("act"));
   cpu.def("se_backward", &se::se_backward,
           "(dx, dreduce_weight, dreduce_bias, dexpand_weight, dexpand_bias) of squeeze-excite",
           pybind11::arg("dy"), pybind11::arg("x"), pybind11::arg("mean"), pybind11::arg("h"),

@@ -9,9 +9,10 @@ not depend on the input prepared once.
                                              expand weight is small (dw_expand_forward),
                                              else by pw_conv_act first
     gate = sigmoid(act(sums/HW @ Wr^T + br) @ We^T + be)          on (N, C), one call
-                                             with the gated weights below (se_gate_eval)
-    out  = act(y_n @ (W2' * gate[n])^T + b2')  projection, BN folded, gate in the weights
-                                             (on y * gate when H * W < Cout)
+                                             (se_gate_eval)
+    out  = act(y_n @ (W2' * gate[n])^T + b2')  projection, BN folded, gate in the packed
+                                             weight per sample (pw_conv_act's gate;
+                                             on y * gate when H * W < Cout)
     out += x                                 residual (eval: drop-connect is the identity)
 
 The expand and (ungated) projection weights are packed for the extension's GEMM once,
@@ -89,7 +90,6 @@ class _Plan:
     dw_act: int
     se: tuple | None          # (Wr^T, br, We^T, be, act code) or None
     proj_weight: Tensor       # (Cout, Cin, 1, 1), BN folded
-    proj_rows: Tensor         # the same as (1, Cout, Cin), for per-sample gating
     proj_bias: Tensor
     proj_act: int
     skip: bool
@@ -226,8 +226,7 @@ def _build(expand, depthwise, se, projection, skip: bool, slots: list,
                        excite.weight.flatten(1).t().contiguous(), _bias(excite), act_code(se_act))
         proj_weight, proj_bias = fold_conv_bn(projection[0], projection[1])
         return _Plan(folded_expand, conv.weight.detach(), scale, shift, conv.stride[0], padding,
-                     act_code(act), se_mats, proj_weight, proj_weight.flatten(1).unsqueeze(0),
-                     proj_bias, act_code(projection[2]), skip,
+                     act_code(act), se_mats, proj_weight, proj_bias, act_code(projection[2]), skip,
                      None if traced else {})
 
 
@@ -333,13 +332,13 @@ def _run(plan: _Plan, x: Tensor) -> Tensor:
         out = prims.pw_conv_act(y, weight, bias, plan.proj_act, _packed(plan, "proj", weight))
     else:
         count = geo.out_h * geo.out_w
+        gate = prims.se_gate_eval(sums, count, *plan.se)
+        packed = _packed(plan, "proj", weight)
         if count >= weight.shape[0]:  # the gate goes into per-sample weights
-            _, gated = prims.se_gate_eval(sums, count, *plan.se, plan.proj_rows)
-            out = prims.pw_conv_act(y, gated, bias, plan.proj_act)
+            out = prims.pw_conv_act(y, weight, bias, plan.proj_act, packed, gate)
         else:  # late small stages: per-sample weights would outweigh the activation
-            gate, _ = prims.se_gate_eval(sums, count, *plan.se)
             out = prims.pw_conv_act(prims.se_scale(y, gate), weight, bias, plan.proj_act,
-                                    _packed(plan, "proj", weight))
+                                    packed)
     if plan.skip:
         out.add_(x)  # out is this call's own buffer
     return out
@@ -394,7 +393,7 @@ def block_eval(x: Tensor, expand_weight: Tensor | None, expand_bias: Tensor | No
         acts[1],
         None if se_reduce_t is None else (se_reduce_t, se_reduce_bias, se_expand_t,
                                           se_expand_bias, acts[2]),
-        proj_weight, proj_weight.flatten(1).unsqueeze(0), proj_bias, acts[3], skip)
+        proj_weight, proj_bias, acts[3], skip)
     return _run(plan, x.contiguous(memory_format=torch.channels_last))
 
 

@@ -15,9 +15,10 @@ not depend on the input prepared once.
                                              on y * gate when H * W < Cout)
     out += x                                 residual (eval: drop-connect is the identity)
 
-The expand and (ungated) projection weights are packed for the extension's GEMM once,
-on first use, and kept with the plan (pack_weight, csrc/cpu/packed_weight.h): packing
-per call costs 50-200 us per 7x7-stage weight whatever the batch size.
+The expand and projection weights are packed for the extension's GEMM once, on first use,
+and kept with the plan (pack_weight, csrc/cpu/packed_weight.h): packing per call costs
+50-200 us per 7x7-stage weight whatever the batch size. The gated projection scales a copy
+of its packed weight per sample.
 
 The module route (nn/mbconv.py) computes the same thing with the same primitives, but
 every call re-derives the folded weights' memo keys, the BN scale/shift, the checks and

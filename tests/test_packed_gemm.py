@@ -185,6 +185,14 @@ w, b = torch.randn(41, 37, 1, 1) / 6, torch.randn(41)
 got = e.cpu.pw_conv_act(x, w, b, 0).double()
 ref = F.conv2d(x.double(), w.double(), b.double())
 assert (got - ref).abs().max().item() < 1e-5
+gate = torch.rand(3, 37)
+got = e.cpu.pw_conv_act(x, w, b, 0, e.cpu.pack_weight(w), gate).double()
+ref = F.conv2d(x.double() * gate.double()[:, :, None, None], w.double(), b.double())
+assert (got - ref).abs().max().item() < 1e-5
+dy = torch.randn(3, 41, 5, 7).contiguous(memory_format=torch.channels_last)
+dx, _ = e.cpu.pw_conv_backward(dy, x, w.view(41, 37), True, False)
+ref = F.conv_transpose2d(dy.double(), w.double())
+assert (dx.double() - ref).abs().max().item() < 1e-5
 """
 
 
@@ -195,7 +203,8 @@ def _run_env(**env):
 
 @needs_native
 def test_avx2_native_kernel_and_environment_policy():
-    """EFFNET_CPU_ISA=avx2 runs the 8-lane copy of the kernel (6 x 16 micro tiles);
+    """EFFNET_CPU_ISA=avx2 runs the 8-lane copy of the kernel (6 x 16 micro tiles, 16-column
+    panels: plain, gated and dx = dy w products of 41 columns, a last panel of 16);
     EFFNET_CPU_GEMM sets the starting policy and a bad value names the variable."""
     done = _run_env(EFFNET_CPU_ISA="avx2", EFFNET_CPU_GEMM="native")
     assert done.returncode == 0, done.stderr[-2000:]

@@ -4,15 +4,21 @@
 //   y[r, j] = sum_k x[r, k] * wt[k, j]        r < rows, col0 <= j < col1
 //
 // Layout: x rows are ldx floats apart (the NHWC pixels of a channels_last activation),
-// y rows ldy apart; wt is w^T packed by pack_wt (below; packed_gemm.cpp calls it): (cin,
-// ldw) row-major with ldw = cout rounded up to whole vectors and zero padding past cout,
-// so every vector load of a wt row is in bounds.
+// y rows ldy apart; wt is w^T packed by pack_wt (below; packed_gemm.cpp calls it) panel
+// by panel: the columns go in panels of kNV vectors, and each panel's (cin, width) block
+// of w^T is contiguous (width = kNV * lanes, the last one cout's remainder rounded up to
+// whole vectors, zero padded past cout), so panel j0 starts at wt + j0 * cin and a micro
+// tile streams its operand from consecutive memory. ldw is cout rounded up to whole
+// vectors (the packed size is cin * ldw).
 //
 // Blocking: a micro tile of kMR rows x kNV vectors of columns keeps kMR * kNV accumulators
 // in registers over the whole k loop (per k: kNV loads of wt, kMR broadcasts of x, kMR *
 // kNV FMAs; AVX-512 12 x 32 = 24 of the 32 registers, AVX2 6 x 16 = 12 of 16). Rows go in
 // blocks of about kRowBlockFloats of x (L2-resident) and each block sweeps every column
-// panel of wt, so x is read from memory once and wt from L2/L3 once per block. Each
+// panel of wt, so x is read from memory once and wt once per block: as one contiguous
+// stream per panel, which the hardware prefetcher follows even where the weight is cold
+// (a batch-1 inference reads every weight from L3 or memory; with w^T stored as one
+// (cin, ldw) matrix, a panel was cin separate 128-byte pieces ldw floats apart). Each
 // output element is one float32 dot product accumulated in k order. The same micro tiles
 // run the weight gradient dw (+)= dy^T x (gemm_dtx_native), reducing over pixel rows.
 //
@@ -163,7 +169,9 @@ void gemm_packed(const float* x, int64_t ldx, const float* wt, int64_t ldw, floa
   for (int64_t r0 = 0; r0 < rows; r0 += block) {
     const int64_t m = std::min(block, rows - r0);
     for (int64_t j = col0; j < col1; j += panel) {
-      const TileArgs t{x + r0 * ldx, ldx, 1, wt + j, ldw, y + r0 * ldy + j, ldy, cin, 0, 0, false};
+      const int64_t width = std::min(panel, ldw - j);
+      const TileArgs t{x + r0 * ldx, ldx, 1, wt + j * cin, width, y + r0 * ldy + j, ldy, cin,
+                       0, 0, false};
       panel_rows(m, t, std::min(panel, col1 - j), true);
     }
   }
@@ -183,8 +191,14 @@ void gemm_dtx_native(const float* dy, const float* x, float* dw, int64_t rows, i
 // The column padding unit of wt (floats per vector); panels are kNV of them.
 int64_t packed_lanes() { return kGemmLanes; }
 
-// wt[k * ldw + o] = w[o * cin + k] for o < cout, k < cin (ldw >= cout; the caller zeroes
-// the padding columns): w^T in 8 x 8 register transposes (depthwise_planar.h).
+// w (cout, cin) into gemm_packed's panel layout for ldw = cout rounded up to whole
+// vectors: panel j0's block wt[j0 * cin + k * width + o] = w[(j0 + o) * cin + k] for
+// o < width, k < cin (the caller zeroes the padding columns), each panel's w^T in 8 x 8
+// register transposes (depthwise_planar.h).
 void pack_wt(const float* w, int64_t cout, int64_t cin, float* wt, int64_t ldw) {
-  ::effnet::cpu_dw::EFFNET_ISA::transpose_block<float, float>(w, cin, wt, ldw, cout, cin);
+  constexpr int64_t panel = kNV * kGemmLanes;
+  for (int64_t j = 0; j < cout; j += panel) {
+    ::effnet::cpu_dw::EFFNET_ISA::transpose_block<float, float>(
+        w + j * cin, cin, wt + j * cin, std::min(panel, ldw - j), std::min(panel, cout - j), cin);
+  }
 }

@@ -113,7 +113,11 @@ void XWtProduct::reset(const float* w, int64_t cout, int64_t cin) {
 
 void XWtProduct::reset_xw(const float* m, int64_t cin, int64_t cout) {
   if (!prepare(m, cout, cin, true)) return;
-  for (int64_t k = 0; k < cin; ++k) std::copy(m + k * cout, m + (k + 1) * cout, wt_.data() + k * ld_);
+  for (int64_t j = 0; j < cout; j += panel_) {
+    const int64_t width = panel_width(j), cols = std::min(panel_, cout - j);
+    float* block = wt_.data() + j * cin;
+    for (int64_t k = 0; k < cin; ++k) std::copy(m + k * cout + j, m + k * cout + j + cols, block + k * width);
+  }
 }
 
 void XWtProduct::reset_in_scaled(const XWtProduct& base, const float* scale) {
@@ -137,11 +141,14 @@ void XWtProduct::reset_in_scaled(const XWtProduct& base, const float* scale) {
   }
   w_ = nullptr;
   wt_.resize(cin_ * ld_);
-  for (int64_t i = 0; i < cin_; ++i) {
-    const float s = scale[i];
-    const float* src = base.wt_.data() + i * ld_;
-    float* dst = wt_.data() + i * ld_;
-    for (int64_t j = 0; j < ld_; ++j) dst[j] = src[j] * s;
+  for (int64_t j = 0; j < ld_; j += panel_) {  // row i of every panel block scaled by scale[i]
+    const int64_t width = panel_width(j);
+    const float* src = base.wt_.data() + j * cin_;
+    float* dst = wt_.data() + j * cin_;
+    for (int64_t i = 0; i < cin_; ++i) {
+      const float s = scale[i];
+      for (int64_t c = 0; c < width; ++c) dst[i * width + c] = src[i * width + c] * s;
+    }
   }
 }
 

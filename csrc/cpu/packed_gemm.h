@@ -14,6 +14,7 @@
 // channels_last activation.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -72,7 +73,10 @@ class XWtProduct {
   const float* w_ = nullptr;
   bool xw_ = false;  // w_ is m (cin, cout) of reset_xw
   int64_t cout_ = 0, cin_ = 0, ld_ = 0, panel_ = 0;
-  std::vector<float> wt_;  // w^T, (cin, ld_) zero padded; native only
+  // Width of the packed panel starting at column j (gemm_microkernel.h's layout).
+  int64_t panel_width(int64_t j) const { return std::min(panel_, ld_ - j); }
+
+  std::vector<float> wt_;  // w^T in gemm_packed's panels, cin * ld_ zero padded; native only
   std::vector<float> w_scaled_;  // w with scaled input channels; reset_in_scaled on BLAS
   Kernel kernel_ = nullptr;
 };

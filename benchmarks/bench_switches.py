@@ -38,6 +38,9 @@ switch in one process, never against a figure of another run. Switches:
                EXTENSION_GEMM_BACKWARD_MIN_ROWS), against BN passes + two torch.mm
   classifier   the classifier's eval calls on the packed GEMM (nn/gemm_linear.ENABLED)
                against nn.Linear (MKL sgemm)
+  patch_conv   the eval stem as one direct conv + BN + act pass (nn/eval_conv.PATCH_CONV;
+               timm: models/timm_model.py) against conv_stem then bn1 (torchvision: a
+               oneDNN conv with the act as its post-op)
   train_tail   the training tail with the SE gate folded into the projection
                (nn/train_tail.ENABLED) against SE op + projection conv
   onnxruntime  not a switch: the converted model against onnxruntime (inference only)
@@ -58,7 +61,7 @@ import effnet_kernels as ek
 from effnet_kernels._ext import ext_module
 from effnet_kernels.bench.e2e import onnx_infer_fn
 from effnet_kernels.bench.timing import measure_interleaved, set_threads
-from effnet_kernels.nn import eval_plan, gemm_conv, gemm_linear, pointwise, train_tail
+from effnet_kernels.nn import eval_conv, eval_plan, gemm_conv, gemm_linear, pointwise, train_tail
 from effnet_kernels.ops import depthwise as dw_ops
 
 CPU = torch.device("cpu")
@@ -99,6 +102,8 @@ def setter(switch: str):
         return set_pw_backward
     if switch == "classifier":
         return lambda on: setattr(gemm_linear, "ENABLED", on)
+    if switch == "patch_conv":
+        return lambda on: setattr(eval_conv, "PATCH_CONV", on)
     if switch == "train_tail":
         return lambda on: setattr(train_tail, "ENABLED", on)
     raise ValueError(f"unknown switch {switch!r}")
@@ -138,7 +143,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--switch", required=True,
                     choices=("prefetch", "planar", "native_gemm", "eval_plan", "packed", "keep_y",
-                             "pw_tiles", "pw_gram", "pw_backward", "classifier", "train_tail",
+                             "pw_tiles", "pw_gram", "pw_backward", "classifier", "patch_conv",
+                             "train_tail",
                              "onnxruntime", "eager"))
     ap.add_argument("--mode", choices=("train", "infer"), default="infer")
     ap.add_argument("--model", default="efficientnet_b0")

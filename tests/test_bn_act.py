@@ -117,6 +117,9 @@ def test_converted_timm_model_pickles_and_reverts():
         torch.testing.assert_close(loaded(x), model(x))
     assert type(loaded.conv_head).__name__ == "GemmConv2d"
     assert type(loaded.classifier).__name__ == "GemmLinear"
-    assert effnet_kernels.revert(loaded) == 16 + 4  # blocks; bn1, bn2, conv_head, classifier
+    assert type(loaded).__name__ == "FusedStemEfficientNet"
+    # blocks; bn1, bn2, the model (its fused stem), conv_head, classifier
+    assert effnet_kernels.revert(loaded) == 16 + 5
+    assert type(loaded).__name__ == "EfficientNet"
     assert type(loaded.bn1).__name__ == "BatchNormAct2d"
     assert type(loaded.classifier) is nn.Linear

@@ -80,7 +80,8 @@ def test_train_step_parity_autocast_bfloat16(device):
 
 STEM_HEAD = {
     "timm": {"bn1": "FusedBatchNormAct2d", "bn2": "FusedBatchNormAct2d",
-             "conv_head": "GemmConv2d", "classifier": "GemmLinear"},
+             "": "FusedStemEfficientNet", "conv_head": "GemmConv2d",
+             "classifier": "GemmLinear"},
     "torchvision": {"classifier.1": "GemmLinear", "features.0": "FusedConvNormActivation",
                     "features.8": "FusedConvNormActivation"},
 }
@@ -145,7 +146,7 @@ def test_unfusable_stem_is_left_and_reported():
     with pytest.warns(UserWarning, match="left 1 unfused"):
         report = effnet_kernels.convert(model)
     # the head conv and the classifier do not depend on the norm
-    assert report.stem_head == ["bn1", "conv_head", "classifier"]
+    assert report.stem_head == ["bn1", "", "conv_head", "classifier"]
     assert "GELU" in report.skipped["bn2"]
     assert type(model.conv_head).__name__ == "GemmConv2d"
     assert type(model.bn2).__name__ == "BatchNormAct2d"

@@ -17,6 +17,15 @@
               (t).numel())
 #define EFFNET_CHECK_CONTIGUOUS(t)                                              \
   TORCH_CHECK((t).is_contiguous(), #t " must be contiguous")
+// A 4-D float32 CPU activation in channels_last (NHWC) memory: the CPU GEMM kernels' input.
+#define EFFNET_CHECK_CPU_FLOAT_NHWC(t)                                          \
+  do {                                                                          \
+    EFFNET_CHECK_DEVICE(t, at::kCPU);                                           \
+    EFFNET_CHECK_DTYPE(t, at::kFloat);                                          \
+    EFFNET_CHECK_DIM(t, 4);                                                     \
+    TORCH_CHECK((t).is_contiguous(at::MemoryFormat::ChannelsLast),              \
+                #t " must be contiguous in channels_last format");              \
+  } while (false)
 
 namespace effnet {
 

@@ -445,11 +445,7 @@ std::tuple<at::Tensor, at::Tensor> dw_expand_forward(
     const at::Tensor& shift, int64_t stride, int64_t pad_top, int64_t pad_left, int64_t out_h,
     int64_t out_w, int64_t act, bool pool, const cpu::PackedWeightPtr& packed) {
   TORCH_CHECK(cpu::gemm_available(), "dw_expand_forward: no float32 GEMM (no sgemm_ in libtorch_cpu, no AVX2)");
-  EFFNET_CHECK_DEVICE(x, at::kCPU);
-  EFFNET_CHECK_DTYPE(x, at::kFloat);
-  EFFNET_CHECK_DIM(x, 4);
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "x must be contiguous in channels_last format");
+  EFFNET_CHECK_CPU_FLOAT_NHWC(x);
   EFFNET_CHECK_DEVICE(expand_weight, at::kCPU);
   EFFNET_CHECK_DTYPE(expand_weight, at::kFloat);
   EFFNET_CHECK_DIM(expand_weight, 4);

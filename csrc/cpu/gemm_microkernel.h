@@ -20,7 +20,8 @@
 // (a batch-1 inference reads every weight from L3 or memory; with w^T stored as one
 // (cin, ldw) matrix, a panel was cin separate 128-byte pieces ldw floats apart). Each
 // output element is one float32 dot product accumulated in k order. The same micro tiles
-// run the weight gradient dw (+)= dy^T x (gemm_dtx_native), reducing over pixel rows.
+// run the weight gradient dw (+)= dy^T x (gemm_dtx_native), reducing over pixel rows, and
+// a direct conv whose x rows are read through tap offsets (gemm_packed_taps).
 //
 // No include guard on purpose: included once per ISA by isa_kernels.inc, after
 // vec_math.h, inside namespace effnet::cpu_gemm::<isa>.
@@ -65,12 +66,15 @@ inline V load_part(const float* p, int n) {
 
 // The operands of one micro tile of MR rows x NV vectors:
 //   y[i, j] (+)= sum_k a[i * a_row + k * a_k] * b[k * ldb + j]      k < count
+// or, with tap offsets (a_off), a[i * a_row + a_off[k]] in place of a[i * a_row + k * a_k].
 // gemm_packed: a = x (a_row = ldx, a_k = 1), b = the packed wt; gemm_dtx_native: a = dy
-// (a_row = 1, a_k = Cout), b = x. b's last vector has load_tail valid lanes (lanes when b
-// is zero padded, the rest masked to zeros otherwise), y's last vector store_tail.
+// (a_row = 1, a_k = Cout), b = x; gemm_packed_taps: a = input pixels read through the
+// offsets of a conv's taps. b's last vector has load_tail valid lanes (lanes when b is zero
+// padded, the rest masked to zeros otherwise), y's last vector store_tail.
 struct TileArgs {
   const float* a;
   int64_t a_row, a_k;
+  const int64_t* a_off;  // tap offsets (Taps kernels only)
   const float* b;
   int64_t ldb;
   float* y;
@@ -79,7 +83,7 @@ struct TileArgs {
   bool accumulate;
 };
 
-template <int MR, int NV>
+template <int MR, int NV, bool Taps>
 inline void micro_tile(const TileArgs& t) {
   const float* a = t.a;
   const float* b = t.b;
@@ -98,7 +102,7 @@ inline void micro_tile(const TileArgs& t) {
     for (int v = 0; v + 1 < NV; ++v) bv[v] = vload<GemmVec>(brow + v * kGemmLanes);
     bv[NV - 1] = load_tail == kGemmLanes ? vload<GemmVec>(brow + (NV - 1) * kGemmLanes)
                                          : load_part(brow + (NV - 1) * kGemmLanes, load_tail);
-    const float* ak = a + k * a_k;
+    const float* ak = Taps ? a + t.a_off[k] : a + k * a_k;
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const GemmVec s = vsplat<GemmVec>(ak[i * a_row]);
@@ -127,36 +131,37 @@ inline void micro_tile(const TileArgs& t) {
 }
 
 // A micro tile of m < MR rows (the last rows).
-template <int NV, int MR = kMR - 1>
+template <int NV, bool Taps, int MR = kMR - 1>
 inline void short_tile(int64_t m, const TileArgs& t) {
   if constexpr (MR >= 1) {
-    if (m == MR) return micro_tile<MR, NV>(t);
-    short_tile<NV, MR - 1>(m, t);
+    if (m == MR) return micro_tile<MR, NV, Taps>(t);
+    short_tile<NV, Taps, MR - 1>(m, t);
   }
 }
 
 // m rows of one column panel, kMR rows at a time.
-template <int NV>
+template <int NV, bool Taps>
 inline void tile_rows(int64_t m, TileArgs t) {
   int64_t r = 0;
   for (; r + kMR <= m; r += kMR) {
-    micro_tile<kMR, NV>(t);
+    micro_tile<kMR, NV, Taps>(t);
     t.a += kMR * t.a_row;
     t.y += kMR * t.ldy;
   }
-  if (r < m) short_tile<NV>(m - r, t);
+  if (r < m) short_tile<NV, Taps>(m - r, t);
 }
 
 // m rows of the column panel of `cols` (<= kNV * lanes) columns that t starts at; b is zero
 // padded past them or not.
+template <bool Taps = false>
 inline void panel_rows(int64_t m, TileArgs t, int64_t cols, bool padded_b) {
   const bool two = cols > kGemmLanes;
   t.store_tail = int(two ? cols - kGemmLanes : cols);
   t.load_tail = padded_b ? kGemmLanes : t.store_tail;
   if (two) {
-    tile_rows<2>(m, t);
+    tile_rows<2, Taps>(m, t);
   } else {
-    tile_rows<1>(m, t);
+    tile_rows<1, Taps>(m, t);
   }
 }
 
@@ -170,10 +175,26 @@ void gemm_packed(const float* x, int64_t ldx, const float* wt, int64_t ldw, floa
     const int64_t m = std::min(block, rows - r0);
     for (int64_t j = col0; j < col1; j += panel) {
       const int64_t width = std::min(panel, ldw - j);
-      const TileArgs t{x + r0 * ldx, ldx, 1, wt + j * cin, width, y + r0 * ldy + j, ldy, cin,
-                       0, 0, false};
+      const TileArgs t{x + r0 * ldx, ldx, 1, nullptr, wt + j * cin, width, y + r0 * ldy + j,
+                       ldy, cin, 0, 0, false};
       panel_rows(m, t, std::min(panel, col1 - j), true);
     }
+  }
+}
+
+// y[r, j] = sum_t a[r * a_row + off[t]] * wt[t, j] for r < rows, col0 <= j < col1:
+// gemm_packed (wt packed the same way, with `taps` rows) whose x rows are read through tap
+// offsets instead of stored: a direct conv, row r being an output pixel, a_row the input
+// stride between neighbouring output pixels and off[t] the input offset of tap t
+// (csrc/cpu/patch_conv.cpp); single-threaded.
+void gemm_packed_taps(const float* a, int64_t a_row, const int64_t* off, int64_t taps,
+                      const float* wt, int64_t ldw, float* y, int64_t ldy, int64_t rows,
+                      int64_t col0, int64_t col1) {
+  constexpr int64_t panel = kNV * kGemmLanes;
+  for (int64_t j = col0; j < col1; j += panel) {
+    const TileArgs t{a, a_row, 0, off, wt + j * taps, std::min(panel, ldw - j), y + j, ldy, taps,
+                     0, 0, false};
+    panel_rows<true>(rows, t, std::min(panel, col1 - j), true);
   }
 }
 
@@ -183,7 +204,7 @@ void gemm_dtx_native(const float* dy, const float* x, float* dw, int64_t rows, i
                      int64_t cout, bool accumulate) {
   constexpr int64_t panel = kNV * kGemmLanes;
   for (int64_t j = 0; j < cin; j += panel) {
-    const TileArgs t{dy, 1, cout, x + j, cin, dw + j, cin, rows, 0, 0, accumulate};
+    const TileArgs t{dy, 1, cout, nullptr, x + j, cin, dw + j, cin, rows, 0, 0, accumulate};
     panel_rows(cout, t, std::min(panel, cin - j), false);
   }
 }

@@ -10,6 +10,9 @@
   namespace effnet::cpu_gemm::ISA {                                                        \
   void gemm_packed(const float* x, int64_t ldx, const float* wt, int64_t ldw, float* y,   \
                    int64_t ldy, int64_t rows, int64_t cin, int64_t col0, int64_t col1);    \
+  void gemm_packed_taps(const float* a, int64_t a_row, const int64_t* off, int64_t taps,   \
+                        const float* wt, int64_t ldw, float* y, int64_t ldy, int64_t rows,  \
+                        int64_t col0, int64_t col1);                                        \
   int64_t packed_lanes();                                                                  \
   void pack_wt(const float* w, int64_t cout, int64_t cin, float* wt, int64_t ldw);         \
   void gemm_dtx_native(const float* dy, const float* x, float* dw, int64_t rows,           \

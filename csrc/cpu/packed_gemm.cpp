@@ -169,6 +169,14 @@ void XWtProduct::operator()(const float* x, float* y, int64_t rows) const {
   kernel_(x, cin_, wt_.data(), ld_, y, cout_, rows, cin_, 0, cout_);
 }
 
+void XWtProduct::taps(const float* a, int64_t a_row, const int64_t* off, float* y,
+                      int64_t rows) const {
+  TORCH_CHECK(kernel_ != nullptr, "XWtProduct::taps needs the native GEMM");
+  if (rows <= 0) return;
+  EFFNET_PICK_ISA(cpu_gemm, gemm_packed_taps)(a, a_row, off, cin_, wt_.data(), ld_, y, cout_, rows, 0,
+                                              cout_);
+}
+
 void XWtProduct::parallel(const float* x, float* y, int64_t rows) const {
   if (rows <= 0) return;
   if (kernel_ == nullptr) {

@@ -61,6 +61,12 @@ class XWtProduct {
   // BLAS call (threaded by BLAS). Call outside a parallel region.
   void parallel(const float* x, float* y, int64_t rows) const;
 
+  // y[r, :] = sum_t a[r * a_row + off[t]] w[:, t] for `rows` rows: the product with x's
+  // rows read through tap offsets instead of stored (a direct conv's patches,
+  // patch_conv.cpp; gemm_microkernel.h's gemm_packed_taps), cin = the number of taps. On
+  // the calling thread; native products only (made while native_gemm()).
+  void taps(const float* a, int64_t a_row, const int64_t* off, float* y, int64_t rows) const;
+
   int64_t cout() const { return cout_; }
 
  private:

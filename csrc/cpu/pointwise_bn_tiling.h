@@ -76,11 +76,7 @@ struct Args {
 // The checked (x, weight) pair; with pack_xwt, xwt ready for y = x w^T.
 inline Args check_x_w(const at::Tensor& x, const at::Tensor& weight, bool pack_xwt = true) {
   TORCH_CHECK(cpu::sgemm_available(), "pointwise BN kernels: libtorch_cpu exports no sgemm_");
-  EFFNET_CHECK_DEVICE(x, at::kCPU);
-  EFFNET_CHECK_DTYPE(x, at::kFloat);
-  EFFNET_CHECK_DIM(x, 4);
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "x must be contiguous in channels_last format");
+  EFFNET_CHECK_CPU_FLOAT_NHWC(x);
   EFFNET_CHECK_DEVICE(weight, at::kCPU);
   EFFNET_CHECK_DTYPE(weight, at::kFloat);
   EFFNET_CHECK_DIM(weight, 2);

@@ -41,11 +41,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> pw_conv_backwar
 }
 
 at::Tensor pw_weight_grad_per_sample(const at::Tensor& dy, const at::Tensor& x) {
-  EFFNET_CHECK_DEVICE(x, at::kCPU);
-  EFFNET_CHECK_DTYPE(x, at::kFloat);
-  EFFNET_CHECK_DIM(x, 4);
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "x must be contiguous in channels_last format");
+  EFFNET_CHECK_CPU_FLOAT_NHWC(x);
   EFFNET_CHECK_DIM(dy, 4);
   const int64_t n = x.size(0), cin = x.size(1), hw = x.size(2) * x.size(3), cout = dy.size(1);
   check_like_out(dy, "dy", x, cout);

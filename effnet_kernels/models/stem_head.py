@@ -18,7 +18,9 @@ of its own and the norm's class becomes FusedBatchNormAct2d (models/timm_norm.py
 act as fused passes (nn/bn_act.py), the same object still a BatchNormAct2d for code that
 finds norms by class. (Fusing the conv too would make the conv apply the norm its
 sibling no longer applies, which breaks as soon as that sibling is replaced or frozen by
-class.) The 1x1 head conv's class becomes GemmConv2d (nn/gemm_conv2d.py), still an
+class.) The model's class becomes FusedStemEfficientNet (models/timm_model.py), whose
+forward_features runs conv_stem + bn1 as one eval pass where both are still what it
+fuses. The 1x1 head conv's class becomes GemmConv2d (nn/gemm_conv2d.py), still an
 nn.Conv2d, whose CPU calls run as GEMMs instead of oneDNN's slower 1x1 conv.
 
 Both: the classifier's nn.Linear (timm's `classifier`, the Linear in torchvision's
@@ -66,7 +68,11 @@ class FusedConvNormActivation(nn.Sequential):
 
 
 def _is_timm_efficientnet(model: nn.Module) -> bool:
+    """Whether model is a timm EfficientNet (or EfficientNetFeatures), as convert() may
+    have made it (FusedStemEfficientNet)."""
     kind = type(model)
+    if kind.__name__ == "FusedStemEfficientNet":
+        kind = kind.__base__
     return kind.__module__.startswith("timm.") and kind.__name__ in ("EfficientNet",
                                                                      "EfficientNetFeatures")
 
@@ -78,13 +84,16 @@ def _timm_norms(model: nn.Module) -> list[str]:
 
 
 def unfuse_swapped_classes(model: nn.Module) -> int:
-    """Give every FusedBatchNormAct2d, GemmConv2d and GemmLinear in `model` back its class;
-    returns how many."""
+    """Give every FusedStemEfficientNet, FusedBatchNormAct2d, GemmConv2d and GemmLinear in
+    `model` back its class; returns how many."""
     undone = 0
     for module in model.modules():
         if type(module).__name__ == "FusedBatchNormAct2d":
             from .timm_norm import unfuse_norm  # imports timm: only when there is one
             undone += unfuse_norm(module)
+        elif type(module).__name__ == "FusedStemEfficientNet":
+            from .timm_model import from_fused_stem
+            undone += from_fused_stem(module)
         else:
             undone += from_gemm_conv(module) or from_gemm_linear(module)
     return undone
@@ -133,6 +142,10 @@ def fuse_stem_and_head(model: nn.Module, read_cna) -> tuple[list[str], dict[str,
                 fused.append(what)
             else:
                 skipped[what] = f"{type(bn).__name__} is not timm's BatchNormAct2d"
+        if names and type(module._modules.get("bn1")).__name__ == "FusedBatchNormAct2d":
+            from .timm_model import to_fused_stem
+            if to_fused_stem(module):
+                fused.append(prefix)  # the model itself: its class changed
         head = module._modules.get("conv_head") if _is_timm_efficientnet(module) else None
         if head is not None and to_gemm_conv(head):
             fused.append(f"{dot}conv_head")

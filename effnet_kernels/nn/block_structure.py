@@ -73,7 +73,7 @@ def structure_changed(block: nn.Module) -> bool:
 # block -> (slots (parent's _modules dict, name) of every recorded descendant, the
 # descendants, their hook registries): the fast check of structure_changed.
 _WATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_CALL_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+CALL_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def _watch_objects(block: nn.Module) -> tuple:
@@ -85,7 +85,7 @@ def _watch_objects(block: nn.Module) -> tuple:
         module = parent._modules[path[-1]]
         slots.append((parent._modules, path[-1]))
         modules.append(module)
-        registries += [getattr(module, name) for name in _CALL_HOOKS]
+        registries += [getattr(module, name) for name in CALL_HOOKS]
     return tuple(slots), modules, tuple(registries)
 
 
@@ -96,7 +96,7 @@ def _changed_by_kinds(block: nn.Module) -> bool:
             module = module._modules.get(part)
             if module is None:
                 return True
-        if _kind(module) is not kind or any(getattr(module, name) for name in _CALL_HOOKS):
+        if _kind(module) is not kind or any(getattr(module, name) for name in CALL_HOOKS):
             return True
     return False
 

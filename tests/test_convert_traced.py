@@ -11,7 +11,9 @@ output's strides."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 
 import pytest
 import torch
@@ -147,3 +149,29 @@ def test_onnx_export_eval_runs_in_onnxruntime(source, name):
                                    providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     _assert_logits_match(torch.from_numpy(got), original, x, "onnxruntime logits")
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # shape checks on traced sizes
+@pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")  # deprecated in torch 2.14, still used
+@pytest.mark.parametrize("source,name", MODELS[:3])
+def test_jit_trace_and_torchscript_onnx_export_follow_their_input(source, name):
+    """torch.jit.trace records ATen and custom ops only, so the extension's direct calls
+    (eval plans, GEMM convs, the fused stem) must stand aside while it traces, or their
+    results become constants of the trace. A trace made on one batch gives the original's
+    logits on another, and so does onnxruntime on torch.onnx.export's TorchScript export
+    (dynamo=False: the fused ops export as their plain definition)."""
+    ort = pytest.importorskip("onnxruntime")
+    original = _original(source, name).eval()
+    fused = _fused(source, name, original).eval()
+    x, other = batch(2, 64)[0].contiguous(memory_format=CL), batch(2, 64, seed=1)[0]
+    other = other.contiguous(memory_format=CL)
+    with torch.no_grad():
+        traced = torch.jit.trace(fused, x, check_trace=False)
+        _assert_logits_match(traced(other), original, other, "torch.jit.trace logits")
+    buffer = io.BytesIO()
+    with contextlib.redirect_stdout(None):
+        torch.onnx.export(fused, (x,), buffer, dynamo=False, input_names=["input"])
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"input": other.contiguous().numpy()})
+    _assert_logits_match(torch.from_numpy(got), original, other, "TorchScript ONNX logits")

@@ -1,8 +1,9 @@
-"""The fused eval stem of a converted timm EfficientNet (models/timm_model.py): the model's
-class becomes FusedStemEfficientNet, whose forward_features runs conv_stem + bn1 as one
-patch_conv_act where it serves: parity of the stem against float64 (plain and TF SAME
-stems), the calls it serves and the ones it leaves to timm's forward (training, autograd,
-hooks, frozen or replaced modules, layouts, dtypes, autocast), and the class change."""
+"""The fused eval stem and head of a converted timm EfficientNet (models/timm_model.py):
+the model's class becomes FusedStemEfficientNet, whose forward_features runs conv_stem +
+bn1 as one patch_conv_act and conv_head + bn2 as one epilogue GEMM where they serve:
+parity against float64 (plain and TF SAME models), the calls they serve and the ones they
+leave to timm's forward (training, autograd, hooks, frozen or replaced modules, layouts,
+dtypes, autocast), and the class change."""
 
 from __future__ import annotations
 
@@ -52,16 +53,37 @@ def test_stem_matches_float64(name, size):
     assert_parity(f"{name} stem", got, fp32, want, torch.float32)
 
 
-def test_forward_uses_the_fused_stem(monkeypatch):
+@pytest.mark.parametrize("name", ["efficientnet_b0", "tf_efficientnet_b0"])
+def test_head_matches_float64(name, monkeypatch):
+    model, original = _pair(name)
+    x = torch.randn(2, 320, 5, 3).contiguous(memory_format=CL)
+    with torch.no_grad():
+        got = timm_model.fused_head(x, model.conv_head, model.bn2)
+        fp32 = original.bn2(original.conv_head(x))
+        truth = copy.deepcopy(original).double()
+        want = truth.bn2(truth.conv_head(x.double()))
+        assert got is not None and got.is_contiguous(memory_format=CL)
+        assert_parity(f"{name} head", got, fp32, want, torch.float32)
+        monkeypatch.setattr(timm_model, "FUSED_HEAD", False)
+        assert timm_model.fused_head(x, model.conv_head, model.bn2) is None
+        monkeypatch.undo()
+        handle = model.conv_head.register_forward_hook(lambda *a: None)
+        assert timm_model.fused_head(x, model.conv_head, model.bn2) is None
+        handle.remove()
+        assert timm_model.fused_head(x.contiguous(), model.conv_head, model.bn2) is None
+
+
+@pytest.mark.parametrize("part", ["fused_stem", "fused_head"])
+def test_forward_uses_the_fused_passes(monkeypatch, part):
     model, original = _pair()
-    served, fused_stem = [], timm_model.fused_stem
+    served, fused = [], getattr(timm_model, part)
 
     def spy(*args):
-        out = fused_stem(*args)
+        out = fused(*args)
         served.append(out is not None)
         return out
 
-    monkeypatch.setattr(timm_model, "fused_stem", spy)
+    monkeypatch.setattr(timm_model, part, spy)
     x = batch(2, 48)[0].contiguous(memory_format=CL)
     with torch.no_grad():
         assert_eval_parity(model, original, x)

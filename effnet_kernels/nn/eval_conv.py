@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .._ext import ext_module
 from ..ops.activations import act_code
-from ..ops.eager import records_graph, traced_cpu_call
+from ..ops.eager import plain_eager, records_graph, traced_cpu_call
 from ..ops.geometry import memory_format_of
 from .gemm_conv import gemm_conv1x1_act, gemm_conv_eligible, planar_conv1x1_act, planar_gemm_eligible
 
@@ -102,8 +102,7 @@ def _cpu_onednn_call(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 def eager_eval_serves(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether an eager eval call takes eval_conv_act: CPU, a oneDNN dtype, no autograd
     graph to record, a plain tensor and no tracing."""
-    return (_cpu_onednn_call(x, weight, bias) and not torch.compiler.is_compiling()
-            and type(x) is Tensor)
+    return _cpu_onednn_call(x, weight, bias) and plain_eager(x)
 
 
 def traced_eval_serves(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:

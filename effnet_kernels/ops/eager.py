@@ -21,8 +21,10 @@ _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
 def plain_eager(*tensors) -> bool:
-    """True for an eager call on plain tensors with no tracing or dispatch mode active."""
-    if torch.compiler.is_compiling():
+    """True for an eager call on plain tensors with no tracing or dispatch mode active
+    (torch.jit.trace included: it records ATen and custom ops only, so an extension call
+    made here would become a constant of the trace)."""
+    if torch.compiler.is_compiling() or torch._C._is_tracing():
         return False
     if _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled():
         return False
@@ -53,6 +55,8 @@ def autocast_enabled_for(x) -> bool:
 
 
 def onnx_exporting() -> bool:
-    """True while torch.onnx.export's dynamo exporter traces (it compiles, so the cheap
-    is_compiling check keeps eager calls from paying for is_in_onnx_export's ~1 us)."""
-    return torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export()
+    """True while torch.onnx.export traces: the dynamo exporter compiles, the TorchScript
+    one (dynamo=False) runs torch.jit's tracer (the cheap checks first keep eager calls
+    from paying for is_in_onnx_export's ~1 us)."""
+    return ((torch.compiler.is_compiling() or torch._C._is_tracing())
+            and torch.onnx.is_in_onnx_export())

@@ -48,7 +48,9 @@ from .stem_head import fuse_stem_and_head, unfuse_swapped_classes
 class ConvertReport:
     converted: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
-    stem_head: list[str] = field(default_factory=list)  # modules of the fused stem / head
+    # modules of the fused stem / head; a timm model's own name ("" at the root) where its
+    # class changed (models/timm_model.py)
+    stem_head: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)} blocks and {len(self.stem_head)} stem/head "

@@ -97,12 +97,12 @@ def _fusable_act(x: Tensor, conv: nn.Module, bn: nn.Module) -> str | None:
 
 def fused_stem(x: Tensor, conv: nn.Module, bn: nn.Module) -> Tensor | None:
     """act(bn(conv(x))) as one patch_conv_act, or None where it does not serve the call."""
-    if not (type(conv) is nn.Conv2d or is_same_conv(conv)):
+    same = is_same_conv(conv)
+    if not (type(conv) is nn.Conv2d or same):
         return None
     act = _fusable_act(x, conv, bn)
     if act is None:
         return None
-    same = is_same_conv(conv)
     padding = (0, 0) if same else conv.padding
     if isinstance(padding, str) or not patch_conv_serves(x, conv.weight, conv.stride, padding,
                                                          conv.dilation, conv.groups):

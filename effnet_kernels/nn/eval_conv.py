@@ -26,7 +26,7 @@ from torch import Tensor
 from .._ext import ext_module
 from ..ops.activations import act_code
 from ..ops.eager import plain_eager, records_graph, traced_cpu_call
-from ..ops.geometry import memory_format_of
+from ..ops.geometry import conv_geometry, memory_format_of
 from .gemm_conv import gemm_conv1x1_act, gemm_conv_eligible, planar_conv1x1_act, planar_gemm_eligible
 
 ONEDNN_ACTS = {"silu": "swish", "relu": "relu", "identity": "none"}
@@ -68,10 +68,8 @@ def eval_conv_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride, paddin
     if planar_gemm_eligible(x, weight, stride, padding, groups):
         return planar_conv1x1_act(x, weight, bias, act)
     if patch_conv_serves(x, weight, stride, padding, dilation, groups):
-        k, s, p = weight.shape[2], stride[0], padding[0]
-        out_h, out_w = ((size + 2 * p - k) // s + 1 for size in x.shape[2:])
-        return ext_module().cpu.patch_conv_act(x, weight, bias, s, p, p, out_h, out_w,
-                                               act_code(act))
+        geo = conv_geometry(x.shape[2], x.shape[3], weight.shape[2], stride[0], padding[0])
+        return ext_module().cpu.patch_conv_act(x, weight, bias, *geo, act_code(act))
     return torch.ops.mkldnn._convolution_pointwise(
         x, weight, bias, list(padding), list(stride), list(dilation), groups,
         ONEDNN_ACTS[act], [], "")

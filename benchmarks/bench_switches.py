@@ -21,6 +21,8 @@ switch in one process, never against a figure of another run. Switches:
   native_gemm  the 1x1 convs' products on the native packed GEMM (_C.cpu.gemm_set_mode
                "native", csrc/cpu/packed_gemm.h) against BLAS sgemm_ ("blas"); "auto"
                picks one per CPU vendor
+  half_vectors the native GEMM's AVX-512 panels taking a half vector for their last 8 or
+               fewer columns (_C.cpu.gemm_set_half_vectors) against a masked full vector
   eval_plan    the prepared per-block eval forward (nn/eval_plan.ENABLED) against the
                module route
   packed       the eval plans' 1x1 weights packed once for the GEMM
@@ -83,6 +85,9 @@ def setter(switch: str):
     if switch == "native_gemm":
         prims = ext_module().cpu
         return lambda on: prims.gemm_set_mode("native" if on else "blas")
+    if switch == "half_vectors":
+        prims = ext_module().cpu
+        return lambda on: prims.gemm_set_half_vectors(on)
     if switch == "eval_plan":
         return lambda on: setattr(eval_plan, "ENABLED", on)
     if switch == "packed":
@@ -142,10 +147,9 @@ def step_fn(model, images, labels, mode: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--switch", required=True,
-                    choices=("prefetch", "planar", "native_gemm", "eval_plan", "packed", "keep_y",
-                             "pw_tiles", "pw_gram", "pw_backward", "classifier", "patch_conv",
-                             "train_tail",
-                             "onnxruntime", "eager"))
+                    choices=("prefetch", "planar", "native_gemm", "half_vectors", "eval_plan",
+                             "packed", "keep_y", "pw_tiles", "pw_gram", "pw_backward",
+                             "classifier", "patch_conv", "train_tail", "onnxruntime", "eager"))
     ap.add_argument("--mode", choices=("train", "infer"), default="infer")
     ap.add_argument("--model", default="efficientnet_b0")
     ap.add_argument("--batch", type=int, default=8)

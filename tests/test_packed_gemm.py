@@ -56,14 +56,16 @@ def _reference(x, weight, bias, dtype):
     return F.conv2d(x, weight.to(dtype), bias)
 
 
-# (n, cin, cout, h, w): Cout around the vector and panel widths (8/16 lanes, 16/32-column
-# panels: 1, 7, 8, 9, 16, 17, 31, 32, 33, 48, 100), pixel counts that leave every micro-tile
+# (n, cin, cout, h, w): Cout around the vector, half-vector and panel widths (8/16 lanes,
+# an AVX-512 panel's last 8 or fewer columns in a half vector, 16/32-column panels: 1, 7, 8,
+# 9, 16, 17, 24, 31, 32, 33, 40, 48, 100), pixel counts that leave every micro-tile
 # row tail (12 rows on AVX-512, 6 on AVX2), Cin from 1 up; the last two run the untiled
 # route (a shared weight above 2^17 values: columns split over threads when there are as
 # many 32-column panels as threads, else rows).
 SHAPES = [(1, 1, 1, 1, 1), (2, 3, 7, 5, 5), (3, 16, 8, 3, 7), (2, 5, 9, 4, 4),
           (1, 64, 16, 11, 13), (2, 33, 17, 6, 5), (1, 12, 31, 5, 7), (2, 20, 32, 9, 3),
           (1, 70, 33, 4, 6), (2, 48, 48, 7, 7), (1, 100, 100, 10, 10), (2, 24, 144, 8, 8),
+          (2, 144, 24, 5, 9), (1, 30, 40, 6, 6),
           (2, 512, 320, 3, 5), (1, 400, 400, 2, 3)]
 
 
@@ -129,10 +131,12 @@ def _assert_train_grads(x, weight, label):
 
 
 @needs_native
-@pytest.mark.parametrize("cin, cout", [(1, 5), (8, 13), (17, 24), (33, 40), (40, 100)])
+@pytest.mark.parametrize("cin, cout", [(1, 5), (8, 13), (17, 24), (24, 144), (33, 40),
+                                       (40, 100), (144, 24)])
 def test_native_training_gradients(gemm_mode, cin, cout):
-    """dW = dy^T x on the native kernel: Cin column tails (masked loads of x's rows) and
-    Cout row tails; dx = dy w and the forward on the packed weight."""
+    """dW = dy^T x on the native kernel: Cin column tails (masked loads of x's rows, in
+    full or half vectors) and Cout row tails; dx = dy w and the forward on the packed
+    weight."""
     gemm_mode("native")
     x, weight, _ = _case(2, cin, cout, 7, 9)
     _assert_train_grads(x + 0.5, weight, f"native {cin}->{cout}")
@@ -157,6 +161,34 @@ def test_native_results_do_not_depend_on_threads_or_tiling(gemm_mode):
     per_row = torch.cat([EXT.cpu.pw_conv_act(x[i:i + 1], weight, bias, ACT_CODES["identity"])
                          for i in range(4)])
     assert torch.equal(per_row, results[0])
+
+
+@needs_native
+@pytest.mark.parametrize("cout", [7, 24, 40])
+def test_half_vectors_give_the_same_bits(gemm_mode, cout):
+    """A panel's last 8 or fewer columns in a half vector (AVX-512) or in a masked full one:
+    the same products in the same order, on the packed weight (forward, gated) and on the
+    unpadded dW operand (Cin = Cout columns)."""
+    gemm_mode("native")
+    x, weight, bias = _case(2, cout, cout, 5, 7)
+    dy = torch.randn(2, cout, 5, 7).contiguous(memory_format=CL)
+    gate = torch.rand(2, cout)
+    w2d = weight.view(cout, cout)
+
+    def products():
+        packed = EXT.cpu.pack_weight(weight)
+        return (EXT.cpu.pw_conv_act(x, weight, bias, ACT_CODES["identity"]),
+                EXT.cpu.pw_conv_act(x, weight, bias, ACT_CODES["identity"], packed, gate),
+                *EXT.cpu.pw_conv_backward(dy, x, w2d, True, True))
+    previous = EXT.cpu.gemm_set_half_vectors(False)
+    try:
+        masked = products()
+        assert EXT.cpu.gemm_set_half_vectors(True) is False
+        halves = products()
+    finally:
+        EXT.cpu.gemm_set_half_vectors(previous)
+    for a, b in zip(masked, halves):
+        assert torch.equal(a, b)
 
 
 def test_mode_switch_and_errors(gemm_mode):

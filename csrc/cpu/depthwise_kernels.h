@@ -27,18 +27,6 @@ inline void with_kernel_size(int64_t k, F&& f) {
   }
 }
 
-// Calls f(c, Vec<A, L>{}) over channels: full vectors, one half vector, then single lanes.
-template <typename A, class F>
-inline void for_channel_vectors(int64_t C, F&& f) {
-  constexpr int L = kLanes<A>;
-  int64_t c = 0;
-  for (; c + L <= C; c += L) f(c, Vec<A, L>{});
-  if constexpr (L >= 4) {
-    if (c + L / 2 <= C) f(c, Vec<A, L / 2>{}), c += L / 2;
-  }
-  for (; c < C; ++c) f(c, Vec<A, 1>{});
-}
-
 // v[i] = act(v[i]) for i < n contiguous values. The passes apply the activation to a
 // whole pixel tile after its conv instead of inside the conv's per-pixel callback: the
 // tap loop keeps its K * K weight vectors in registers, and the activation's long

@@ -5,12 +5,22 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <mutex>
 
 #include "gemm_microkernel_decl.h"
 #include "isa.h"
 #include "sgemm.h"
+
+namespace effnet::cpu_gemm {
+namespace {
+std::atomic<bool> half_vectors_enabled{true};
+}  // namespace
+
+bool half_vectors() { return half_vectors_enabled.load(std::memory_order_relaxed); }
+bool set_half_vectors(bool enabled) { return half_vectors_enabled.exchange(enabled); }
+}  // namespace effnet::cpu_gemm
 
 namespace effnet::cpu {
 namespace {
@@ -43,8 +53,6 @@ bool intel_cpu() {
 #endif
 }
 
-// Vectors per column panel of gemm_microkernel.h.
-constexpr int64_t kPanelVectors = 2;
 // Fewest rows per thread when parallel() splits rows.
 constexpr int64_t kRowGrain = 48;
 
@@ -100,9 +108,9 @@ bool XWtProduct::prepare(const float* w, int64_t cout, int64_t cin, bool xw) {
     return false;
   }
   kernel_ = EFFNET_PICK_ISA(cpu_gemm, gemm_packed);
-  const int64_t lanes = EFFNET_PICK_ISA(cpu_gemm, packed_lanes)();
-  panel_ = kPanelVectors * lanes;
-  ld_ = (cout + lanes - 1) / lanes * lanes;
+  const int64_t unit = EFFNET_PICK_ISA(cpu_gemm, packed_unit)();
+  panel_ = EFFNET_PICK_ISA(cpu_gemm, packed_panel)();
+  ld_ = (cout + unit - 1) / unit * unit;
   wt_.assign(cin * ld_, 0.0f);
   return true;
 }

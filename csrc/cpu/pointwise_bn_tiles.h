@@ -19,21 +19,12 @@
 // No include guard on purpose: each isa_*.cpp includes this once, inside its ISA's
 // namespace and `#pragma GCC target`, after vec_math.h (see its header).
 
-// f(c, proto) over the channels: full vectors, then single lanes.
-template <class F>
-inline void over_channels(int64_t C, F&& f) {
-  constexpr int L = kLanes<float>;
-  int64_t c = 0;
-  for (; c + L <= C; c += L) f(c, Vec<float, L>{});
-  for (; c < C; ++c) f(c, Vec<float, 1>{});
-}
-
 void tile_moments(const float* y, int64_t rows, int64_t C, float* mean, float* m2, float* dev) {
   std::fill(mean, mean + C, 0.0f);
   std::fill(m2, m2 + C, 0.0f);
   std::fill(dev, dev + C, 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
-    over_channels(C, [&](int64_t c, auto proto) {
+    for_channel_vectors<float>(C, [&](int64_t c, auto proto) {
       using V = decltype(proto);
       vstore(mean + c, vload<V>(mean + c) + vload<V>(y + r * C + c));
     });
@@ -41,7 +32,7 @@ void tile_moments(const float* y, int64_t rows, int64_t C, float* mean, float* m
   const float inv = 1.0f / float(rows);
   for (int64_t c = 0; c < C; ++c) mean[c] *= inv;
   for (int64_t r = 0; r < rows; ++r) {
-    over_channels(C, [&](int64_t c, auto proto) {
+    for_channel_vectors<float>(C, [&](int64_t c, auto proto) {
       using V = decltype(proto);
       const V d = vload<V>(y + r * C + c) - vload<V>(mean + c);
       vstore(dev + c, vload<V>(dev + c) + d);
@@ -60,7 +51,7 @@ inline void affine_act_tile(const float* src, float* dst, int64_t rows, int64_t 
   const bool aligned = STREAM && C % L == 0 &&
                        reinterpret_cast<uintptr_t>(dst) % (L * sizeof(float)) == 0;
   for (int64_t r = 0; r < rows; ++r) {
-    over_channels(C, [&](int64_t c, auto proto) {
+    for_channel_vectors<float>(C, [&](int64_t c, auto proto) {
       using V = decltype(proto);
       const V v = act_forward(vload<V>(src + r * C + c) * vload<V>(scale + c) +
                               vload<V>(shift + c), ACT);
@@ -99,7 +90,7 @@ inline void bn_reduce_tile(const float* dout, Y* y, int64_t rows, int64_t C,
                            const float* scale, const float* shift, const float* mean,
                            float* sum_g, float* sum_g_yc) {
   for (int64_t r = 0; r < rows; ++r) {
-    over_channels(C, [&](int64_t c, auto proto) {
+    for_channel_vectors<float>(C, [&](int64_t c, auto proto) {
       using V = decltype(proto);
       const V yv = vload<V>(y + r * C + c);
       const V s = vload<V>(scale + c);
@@ -139,7 +130,7 @@ inline void bn_grad_tile(const float* dout, const float* y, float* dy, int64_t r
                          const float* scale, const float* shift, const float* mean,
                          const float* coef_b, const float* coef_c) {
   for (int64_t r = 0; r < rows; ++r) {
-    over_channels(C, [&](int64_t c, auto proto) {
+    for_channel_vectors<float>(C, [&](int64_t c, auto proto) {
       using V = decltype(proto);
       const V yv = vload<V>(y + r * C + c);
       const V s = vload<V>(scale + c);

@@ -34,6 +34,7 @@
 
 #include "common/binding_registry.h"
 #include "common/checks.h"
+#include "gemm_microkernel_decl.h"
 #include "output_cache.h"
 #include "packed_gemm.h"
 #include "packed_weight.h"
@@ -281,6 +282,11 @@ EFFNET_BINDINGS(bind_pointwise_conv_cpu) {
           "(packed_gemm.h); returns the previous one",
           py::arg("mode"));
   cpu.def("gemm_mode", &effnet::cpu::gemm_mode, "the float32 GEMM policy");
+  cpu.def("gemm_set_half_vectors", &effnet::cpu_gemm::set_half_vectors,
+          "whether the native GEMM's AVX-512 panels take a half vector for their last 8 or "
+          "fewer columns (default on; the results are the same bits); returns the previous "
+          "setting",
+          py::arg("enabled"));
   cpu.def("gemm_native", &effnet::cpu::native_gemm,
           "whether the 1x1 convs' products run on the native packed GEMM now");
 }

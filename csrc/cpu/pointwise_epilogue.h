@@ -10,17 +10,15 @@
 // No include guard on purpose: each isa_*.cpp includes this once, inside its ISA's
 // namespace and `#pragma GCC target`, after vec_math.h (see its header).
 
-// y[r, c] = f(y[r, c] + bias[c]), f applied to full vectors, then to single lanes.
+// y[r, c] = f(y[r, c] + bias[c]), f applied channel vector by channel vector.
 template <class F>
 inline void bias_map_rows(float* y, int64_t rows, int64_t C, const float* bias, F&& f) {
-  constexpr int L = kLanes<float>;
-  using V = Vec<float, L>;
-  using S = Vec<float, 1>;
   for (int64_t r = 0; r < rows; ++r) {
     float* row = y + r * C;
-    int64_t c = 0;
-    for (; c + L <= C; c += L) vstore(row + c, f(vload<V>(row + c) + vload<V>(bias + c)));
-    for (; c < C; ++c) row[c] = f(S{row[c] + bias[c]})[0];
+    for_channel_vectors<float>(C, [&](int64_t c, auto proto) {
+      using V = decltype(proto);
+      vstore(row + c, f(vload<V>(row + c) + vload<V>(bias + c)));
+    });
   }
 }
 

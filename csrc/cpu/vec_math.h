@@ -65,6 +65,20 @@ inline V vsplat(ElemOf<V> s) {
   return V{} + s;
 }
 
+// Calls f(c, Vec<A, L>{}) over channels c < C: full vectors, one half vector, then single
+// lanes (a channel count 8 past a multiple of 16, as B0's 24 and 40, takes no scalar step
+// on AVX-512).
+template <typename A, class F>
+inline void for_channel_vectors(int64_t C, F&& f) {
+  constexpr int L = kLanes<A>;
+  int64_t c = 0;
+  for (; c + L <= C; c += L) f(c, Vec<A, L>{});
+  if constexpr (L >= 4) {
+    if (c + L / 2 <= C) f(c, Vec<A, L / 2>{}), c += L / 2;
+  }
+  for (; c < C; ++c) f(c, Vec<A, 1>{});
+}
+
 // Load kCount<V> values stored as X (float, double, BFloat16, Half) into lanes of V.
 template <class V, typename X>
 inline V load_as(const X* p) {

@@ -47,7 +47,7 @@ def assert_eval_parity(model: nn.Module, reference: nn.Module, x: torch.Tensor) 
     assert p.ok, str(p)
 
 
-def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 autocast: torch.dtype | None = None):
     model.train()
     model.zero_grad(set_to_none=True)
@@ -65,9 +65,9 @@ def assert_train_parity(model: nn.Module, reference: nn.Module, x: torch.Tensor,
     buffer after the step. `model` and `reference` must start from the same state.
     autocast: run both under torch.autocast in this dtype (the truth stays float64)."""
     truth_model = copy.deepcopy(reference).double()
-    got = _train_step(model, x, y, autocast)
-    same = _train_step(reference, x, y, autocast)
-    truth = _train_step(truth_model, x.double(), y)
+    got = train_step(model, x, y, autocast)
+    same = train_step(reference, x, y, autocast)
+    truth = train_step(truth_model, x.double(), y)
     dt = autocast or F32
     failures = []
     p = parity("logits", got[0], same[0], truth[0], dt)

@@ -18,8 +18,7 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
-from model_cases import assert_eval_parity, assert_train_parity, batch, randomize_bn
+from model_cases import assert_eval_parity, assert_train_parity, batch, randomize_bn, train_step
 
 import effnet_kernels
 
@@ -70,14 +69,8 @@ def test_float64_train_step_matches(name):
     fused, original, _ = _pair(name, torch.float64)
     x, y = batch(2, 64, fmt=torch.channels_last)
     x = x.double()
-    results = []
-    for model in (fused, original):
-        model.train()
-        logits = model(x)
-        F.cross_entropy(logits, y).backward()
-        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()},
-                        dict(model.named_buffers())))
-    (got, got_grads, got_buffers), (ref, ref_grads, ref_buffers) = results
+    got, got_grads, got_buffers = train_step(fused, x, y)
+    ref, ref_grads, ref_buffers = train_step(original, x, y)
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
     scale = max(g.abs().max().item() for g in ref_grads.values() if g is not None)
     for n, g in ref_grads.items():

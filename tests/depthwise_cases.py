@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from act_cases import act_spread
 
 from effnet_kernels.functional import depthwise_conv_bn_act
 from effnet_kernels.ops import reference
@@ -35,6 +36,9 @@ ODD_CASES = [
     Case((2, 9, 7, 5), kernel=5, stride=1, padding=1),
     Case((1, 40, 3, 3), kernel=3, stride=2),
 ]
+# ReLU6 (MobileNetV2, EfficientNet-Lite): both clamps crossed (make_inputs widens gamma).
+RELU6_CASE = Case((2, 12, 9, 7), kernel=3, stride=2, padding="same", act="relu6")
+ODD_CASES.append(RELU6_CASE)
 
 
 def param_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -49,7 +53,7 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0) -> dict:
     return {
         "x": torch.randn(case.shape, generator=gen).to(dtype),
         "weight": (torch.randn(c, 1, k, k, generator=gen) / k).to(dtype),
-        "bn_weight": (torch.rand(c, generator=gen) + 0.5).to(pdt),
+        "bn_weight": ((torch.rand(c, generator=gen) + 0.5) * act_spread(case.act)).to(pdt),
         "bn_bias": (torch.randn(c, generator=gen) * 0.2).to(pdt),
         "running_mean": (torch.randn(c, generator=gen) * 0.1).to(pdt),
         "running_var": (torch.rand(c, generator=gen) + 0.5).to(pdt),

@@ -11,20 +11,20 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from act_cases import ACTS, act_spread
 from torch import nn
 
-from effnet_kernels.nn.activations import ACT_FUNCTIONS
 from effnet_kernels.nn.bn_act import BNActTrain, bn_act
 from effnet_kernels.testing import parity
 
 CL = torch.channels_last
 
 
-def _bn(c: int, dtype=torch.float32) -> nn.BatchNorm2d:
+def _bn(c: int, dtype=torch.float32, spread=1.0) -> nn.BatchNorm2d:
     g = torch.Generator().manual_seed(3)
     bn = nn.BatchNorm2d(c, eps=1e-3, momentum=0.2)
     with torch.no_grad():
-        bn.weight.copy_(torch.rand(c, generator=g) + 0.5)
+        bn.weight.copy_((torch.rand(c, generator=g) + 0.5) * spread)
         bn.bias.copy_(torch.randn(c, generator=g) * 0.1)
         bn.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
         bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
@@ -33,7 +33,7 @@ def _bn(c: int, dtype=torch.float32) -> nn.BatchNorm2d:
 
 def _run(fused: bool, bn: nn.BatchNorm2d, x: torch.Tensor, act: str, dout: torch.Tensor):
     x = x.detach().clone().requires_grad_()
-    out = bn_act(x, bn, act) if fused else ACT_FUNCTIONS[act](bn(x))
+    out = bn_act(x, bn, act) if fused else ACTS[act](bn(x))
     assert out is not None
     out.backward(dout)
     return {"out": out.detach(), "dx": x.grad, "dgamma": bn.weight.grad, "dbeta": bn.bias.grad,
@@ -41,13 +41,13 @@ def _run(fused: bool, bn: nn.BatchNorm2d, x: torch.Tensor, act: str, dout: torch
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
-@pytest.mark.parametrize("act", ["silu", "relu", "identity"])
+@pytest.mark.parametrize("act", sorted(ACTS))
 @pytest.mark.parametrize("shape", [(4, 32, 17, 15), (2, 40, 7, 7), (3, 5, 1, 2)])
 def test_training_matches_batchnorm_then_act(shape, act, fmt):
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=g) * 2 + 0.5).contiguous(memory_format=fmt)
     dout = torch.randn(shape, generator=g).contiguous(memory_format=fmt)
-    base = _bn(shape[1]).train()
+    base = _bn(shape[1], spread=act_spread(act)).train()
     got = _run(True, copy.deepcopy(base), x, act, dout)
     same = _run(False, copy.deepcopy(base), x, act, dout)
     truth = _run(False, copy.deepcopy(base).double(), x.double(), act, dout.double())

@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from act_cases import ACTS as ACT_NAMED
+from act_cases import act_spread
 
 from effnet_kernels._ext import ext_module
 from effnet_kernels.ops.activations import ACT_CODES
@@ -20,18 +22,18 @@ EXT = ext_module()
 pytestmark = pytest.mark.skipif(EXT is None or not EXT.cpu.pw_conv_available(),
                                 reason="compiled extension with BLAS sgemm not available")
 CL = torch.channels_last
-ACTS = {ACT_CODES["identity"]: lambda t: t, ACT_CODES["silu"]: F.silu,
-        ACT_CODES["relu"]: F.relu}
-SILU, RELU, IDENTITY = ACT_CODES["silu"], ACT_CODES["relu"], ACT_CODES["identity"]
+ACTS = {ACT_CODES[name]: fn for name, fn in ACT_NAMED.items()}
+SILU, RELU, IDENTITY, RELU6 = (ACT_CODES[name] for name in ("silu", "relu", "identity", "relu6"))
 
 
-def _case(n, cin, c, h, w, k, seed=0):
+def _case(n, cin, c, h, w, k, seed=0, spread=1.0):
+    """Inputs; `spread` widens x and the BN scale (both activations' inputs)."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, cin, h, w, generator=gen).contiguous(memory_format=CL)
+    x = torch.randn(n, cin, h, w, generator=gen).contiguous(memory_format=CL) * spread
     expand_weight = torch.randn(c, cin, 1, 1, generator=gen) / cin ** 0.5
     expand_bias = torch.randn(c, generator=gen) * 0.2
     weight = torch.randn(c, 1, k, k, generator=gen) / k
-    scale = torch.rand(c, generator=gen) + 0.5
+    scale = (torch.rand(c, generator=gen) + 0.5) * spread
     shift = torch.randn(c, generator=gen) * 0.1
     return x, expand_weight, expand_bias, weight, scale, shift
 
@@ -67,11 +69,13 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
-@pytest.mark.parametrize("acts", [(SILU, SILU), (RELU, IDENTITY)], ids=["silu", "relu_identity"])
+@pytest.mark.parametrize("acts", [(SILU, SILU), (RELU, IDENTITY), (RELU6, RELU6)],
+                         ids=["silu", "relu_identity", "relu6"])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_matches_torch_and_the_unfused_primitives(case, acts, threads):
     n, cin, c, h, w, k, stride, padding = case
-    x, ew, eb, weight, scale, shift = _case(n, cin, c, h, w, k)
+    spread = act_spread("relu6") if RELU6 in acts else 1.0
+    x, ew, eb, weight, scale, shift = _case(n, cin, c, h, w, k, spread=spread)
     geo = conv_geometry(h, w, k, stride, padding)
     expand_act, act = acts
     previous = torch.get_num_threads()

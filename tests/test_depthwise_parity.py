@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from backend_params import require_backend
-from depthwise_cases import FORMATS, ODD_CASES, Case, fused, make_inputs, run, truth_and_torch
+from depthwise_cases import FORMATS, ODD_CASES, RELU6_CASE, Case, fused, make_inputs, run, truth_and_torch
 
 from effnet_kernels import use_backend
 from effnet_kernels.shapes import depthwise_shapes
@@ -50,7 +50,7 @@ def test_odd_shapes_cpu(backend, case, dtype, fmt, training):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("case", ODD_CASES[:6], ids=str)
+@pytest.mark.parametrize("case", [*ODD_CASES[:6], RELU6_CASE], ids=str)
 def test_odd_shapes_triton(case, dtype, fmt, training):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     check_case("triton", device, case, dtype, fmt, training)

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from act_cases import ACTS, act_spread
 from torch import nn
 
 from effnet_kernels._ext import ext_module
 from effnet_kernels.nn import conv_bn_act as cba
 from effnet_kernels.nn import eval_conv
-from effnet_kernels.nn.activations import ACT_FUNCTIONS
 from effnet_kernels.testing import parity
 
 pytestmark = pytest.mark.skipif(ext_module() is None or not eval_conv.ONEDNN_AVAILABLE,
@@ -38,16 +38,17 @@ def _case(name, bias=True, seed=0):
     return x, weight, b, ([s, s], [k // 2, k // 2], [1, 1], 1), dtype
 
 
-@pytest.mark.parametrize("act", ["silu", "relu", "identity"])
+@pytest.mark.parametrize("act", sorted(ACTS))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_op_matches_conv_then_act(name, bias, act):
     x, weight, b, (stride, padding, dilation, groups), dtype = _case(name, bias)
+    x = x * act_spread(act)
     args = (x.to(dtype), weight.to(dtype), None if b is None else b.to(dtype))
     got = eval_conv.conv_act_eval(*args, stride, padding, dilation, groups, act)
-    same = ACT_FUNCTIONS[act](F.conv2d(*args, stride, padding, dilation, groups))
-    truth = ACT_FUNCTIONS[act](F.conv2d(x.double(), weight.double(),
-                                        None if b is None else b.double(), stride, padding))
+    same = ACTS[act](F.conv2d(*args, stride, padding, dilation, groups))
+    truth = ACTS[act](F.conv2d(x.double(), weight.double(),
+                               None if b is None else b.double(), stride, padding))
     assert got.is_contiguous(memory_format=CASES[name][7])
     assert parity("out", got, same, truth, dtype).ok
     torch.library.opcheck(eval_conv.conv_act_eval,

@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from act_cases import act_spread
 from model_cases import FlatFeatures, assert_eval_parity, assert_train_parity, batch, randomize_bn
 
 import effnet_kernels
@@ -131,7 +132,7 @@ def test_channels_last_and_convert_is_noop():
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("act", ["silu", "relu", "identity"])
+@pytest.mark.parametrize("act", ["silu", "relu", "relu6", "identity"])
 @pytest.mark.parametrize("kernel,stride,padding", [(1, 1, 0), (3, 2, 1)])
 def test_conv_bn_act_train_gradcheck(act, kernel, stride, padding):
     """The recomputing conv + train-mode BN + act used for the 1x1 convs, in float64."""
@@ -139,7 +140,7 @@ def test_conv_bn_act_train_gradcheck(act, kernel, stride, padding):
 
     geo = ([stride, stride], [padding, padding], 1)
     args = [torch.randn(3, 4, 5, 5, dtype=torch.float64), torch.randn(6, 4, kernel, kernel,
-            dtype=torch.float64), torch.rand(6, dtype=torch.float64) + 0.5,
+            dtype=torch.float64), (torch.rand(6, dtype=torch.float64) + 0.5) * act_spread(act),
             torch.randn(6, dtype=torch.float64)]
     args = [a.requires_grad_() for a in args]
     assert torch.autograd.gradcheck(

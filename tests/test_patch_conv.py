@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from act_cases import ACTS, act_spread
 
 from effnet_kernels._ext import ext_module
 from effnet_kernels.nn import eval_conv
@@ -26,7 +27,6 @@ pytestmark = pytest.mark.skipif(EXT is None or not EXT.cpu.patch_conv_available(
                                 reason="the patch conv needs the native GEMM (AVX2 / AVX-512, "
                                        "not an Intel CPU on the 'auto' GEMM policy)")
 CL = torch.channels_last
-ACTS = {"identity": lambda t: t, "relu": F.relu, "silu": F.silu}
 
 
 def _inputs(n, cin, h, w, cout, k, seed=0):
@@ -73,7 +73,7 @@ def test_matches_conv2d_then_act(shape, padding):
     x, weight, bias = _inputs(n, cin, h, w, cout, k)
     geo = conv_geometry(h, w, k, stride, "same" if padding == "same" else pad)
     for act in ACTS:
-        _check(x, weight, bias, geo, act, f"patch conv {act}")
+        _check(x * act_spread(act), weight, bias, geo, act, f"patch conv {act}")
     _check(x, weight, None, geo, "identity", "patch conv without bias")
 
 
@@ -120,7 +120,7 @@ def _call(x=None, weight=None, bias=None, geo=(2, 1, 1, 4, 4), act=2):
     (dict(geo=(2, 3, 1, 4, 4)), r"pad_top and pad_left must be in \[0, 3\)"),
     (dict(geo=(2, 1, 1, 6, 4)), r"output size \(6, 4\) does not fit input size \(8, 8\)"),
     (dict(geo=(2, 1, 1, 0, 4)), r"output size \(0, 4\)"),
-    (dict(act=3), "act"),
+    (dict(act=4), "act"),
 ])
 def test_errors(kwargs, message):
     with pytest.raises((RuntimeError, ValueError), match=message):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from act_cases import ACTS, act_spread
 from backend_params import backend_device_pairs, require_backend
 
 from effnet_kernels import use_backend
@@ -16,7 +17,6 @@ from effnet_kernels.nn.pointwise import ConvBNActTrain, conv_bn_act_train
 from effnet_kernels.testing import parity
 
 OP = "depthwise_conv_bn_act"
-ACTS = {"silu": F.silu, "relu": F.relu, "identity": lambda t: t}
 CASES = [  # (N, Cin, Cout, H, W, kernel, stride, padding)
     (2, 5, 12, 7, 9, 1, 1, 0),
     (3, 8, 3, 6, 5, 1, 1, 0),
@@ -52,7 +52,8 @@ def test_conv_bn_act_train_parity(backend, device, case, act, fmt_name):
     gen = torch.Generator().manual_seed(0)
     inputs = [torch.randn(n, cin, h, w_, generator=gen) + 0.5,
               torch.randn(cout, cin, k, k, generator=gen) * 0.5,
-              torch.rand(cout, generator=gen) + 0.5, torch.randn(cout, generator=gen),
+              (torch.rand(cout, generator=gen) + 0.5) * act_spread(act),
+              torch.randn(cout, generator=gen),
               torch.randn(cout, generator=gen), torch.rand(cout, generator=gen) + 0.5]
     inputs = [t.to(device) for t in inputs]
     oh, ow = (h + 2 * padding - k) // stride + 1, (w_ + 2 * padding - k) // stride + 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from act_cases import ACTS, act_spread
 
 from effnet_kernels import use_backend
 from effnet_kernels._ext import ext_module
@@ -24,7 +25,6 @@ pytestmark = pytest.mark.skipif(
     EXT is None or not hasattr(EXT.cpu, "pw_bn_stats") or not EXT.cpu.pw_conv_available(),
     reason="compiled extension with the tiled pointwise kernels and BLAS sgemm not available")
 CL = torch.channels_last
-ACTS = {"silu": F.silu, "relu": F.relu, "identity": lambda t: t}
 CASES = [  # (N, Cin, Cout, H, W): y recomputed where Cin < 64, else kept
     (2, 5, 12, 7, 9),        # 8 tiles of 16 rows, odd channel counts
     (2, 64, 80, 5, 4),       # Cin >= KEEP_Y_MIN_MACS: kept
@@ -36,12 +36,13 @@ CASES = [  # (N, Cin, Cout, H, W): y recomputed where Cin < 64, else kept
 ]
 
 
-def _inputs(case, seed=0):
+def _inputs(case, seed=0, act="silu"):
     n, cin, cout, h, w = case
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(n, cin, h, w, generator=gen) + 0.5,
             torch.randn(cout, cin, 1, 1, generator=gen) / cin ** 0.5,
-            torch.rand(cout, generator=gen) + 0.5, torch.randn(cout, generator=gen),
+            (torch.rand(cout, generator=gen) + 0.5) * act_spread(act),
+            torch.randn(cout, generator=gen),
             torch.randn(cout, generator=gen), torch.rand(cout, generator=gen) + 0.5,
             torch.randn(n, cout, h, w, generator=gen)]
 
@@ -104,7 +105,7 @@ def _expected_route(case):
 def test_tiled_route_matches_eager(case, act, gram, stats_calls, monkeypatch):
     monkeypatch.setattr(pointwise, "TILED_MAX_WEIGHT", 1 << 20)
     monkeypatch.setattr(pointwise, "GRAM", gram)
-    inputs = _inputs(case)
+    inputs = _inputs(case, act=act)
     truth = _run(_eager(act), inputs, torch.float64)
     same = _run(_eager(act), inputs, torch.float32)
     with use_backend("cpu"):
@@ -166,7 +167,7 @@ def test_results_do_not_depend_on_the_thread_count(case, monkeypatch):
 
 @pytest.mark.parametrize("shape", [(2, 16, 96, 48, 48), (2, 5, 37, 7, 9), (1, 24, 144, 3, 5)],
                          ids=["aligned_rows", "channel_tails", "few_rows"])
-@pytest.mark.parametrize("act", [0, 1, 2])
+@pytest.mark.parametrize("act", list(ACT_CODES))
 def test_forward_streaming_stores_give_the_same_bits(shape, act):
     """pw_bn_forward with the epilogue streaming out from scratch (the default) and in place
     over the GEMM's output (pw_set_streaming(False)): the same output, bit for bit, with
@@ -175,17 +176,17 @@ def test_forward_streaming_stores_give_the_same_bits(shape, act):
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(n, cin, h, w, generator=gen).contiguous(memory_format=CL)
     weight = torch.randn(cout, cin, generator=gen) / cin ** 0.5
-    scale = torch.rand(cout, generator=gen) + 0.5
+    scale = (torch.rand(cout, generator=gen) + 0.5) * act_spread(act)
     shift = torch.randn(cout, generator=gen)
     previous = EXT.cpu.pw_set_streaming(True)
     try:
-        streamed = EXT.cpu.pw_bn_forward(x, weight, scale, shift, act)
+        streamed = EXT.cpu.pw_bn_forward(x, weight, scale, shift, ACT_CODES[act])
         EXT.cpu.pw_set_streaming(False)
-        in_place = EXT.cpu.pw_bn_forward(x, weight, scale, shift, act)
+        in_place = EXT.cpu.pw_bn_forward(x, weight, scale, shift, ACT_CODES[act])
     finally:
         EXT.cpu.pw_set_streaming(previous)
     assert torch.equal(streamed, in_place)
-    truth = ACTS[{v: k for k, v in ACT_CODES.items()}[act]](
+    truth = ACTS[act](
         F.conv2d(x.double(), weight.double()[:, :, None, None]) * scale.double().view(1, -1, 1, 1)
         + shift.double().view(1, -1, 1, 1))
     torch.testing.assert_close(streamed.double(), truth, rtol=1e-4, atol=1e-4)

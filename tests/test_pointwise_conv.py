@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from act_cases import ACTS, act_spread
 
 from effnet_kernels._ext import ext_module
 from effnet_kernels.ops.activations import ACT_CODES
@@ -22,7 +23,6 @@ EXT = ext_module()
 pytestmark = pytest.mark.skipif(EXT is None or not EXT.cpu.pw_conv_available(),
                                 reason="compiled extension with BLAS sgemm not available")
 CL = torch.channels_last
-ACTS = {"identity": lambda t: t, "relu": F.relu, "silu": F.silu}
 
 
 def _inputs(n, cin, cout, h, w, per_sample=False, seed=0, bias_per_sample=False):
@@ -61,6 +61,7 @@ SHAPES = [(2, 5, 7, 3, 4), (1, 16, 96, 5, 5), (3, 24, 33, 7, 1), (4, 8, 512, 16,
 def test_matches_conv2d_then_act(shape, act, per_sample):
     x, weight, bias = _inputs(*shape, per_sample=per_sample != "shared",
                               bias_per_sample=per_sample == "weight_and_bias")
+    x = x * act_spread(act)
     got = EXT.cpu.pw_conv_act(x, weight, bias, ACT_CODES[act])
     assert got.is_contiguous(memory_format=CL) and got.dtype == torch.float32
     assert_parity(f"pw_conv_act {act}", got, _reference(x, weight, bias, act, torch.float32),
@@ -296,7 +297,7 @@ def test_bad_arguments_name_the_argument():
         ((x, weight, bias.expand(2, 6), 2), "bias must have shape"),  # shared weight
         ((x, weight.reshape(1, 6, 4).expand(2, 6, 4), bias.expand(3, 6), 2),
          r"with per-sample weights, \(N, Cout\) = \(2, 6\)"),
-        ((x, weight, bias, 3), "act must be"),
+        ((x, weight, bias, 4), "act must be"),
     ]
     for args, message in cases:
         with pytest.raises(RuntimeError, match=message):

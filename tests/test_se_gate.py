@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from act_cases import ACTS
 
 from effnet_kernels._ext import ext_module
 from effnet_kernels.ops.activations import act_code
@@ -16,11 +16,16 @@ EXT = ext_module()
 pytestmark = pytest.mark.skipif(EXT is None, reason="compiled extension not available")
 
 
-def _inputs(n, c, cr, seed=0):
+def _inputs(n, c, cr, seed=0, act="silu"):
+    """For relu6 the reduce biases also step across [-2, 8]: hidden units sit below,
+    inside and above the clamp."""
     gen = torch.Generator().manual_seed(seed)
+    reduce_bias = torch.randn(cr, generator=gen) * 0.1
+    if act == "relu6":
+        reduce_bias = reduce_bias + torch.linspace(-2, 8, cr)
     return {"sums": torch.randn(n, c, generator=gen) * 40,
             "reduce_t": torch.randn(c, cr, generator=gen) / c ** 0.5,
-            "reduce_bias": torch.randn(cr, generator=gen) * 0.1,
+            "reduce_bias": reduce_bias,
             "expand_t": torch.randn(cr, c, generator=gen) / cr ** 0.5,
             "expand_bias": torch.randn(c, generator=gen) * 0.1}
 
@@ -29,14 +34,14 @@ def _composition(t, count, act, dtype):
     """The ATen ops the plan ran before: div, addmm, act, addmm, sigmoid."""
     v = {k: x.to(dtype) for k, x in t.items()}
     hidden = torch.addmm(v["reduce_bias"], v["sums"] / count, v["reduce_t"])
-    hidden = {"silu": F.silu, "relu": F.relu, "identity": lambda h: h}[act](hidden)
+    hidden = ACTS[act](hidden)
     return torch.addmm(v["expand_bias"], hidden, v["expand_t"]).sigmoid()
 
 
-@pytest.mark.parametrize("act", ["silu", "relu", "identity"])
+@pytest.mark.parametrize("act", sorted(ACTS))
 @pytest.mark.parametrize("n,c,cr", [(8, 96, 4), (1, 1152, 48), (3, 37, 5), (2, 16, 1)])
 def test_matches_composition(n, c, cr, act):
-    t = _inputs(n, c, cr)
+    t = _inputs(n, c, cr, act=act)
     count = 49
     gate = EXT.cpu.se_gate_eval(t["sums"], count, t["reduce_t"], t["reduce_bias"], t["expand_t"],
                                 t["expand_bias"], act_code(act))

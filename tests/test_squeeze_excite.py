@@ -15,6 +15,7 @@ from effnet_kernels.functional import squeeze_excite
 from effnet_kernels.nn import SqueezeExcite
 from effnet_kernels.ops import reference
 from effnet_kernels.ops import squeeze_excite as se_ops
+from effnet_kernels.ops.activations import ACT_CODES
 from effnet_kernels.shapes import se_shapes
 from effnet_kernels.testing import parity
 
@@ -34,13 +35,17 @@ def require_backend(op, backend, device, dtype):
         pytest.skip(f"effnet_kernels._C was built without the {backend} squeeze_excite kernels")
 
 
-def make_inputs(shape, seed=0):
-    """float64 master copies: x, reduce (w, b), expand (w, b), upstream gradient."""
+def make_inputs(shape, seed=0, act="silu"):
+    """float64 master copies: x, reduce (w, b), expand (w, b), upstream gradient. For relu6
+    the reduce biases also step across [-2, 8]: hidden units sit below, inside and above
+    the clamp."""
     n, c, h, w, cr = shape
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64) + 0.5
     rw = torch.randn(cr, c, 1, 1, generator=g, dtype=torch.float64) / c**0.5
     rb = torch.randn(cr, generator=g, dtype=torch.float64) * 0.1
+    if act == "relu6":
+        rb = rb + torch.linspace(-2, 8, cr, dtype=torch.float64)
     ew = torch.randn(c, cr, 1, 1, generator=g, dtype=torch.float64) / cr**0.5
     eb = torch.randn(c, generator=g, dtype=torch.float64) * 0.1
     dy = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
@@ -60,7 +65,7 @@ def run(fn, inputs, dtype, fmt, device, act="silu", **kw):
 def check(backend, device, shape, dtype, fmt_name, act="silu"):
     require_backend(OP, backend, device, dtype)
     fmt = FORMATS[fmt_name]
-    inputs = make_inputs(shape)
+    inputs = make_inputs(shape, act=act)
     truth = run(reference.squeeze_excite, inputs, torch.float64, fmt, device, act)
     same = run(reference.squeeze_excite, inputs, dtype, fmt, device, act)
     with use_backend(backend):
@@ -108,10 +113,11 @@ def test_parity_both_routes(backend, fast, monkeypatch):
     check(backend, DEVICES[-1], ODD[1], torch.float64, "nchw", act="relu")
 
 
-@pytest.mark.parametrize("act", ["silu", "relu", "identity"])
+@pytest.mark.parametrize("act", list(ACT_CODES))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_parity_activations(backend, act):
     check(backend, DEVICES[-1], (2, 17, 5, 5, 4), torch.float32, "nhwc", act)
+    check(backend, DEVICES[-1], (1, 9, 3, 4, 6), torch.float64, "nchw", act)
 
 
 # Half types: the kernels read bf16/f16, accumulate and run the MLP in float32 and round
@@ -306,7 +312,7 @@ class _CpuWithoutOneCall:
 
 
 @pytest.mark.parametrize("pooled", [False, True], ids=["pool", "pooled"])
-@pytest.mark.parametrize("act", [0, 1, 2], ids=["identity", "relu", "silu"])
+@pytest.mark.parametrize("act", list(ACT_CODES.values()), ids=list(ACT_CODES))
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
                          ids=["f32", "f64", "bf16"])
@@ -314,7 +320,8 @@ def test_cpu_one_call_matches_composition_bitwise(dtype, fmt, act, pooled, monke
     """cpu se_forward / se_backward run the composition's ATen ops in its order: every
     output and gradient is bitwise the same, in the same layout."""
     require_backend(OP, "cpu", "cpu", dtype)
-    x, (rw, rb, ew, eb), dy = make_inputs((3, 20, 5, 7, 6))
+    name = {code: name for name, code in ACT_CODES.items()}[act]
+    x, (rw, rb, ew, eb), dy = make_inputs((3, 20, 5, 7, 6), act=name)
     x = x.to(dtype).contiguous(memory_format=FORMATS[fmt])
     dy = dy.to(dtype).contiguous(memory_format=FORMATS[fmt])
     params = [p.to(dtype) for p in (rw, rb, ew, eb)]
@@ -335,4 +342,4 @@ def test_cpu_one_call_rejects_unknown_act():
     x, (rw, rb, ew, eb), _ = make_inputs((1, 4, 2, 2, 2))
     x = x.float()
     with pytest.raises(RuntimeError, match="act must be"):
-        ext_module().cpu.se_forward(x, rw.float(), rb.float(), ew.float(), eb.float(), None, 3)
+        ext_module().cpu.se_forward(x, rw.float(), rb.float(), ew.float(), eb.float(), None, 4)

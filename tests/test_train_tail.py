@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from act_cases import act_spread
 from model_cases import randomize_bn
 
 from effnet_kernels.nn import DepthwiseSeparable, MBConv, mbconv, train_tail, train_tail_op
@@ -161,7 +162,8 @@ def test_gated_op_gradcheck():
     assert torch.autograd.gradcheck(run, inputs)
 
 
-@pytest.mark.parametrize("se_act,act", [("silu", "identity"), ("relu", "silu")])
+@pytest.mark.parametrize("se_act,act", [("silu", "identity"), ("relu", "silu"),
+                                        ("relu6", "relu6")])
 def test_gradcheck(se_act, act):
     g = torch.Generator().manual_seed(0)
     n, c, cr, cout, h, w = 2, 6, 3, 4, 3, 3
@@ -172,7 +174,7 @@ def test_gradcheck(se_act, act):
     y = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
     y = y.contiguous(memory_format=CL).requires_grad_()
     params = (rand(cr, c, 1, 1, scale=0.5), rand(cr), rand(c, cr, 1, 1, scale=0.5), rand(c),
-              rand(cout, c, 1, 1, scale=0.5), rand(cout, scale=0.2, offset=1.0), rand(cout))
+              rand(cout, c, 1, 1, scale=0.5), rand(cout, scale=0.2, offset=act_spread(act)), rand(cout))
 
     def run(y, *p):
         sums = y.detach().sum(dim=(2, 3))  # the depthwise epilogue's sums: no gradient

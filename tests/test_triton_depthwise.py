@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from act_cases import act_spread
 
 pytest.importorskip("triton")
 
 from effnet_kernels.ops import reference  # noqa: E402
+from effnet_kernels.ops.activations import ACT_CODES  # noqa: E402
 from effnet_kernels.ops.geometry import conv_geometry, memory_format_of  # noqa: E402
 from effnet_kernels.testing import assert_parity  # noqa: E402
 from effnet_kernels.triton import depthwise_bn_act as tri  # noqa: E402
@@ -32,6 +34,8 @@ CASES = [
     (1, 3, 1, 1, 3, 1, None, 2, True),
     (2, 5, 1, 1, 3, 2, "same", 1, False),
     (1, 3, 8, 6, 3, 2, "same", 2, True),  # even size: SAME pads only bottom/right
+    (2, 6, 7, 9, 3, 1, None, 3, True),  # relu6: scale widened so both clamps are crossed
+    (1, 5, 9, 8, 5, 2, "same", 3, False),
 ]
 DTYPES = [torch.float64, torch.float32]
 if CUDA:
@@ -57,6 +61,8 @@ def _setup(case, dtype):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     vec = [torch.randn(c, generator=gen, dtype=torch.float64).to(DEVICE, acc) for _ in range(4)]
     scale, shift, coef_b, coef_c = vec[0].abs() + 0.5, vec[1], vec[2], vec[3]
+    if act == ACT_CODES["relu6"]:
+        scale = scale * act_spread("relu6")
     # dy in the "other" layout, to check the launcher aligns it with x.
     dy = torch.randn(n, c, geo.out_h, geo.out_w, generator=gen, dtype=torch.float64)
     dy = dy.to(DEVICE, dtype).contiguous(memory_format=torch.contiguous_format if cl else torch.channels_last)

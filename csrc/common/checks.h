@@ -39,7 +39,8 @@ inline at::MemoryFormat activation_format(const at::Tensor& t, const char* name)
 
 // The activation codes of common/math.h's Act: 0 identity, 1 relu, 2 silu.
 inline void check_act(int64_t act) {
-  TORCH_CHECK(act >= 0 && act <= 2, "act must be 0 (identity), 1 (relu) or 2 (silu), got ", act);
+  TORCH_CHECK(act >= 0 && act <= 3,
+              "act must be 0 (identity), 1 (relu), 2 (silu) or 3 (relu6), got ", act);
 }
 
 // Accumulation dtype: float64 for float64 inputs, float32 otherwise.

@@ -3,7 +3,7 @@
 // BatchNorm folded to an affine map:  z = y * scale[c] + shift[c]
 //   scale = gamma * invstd,  shift = beta - mean * scale,  invstd = 1 / sqrt(var + eps)
 // Activations act(z) and their derivatives act'(z), selected by the Act code
-// that Python passes as an int (0 identity, 1 relu, 2 silu).
+// that Python passes as an int (0 identity, 1 relu, 2 silu, 3 relu6 = min(max(z, 0), 6)).
 #pragma once
 
 #include <cmath>
@@ -16,7 +16,7 @@
 
 namespace effnet {
 
-enum class Act : int { Identity = 0, ReLU = 1, SiLU = 2 };
+enum class Act : int { Identity = 0, ReLU = 1, SiLU = 2, ReLU6 = 3 };
 
 template <typename T>
 EFFNET_HD T sigmoid(T z) {
@@ -29,12 +29,15 @@ EFFNET_HD T activate(T z) {
     return z > T(0) ? z : T(0);
   } else if constexpr (A == Act::SiLU) {
     return z * sigmoid(z);
+  } else if constexpr (A == Act::ReLU6) {
+    return z > T(0) ? (z < T(6) ? z : T(6)) : T(0);
   } else {
     return z;
   }
 }
 
-// d act(z) / dz.  silu'(z) = s + z * s * (1 - s) with s = sigmoid(z).
+// d act(z) / dz.  silu'(z) = s + z * s * (1 - s) with s = sigmoid(z); relu6'(z) = [0 < z < 6]
+// (PyTorch's hardtanh_backward: zero at both kinks).
 template <Act A, typename T>
 EFFNET_HD T activate_grad(T z) {
   if constexpr (A == Act::ReLU) {
@@ -42,6 +45,8 @@ EFFNET_HD T activate_grad(T z) {
   } else if constexpr (A == Act::SiLU) {
     const T s = sigmoid(z);
     return s * (T(1) + z * (T(1) - s));
+  } else if constexpr (A == Act::ReLU6) {
+    return z > T(0) && z < T(6) ? T(1) : T(0);
   } else {
     return T(1);
   }

@@ -41,6 +41,7 @@ inline void act_in_place(A* v, int64_t n, int64_t act) {
   };
   if (act == 1) return body.template operator()<1>();
   if (act == 2) return body.template operator()<2>();
+  if (act == 3) return body.template operator()<3>();
 }
 
 // dst[i] = src[i] converted from storage type X to A (or back), i < n.

@@ -70,6 +70,7 @@ void affine_act_by_code(const float* src, float* dst, int64_t rows, int64_t C, c
   switch (act) {
     case 1: return affine_act_tile<1, STREAM>(src, dst, rows, C, scale, shift);
     case 2: return affine_act_tile<2, STREAM>(src, dst, rows, C, scale, shift);
+    case 3: return affine_act_tile<3, STREAM>(src, dst, rows, C, scale, shift);
     default: return affine_act_tile<0, STREAM>(src, dst, rows, C, scale, shift);
   }
 }
@@ -109,6 +110,7 @@ void bn_reduce_act(const float* dout, Y* y, int64_t rows, int64_t C, const float
   switch (act) {
     case 1: return bn_reduce_tile<1, SCALE>(dout, y, rows, C, scale, shift, mean, sum_g, sum_g_yc);
     case 2: return bn_reduce_tile<2, SCALE>(dout, y, rows, C, scale, shift, mean, sum_g, sum_g_yc);
+    case 3: return bn_reduce_tile<3, SCALE>(dout, y, rows, C, scale, shift, mean, sum_g, sum_g_yc);
     default: return bn_reduce_tile<0, SCALE>(dout, y, rows, C, scale, shift, mean, sum_g, sum_g_yc);
   }
 }
@@ -147,6 +149,7 @@ void tile_bn_grad(const float* dout, const float* y, float* dy, int64_t rows, in
   switch (act) {
     case 1: return bn_grad_tile<1>(dout, y, dy, rows, C, scale, shift, mean, coef_b, coef_c);
     case 2: return bn_grad_tile<2>(dout, y, dy, rows, C, scale, shift, mean, coef_b, coef_c);
+    case 3: return bn_grad_tile<3>(dout, y, dy, rows, C, scale, shift, mean, coef_b, coef_c);
     default: return bn_grad_tile<0>(dout, y, dy, rows, C, scale, shift, mean, coef_b, coef_c);
   }
 }

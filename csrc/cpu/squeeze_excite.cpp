@@ -349,12 +349,14 @@ at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype) {
 at::Tensor act_forward(const at::Tensor& h, int64_t act) {
   if (act == 1) return at::relu(h);
   if (act == 2) return at::silu(h);
+  if (act == 3) return at::hardtanh(h, 0, 6);
   return h;
 }
 
 at::Tensor act_backward(const at::Tensor& da, const at::Tensor& h, int64_t act) {
   if (act == 2) return at::silu_backward(da, h);
   if (act == 1) return at::threshold_backward(da, h, 0);
+  if (act == 3) return at::hardtanh_backward(da, h, 0, 6);
   return da;
 }
 

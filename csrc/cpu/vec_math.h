@@ -199,21 +199,30 @@ inline V vsigmoid(V z) {
   return vrecip(1.0f + vexp(-z));
 }
 
-// act(z) for the Act codes of common/math.h (0 identity, 1 relu, 2 silu).
+// act(z) for the Act codes of common/math.h (0 identity, 1 relu, 2 silu, 3 relu6).
 template <class V>
 inline V act_forward(V z, int64_t act) {
   if (act == 1) return z > 0 ? z : V{};
   if (act == 2) return z * vsigmoid(z);
+  if (act == 3) {
+    const V six = vsplat<V>(6), low = z > 0 ? z : V{};
+    return low < six ? low : six;
+  }
   return z;
 }
 
-// act'(z): relu' = [z > 0]; silu' = s * (1 + z * (1 - s)), s = sigmoid(z).
+// act'(z): relu' = [z > 0]; silu' = s * (1 + z * (1 - s)), s = sigmoid(z);
+// relu6' = [0 < z < 6].
 template <class V>
 inline V act_backward(V z, int64_t act) {
   if (act == 1) return z > 0 ? vsplat<V>(1) : V{};
   if (act == 2) {
     const V s = vsigmoid(z);
     return s * (1.0f + z * (1.0f - s));
+  }
+  if (act == 3) {
+    const V above = z > 0 ? vsplat<V>(1) : V{};
+    return z < vsplat<V>(6) ? above : V{};
   }
   return vsplat<V>(1);
 }

@@ -188,7 +188,9 @@ void dispatch_act(int64_t act, F&& f) {
     case 0: return f(std::integral_constant<Act, Act::Identity>{});
     case 1: return f(std::integral_constant<Act, Act::ReLU>{});
     case 2: return f(std::integral_constant<Act, Act::SiLU>{});
-    default: TORCH_CHECK(false, "act must be 0 (identity), 1 (relu) or 2 (silu), got ", act);
+    case 3: return f(std::integral_constant<Act, Act::ReLU6>{});
+    default: TORCH_CHECK(false, "act must be 0 (identity), 1 (relu), 2 (silu) or 3 (relu6), got ",
+                         act);
   }
 }
 

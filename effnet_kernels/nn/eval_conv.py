@@ -29,7 +29,9 @@ from ..ops.eager import plain_eager, records_graph, traced_cpu_call
 from ..ops.geometry import conv_geometry, memory_format_of
 from .gemm_conv import gemm_conv1x1_act, gemm_conv_eligible, planar_conv1x1_act, planar_gemm_eligible
 
-ONEDNN_ACTS = {"silu": "swish", "relu": "relu", "identity": "none"}
+# act name -> (oneDNN post-op, its scalars)
+ONEDNN_ACTS = {"silu": ("swish", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]),
+               "identity": ("none", [])}
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
                                                                     "_convolution_pointwise")
@@ -72,7 +74,7 @@ def eval_conv_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride, paddin
         return ext_module().cpu.patch_conv_act(x, weight, bias, *geo, act_code(act))
     return torch.ops.mkldnn._convolution_pointwise(
         x, weight, bias, list(padding), list(stride), list(dilation), groups,
-        ONEDNN_ACTS[act], [], "")
+        *ONEDNN_ACTS[act], "")
 
 
 def patch_conv_serves(x: Tensor, weight: Tensor, stride, padding, dilation,

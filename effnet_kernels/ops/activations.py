@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ACT_CODES = {"identity": 0, "relu": 1, "silu": 2}
+ACT_CODES = {"identity": 0, "relu": 1, "silu": 2, "relu6": 3}
 
 
 def act_code(act: str) -> int:
@@ -19,6 +19,8 @@ def apply_act(z: torch.Tensor, code: int) -> torch.Tensor:
         return F.relu(z)
     if code == 2:
         return F.silu(z)
+    if code == 3:
+        return F.relu6(z)
     return z
 
 
@@ -28,6 +30,8 @@ def apply_act_(z: torch.Tensor, act: str) -> torch.Tensor:
         return F.silu(z, inplace=True)
     if act == "relu":
         return z.relu_()
+    if act == "relu6":
+        return F.relu6(z, inplace=True)
     if act != "identity":
         act_code(act)
     return z
@@ -40,4 +44,6 @@ def act_grad(z: torch.Tensor, code: int) -> torch.Tensor:
     if code == 2:
         s = torch.sigmoid(z)
         return s * (1 + z * (1 - s))
+    if code == 3:  # zero at both kinks, as PyTorch's hardtanh_backward
+        return ((z > 0) & (z < 6)).to(z.dtype)
     return torch.ones_like(z)

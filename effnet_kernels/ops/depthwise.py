@@ -337,7 +337,7 @@ def depthwise_conv_bn_act(
     batch statistics normalize and the running statistics are updated in place (unbiased
     variance, PyTorch's momentum convention; the nn module turns momentum=None into the
     cumulative-average factor, as BatchNorm2d does). padding: None (= k // 2), an int,
-    or "same" (TensorFlow's asymmetric SAME). act: "silu", "relu" or "identity".
+    or "same" (TensorFlow's asymmetric SAME). act: "silu", "relu", "relu6" or "identity".
     process_group: in training, normalize with statistics synchronized over this
     torch.distributed group (SyncBatchNorm semantics).
     return_pool_sums: return (out, sums) with sums[n, c] the sum of out[n, c] over its

@@ -88,6 +88,8 @@ def _act_backward(da, h, act):
         return torch.ops.aten.silu_backward(da, h)
     if act == 1:
         return torch.ops.aten.threshold_backward(da, h, 0)
+    if act == 3:
+        return torch.ops.aten.hardtanh_backward(da, h, 0, 6)
     return da
 
 
@@ -264,7 +266,7 @@ def squeeze_excite(
     float64 for float64 x). A None bias means zeros. `pooled`, when given, must be the
     (N, C) float32 sums of x over H x W (e.g. emitted by the producing kernel); it replaces
     the pooling read and receives no gradient (its gradient flows through x).
-    act: "silu", "relu" or "identity". Same semantics as `reference.squeeze_excite`.
+    act: "silu", "relu", "relu6" or "identity". Same semantics as `reference.squeeze_excite`.
     Under autocast, x keeps its dtype and the MLP still runs in float32.
     """
     if autocast_enabled_for(x):

@@ -83,6 +83,8 @@ def _act(z, ACT: tl.constexpr):
         z = tl.where(z > 0, z, 0.0)
     elif ACT == 2:
         z = z / (1.0 + tl.exp(-z))
+    elif ACT == 3:
+        z = tl.minimum(tl.maximum(z, 0.0), 6.0)
     return z
 
 
@@ -94,6 +96,8 @@ def _act_backward(dy, z, ACT: tl.constexpr):
     elif ACT == 2:
         s = 1.0 / (1.0 + tl.exp(-z))
         dy = dy * (s * (1.0 + z * (1.0 - s)))
+    elif ACT == 3:
+        dy = tl.where((z > 0) & (z < 6.0), dy, 0.0)
     return dy
 
 

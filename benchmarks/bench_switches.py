@@ -34,6 +34,8 @@ switch in one process, never against a figure of another run. Switches:
   pw_gram      the tiled convs whose y is recomputed taking the Gram route
                (nn/pointwise.GRAM: statistics from the input's second moments, a one-pass
                backward) against the two-pass route
+  kept_dy      the training 1x1 convs' backward keeping a small dL/dy whole and taking
+               dW over all its rows (_C.cpu.pw_set_kept_dy) against per-group partials
   pw_backward  the training 1x1 convs' backward on the extension: tiled on a kept y
                (nn/pointwise.TILED_KEPT_BACKWARD) and dx / dW of plain 1x1 convs
                (the head) from pw_conv_backward (nn/gemm_conv.
@@ -88,6 +90,9 @@ def setter(switch: str):
     if switch == "half_vectors":
         prims = ext_module().cpu
         return lambda on: prims.gemm_set_half_vectors(on)
+    if switch == "kept_dy":
+        prims = ext_module().cpu
+        return lambda on: prims.pw_set_kept_dy(on)
     if switch == "eval_plan":
         return lambda on: setattr(eval_plan, "ENABLED", on)
     if switch == "packed":
@@ -148,7 +153,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--switch", required=True,
                     choices=("prefetch", "planar", "native_gemm", "half_vectors", "eval_plan",
-                             "packed", "keep_y", "pw_tiles", "pw_gram", "pw_backward",
+                             "packed", "keep_y", "pw_tiles", "pw_gram", "kept_dy", "pw_backward",
                              "classifier", "patch_conv", "train_tail", "onnxruntime", "eager"))
     ap.add_argument("--mode", choices=("train", "infer"), default="infer")
     ap.add_argument("--model", default="efficientnet_b0")

@@ -148,7 +148,38 @@ def test_untiled_forward_with_kept_y(case, act, tiled_backward, stats_calls, mon
     assert got["dx"].is_contiguous(memory_format=CL)
 
 
-@pytest.mark.parametrize("case", CASES[1:5], ids=str)
+@pytest.mark.parametrize("case", [(2, 96, 288, 7, 7), (4, 288, 96, 7, 7), (1, 400, 1200, 4, 4)],
+                         ids=str)
+@pytest.mark.parametrize("gemm", ["auto", "blas"])
+def test_whole_dy_and_group_partials_give_the_same_gradients(case, gemm, monkeypatch):
+    """Where dL/dy is small the backward keeps it whole and takes dW over all rows
+    (pw_set_kept_dy, on by default); with it off, per-group dW partials. Both meet the
+    parity rule, dx is bitwise the same, and dW differs only in the order of its sums; on
+    the GEMM route this CPU picks and on BLAS sgemm_ (dW blocks read dy's columns at a
+    row stride)."""
+    monkeypatch.setattr(pointwise, "TILED_MAX_WEIGHT", 1 << 20)
+    inputs = _inputs(case, seed=9)
+    truth = _run(_eager("silu"), inputs, torch.float64)
+    same = _run(_eager("silu"), inputs, torch.float32)
+    got = {}
+    previous, mode = EXT.cpu.pw_set_kept_dy(True), EXT.cpu.gemm_set_mode(gemm)
+    try:
+        for whole in (True, False):
+            EXT.cpu.pw_set_kept_dy(whole)
+            with use_backend("cpu"):
+                got[whole] = _run(_fused("silu"), inputs, torch.float32)
+    finally:
+        EXT.cpu.pw_set_kept_dy(previous)
+        EXT.cpu.gemm_set_mode(mode)
+    for route in got.values():
+        failures = [str(p) for key in truth
+                    if not (p := parity(key, route[key], same[key], truth[key], torch.float32)).ok]
+        assert not failures, "; ".join(failures)
+    assert torch.equal(got[True]["dx"], got[False]["dx"])
+    assert not torch.equal(got[True]["dweight"], got[False]["dweight"])  # the route ran
+
+
+@pytest.mark.parametrize("case", [*CASES[1:5], (4, 288, 96, 7, 7)], ids=str)
 def test_results_do_not_depend_on_the_thread_count(case, monkeypatch):
     monkeypatch.setattr(pointwise, "TILED_MAX_WEIGHT", 1 << 20)
     inputs = _inputs(case, seed=3)

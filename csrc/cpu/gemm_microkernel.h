@@ -257,13 +257,15 @@ void gemm_packed_taps(const float* a, int64_t a_row, const int64_t* off, int64_t
   }
 }
 
-// dw (cout, cin) (+)= dy^T x for dy (rows, cout) and x (rows, cin), both row-major (the
-// weight gradient: rows are the reduction index, x is not padded); single-threaded.
-void gemm_dtx_native(const float* dy, const float* x, float* dw, int64_t rows, int64_t cin,
-                     int64_t cout, bool accumulate) {
+// dw (cout, cin) (+)= dy^T x for dy (rows, cout; its rows ld_dy apart, so a column block
+// of a wider dy) and x (rows, cin), both row-major (the weight gradient: rows are the
+// reduction index, x is not padded); single-threaded. Each dw element is one FMA chain
+// over the rows in order, whatever block of dw a call covers.
+void gemm_dtx_native(const float* dy, int64_t ld_dy, const float* x, float* dw, int64_t rows,
+                     int64_t cin, int64_t cout, bool accumulate) {
   constexpr int64_t panel = kNV * kGemmLanes;
   for (int64_t j = 0; j < cin; j += panel) {
-    const TileArgs t{dy, 1, cout, nullptr, x + j, cin, dw + j, cin, rows, 0, 0, accumulate};
+    const TileArgs t{dy, 1, ld_dy, nullptr, x + j, cin, dw + j, cin, rows, 0, 0, accumulate};
     panel_rows(cout, t, std::min(panel, cin - j), false);
   }
 }

@@ -24,8 +24,8 @@ bool set_half_vectors(bool enabled);
   int64_t packed_panel();                                                                  \
   int64_t packed_unit();                                                                   \
   void pack_wt(const float* w, int64_t cout, int64_t cin, float* wt, int64_t ldw);         \
-  void gemm_dtx_native(const float* dy, const float* x, float* dw, int64_t rows,           \
-                       int64_t cin, int64_t cout, bool accumulate);                        \
+  void gemm_dtx_native(const float* dy, int64_t ld_dy, const float* x, float* dw,         \
+                       int64_t rows, int64_t cin, int64_t cout, bool accumulate);          \
   }
 
 #ifdef EFFNET_CPU_X86

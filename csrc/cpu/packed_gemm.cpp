@@ -87,12 +87,12 @@ bool native_gemm() {
 
 bool gemm_available() { return sgemm_available() || native_isa(); }
 
-void dtx_product(const float* dy, const float* x, float* dw, int64_t rows, int64_t cin,
-                 int64_t cout, bool accumulate) {
+void dtx_product(const float* dy, int64_t ld_dy, const float* x, float* dw, int64_t rows,
+                 int64_t cin, int64_t cout, bool accumulate) {
   if (native_gemm()) {
-    EFFNET_PICK_ISA(cpu_gemm, gemm_dtx_native)(dy, x, dw, rows, cin, cout, accumulate);
+    EFFNET_PICK_ISA(cpu_gemm, gemm_dtx_native)(dy, ld_dy, x, dw, rows, cin, cout, accumulate);
   } else {
-    gemm_dtx(dy, x, dw, rows, cin, cout, accumulate);
+    gemm_dtx(dy, ld_dy, x, dw, rows, cin, cout, accumulate);
   }
 }
 

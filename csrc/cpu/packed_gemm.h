@@ -29,11 +29,11 @@ std::string gemm_mode();
 // Whether either route exists (the native one needs AVX2; x86 only).
 bool gemm_available();
 
-// dw (cout, cin) = dy^T x (+= with accumulate) for dy (rows, cout) and x (rows, cin): the
-// weight gradient of a 1x1 conv, on the route native_gemm() picks; single-threaded
-// (BLAS: threaded as its context makes it).
-void dtx_product(const float* dy, const float* x, float* dw, int64_t rows, int64_t cin,
-                 int64_t cout, bool accumulate);
+// dw (cout, cin) = dy^T x (+= with accumulate) for dy (rows, cout; rows ld_dy apart) and
+// x (rows, cin): the weight gradient of a 1x1 conv, on the route native_gemm() picks;
+// single-threaded (BLAS: threaded as its context makes it).
+void dtx_product(const float* dy, int64_t ld_dy, const float* x, float* dw, int64_t rows,
+                 int64_t cin, int64_t cout, bool accumulate);
 
 class XWtProduct {
  public:

@@ -145,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_bn_stats_gram(
     float* tile_sums = tile_gram + cin * cin;
     std::fill(tile_sums, tile_sums + cin, 0.0f);
     shifted_rows(a.x + tl.begin(t) * cin, shift.data(), xs, tl.count(t), cin, tile_sums);
-    cpu::gemm_dtx(xs, xs, tile_gram, tl.count(t), cin, cin, false);
+    cpu::gemm_dtx(xs, cin, xs, tile_gram, tl.count(t), cin, cin, false);
     double* gs = group_sums.data() + g * cin;
     double* gg = group_grams.data() + g * cin * cin;
     for (int64_t k = 0; k < cin; ++k) gs[k] += double(tile_sums[k]);

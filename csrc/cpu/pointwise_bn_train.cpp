@@ -50,6 +50,10 @@ namespace {
 // Off: the epilogue in place (A/B runs); the results are bitwise the same.
 std::atomic<bool> streaming_enabled{true};
 
+// The backward's whole-dy route for small dL/dy (pointwise_bn_tiling.h, keeps_dy). Off:
+// per-group dW partials everywhere (A/B runs; the sums are ordered differently).
+std::atomic<bool> kept_dy{true};
+
 // Rows of y for tile t: the kept y's, or recomputed from x into scratch.
 const float* tile_y(const Args& a, const Tiling& tl, int64_t t, const float* kept,
                     float* scratch) {
@@ -165,6 +169,10 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> pw_bn_backward(
 
 bool pw_set_streaming(bool enabled) { return streaming_enabled.exchange(enabled); }
 
+bool kept_dy_enabled() { return kept_dy.load(std::memory_order_relaxed); }
+
+bool pw_set_kept_dy(bool enabled) { return kept_dy.exchange(enabled); }
+
 }  // namespace effnet::cpu_pw
 
 EFFNET_BINDINGS(bind_pointwise_bn_train_cpu) {
@@ -177,6 +185,10 @@ EFFNET_BINDINGS(bind_pointwise_bn_train_cpu) {
   cpu.def("pw_set_streaming", &pw::pw_set_streaming,
           "pw_bn_forward's streaming stores on or off; returns the previous setting (the "
           "results do not depend on it)",
+          py::arg("enabled"));
+  cpu.def("pw_set_kept_dy", &pw::pw_set_kept_dy,
+          "the backward's whole-dL/dy route for small shapes on or off; returns the previous "
+          "setting (the weight gradient's sums are ordered differently)",
           py::arg("enabled"));
   cpu.def("pw_bn_forward", &pw::pw_bn_forward,
           "act(conv1x1(x, weight) * scale + shift), the conv recomputed per tile",

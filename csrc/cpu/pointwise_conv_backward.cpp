@@ -52,8 +52,8 @@ at::Tensor pw_weight_grad_per_sample(const at::Tensor& dy, const at::Tensor& x) 
   float* mp = m.mutable_data_ptr<float>();
   at::parallel_for(0, n, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
-      cpu::dtx_product(dyp + s * hw * cout, xp + s * hw * cin, mp + s * cout * cin, hw, cin,
-                       cout, false);
+      cpu::dtx_product(dyp + s * hw * cout, cout, xp + s * hw * cin, mp + s * cout * cin, hw,
+                       cin, cout, false);
     }
   });
   return m;

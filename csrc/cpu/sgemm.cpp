@@ -62,9 +62,10 @@ void gemm_xw(const float* dy, const float* w, float* dx, int64_t rows, int64_t c
 }
 
 // dw seen as (cin, cout) += A B^T with A = x seen as (cin, rows), B = dy seen as (cout, rows).
-void gemm_dtx(const float* dy, const float* x, float* dw, int64_t rows, int64_t cin,
-              int64_t cout, bool accumulate) {
-  colmajor_sgemm("N", "T", cin, cout, rows, x, cin, dy, cout, accumulate ? 1.0f : 0.0f, dw, cin);
+void gemm_dtx(const float* dy, int64_t ld_dy, const float* x, float* dw, int64_t rows,
+              int64_t cin, int64_t cout, bool accumulate) {
+  colmajor_sgemm("N", "T", cin, cout, rows, x, cin, dy, ld_dy, accumulate ? 1.0f : 0.0f, dw,
+                 cin);
 }
 
 // y seen as (cols, cout) = A B with A = x seen as (cols, cin) (columns ld apart), B = w

@@ -218,6 +218,31 @@ def test_depthwise_passes_bench_calls_every_primitive():
     assert calls == ["a", "b"] * 4  # a warm-up round, then three timed ones
 
 
+def test_plan_python_cost_times_every_fused_block_without_its_kernels(capsys):
+    """benchmarks/bench_host_overhead.py --plan-python: a cost for each of B0's 16 fused
+    blocks, taken on their eval plans (it raises where a block falls back to its modules),
+    and the compiled calls put back afterwards."""
+    import importlib.util
+    import pathlib
+
+    from effnet_kernels._ext import ext_module
+    from effnet_kernels.nn import eval_plan
+
+    pytest.importorskip("timm")
+    if ext_module() is None or eval_plan._cpu_prims() is None:
+        pytest.skip("the eval plans need the C++ extension with its GEMM")
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_host_overhead.py"
+    spec = importlib.util.spec_from_file_location("bench_host_overhead", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run = eval_plan._run
+    costs = bench.plan_python_cost("efficientnet_b0", 1, 32, calls=3)
+    assert len(costs) == 16 and all(c > 0 for c in costs.values())
+    assert eval_plan._run is run
+    out = capsys.readouterr().out
+    assert "MBConv: 15 blocks" in out and "DepthwiseSeparable: 1 blocks" in out
+
+
 def test_round_orders_vary_who_runs_before_whom():
     """Every provider runs first and runs after each other provider in some round (a cyclic
     rotation would keep each one behind the same neighbour)."""

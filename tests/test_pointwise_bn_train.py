@@ -179,11 +179,12 @@ def test_whole_dy_and_group_partials_give_the_same_gradients(case, gemm, monkeyp
     assert not torch.equal(got[True]["dweight"], got[False]["dweight"])  # the route ran
 
 
+@pytest.mark.parametrize("gemm", ["auto", "blas"])
 @pytest.mark.parametrize("case", [*CASES[1:5], (4, 288, 96, 7, 7)], ids=str)
-def test_results_do_not_depend_on_the_thread_count(case, monkeypatch):
+def test_results_do_not_depend_on_the_thread_count(case, gemm, monkeypatch):
     monkeypatch.setattr(pointwise, "TILED_MAX_WEIGHT", 1 << 20)
     inputs = _inputs(case, seed=3)
-    threads = torch.get_num_threads()
+    threads, mode = torch.get_num_threads(), EXT.cpu.gemm_set_mode(gemm)
     got = {}
     try:
         for count in (1, 2):
@@ -192,6 +193,7 @@ def test_results_do_not_depend_on_the_thread_count(case, monkeypatch):
                 got[count] = _run(_fused("silu"), inputs, torch.float32)
     finally:
         torch.set_num_threads(threads)
+        EXT.cpu.gemm_set_mode(mode)
     for key, value in got[1].items():
         assert torch.equal(value, got[2][key]), key
 

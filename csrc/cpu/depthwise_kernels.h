@@ -39,9 +39,7 @@ inline void act_in_place(A* v, int64_t n, int64_t act) {
       vstore(v + i, act_forward(vload<V>(v + i), ACT));
     });
   };
-  if (act == 1) return body.template operator()<1>();
-  if (act == 2) return body.template operator()<2>();
-  if (act == 3) return body.template operator()<3>();
+  if (act != 0) with_act_code(act, body);
 }
 
 // dst[i] = src[i] converted from storage type X to A (or back), i < n.

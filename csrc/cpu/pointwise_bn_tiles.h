@@ -67,12 +67,9 @@ inline void affine_act_tile(const float* src, float* dst, int64_t rows, int64_t 
 template <bool STREAM>
 void affine_act_by_code(const float* src, float* dst, int64_t rows, int64_t C, const float* scale,
                         const float* shift, int64_t act) {
-  switch (act) {
-    case 1: return affine_act_tile<1, STREAM>(src, dst, rows, C, scale, shift);
-    case 2: return affine_act_tile<2, STREAM>(src, dst, rows, C, scale, shift);
-    case 3: return affine_act_tile<3, STREAM>(src, dst, rows, C, scale, shift);
-    default: return affine_act_tile<0, STREAM>(src, dst, rows, C, scale, shift);
-  }
+  with_act_code(act, [&]<int ACT>() {
+    affine_act_tile<ACT, STREAM>(src, dst, rows, C, scale, shift);
+  });
 }
 
 void tile_affine_act(float* y, int64_t rows, int64_t C, const float* scale, const float* shift,
@@ -107,12 +104,9 @@ template <bool SCALE, class Y>
 void bn_reduce_act(const float* dout, Y* y, int64_t rows, int64_t C, const float* scale,
                    const float* shift, const float* mean, int64_t act, float* sum_g,
                    float* sum_g_yc) {
-  switch (act) {
-    case 1: return bn_reduce_tile<1, SCALE>(dout, y, rows, C, scale, shift, mean, sum_g, sum_g_yc);
-    case 2: return bn_reduce_tile<2, SCALE>(dout, y, rows, C, scale, shift, mean, sum_g, sum_g_yc);
-    case 3: return bn_reduce_tile<3, SCALE>(dout, y, rows, C, scale, shift, mean, sum_g, sum_g_yc);
-    default: return bn_reduce_tile<0, SCALE>(dout, y, rows, C, scale, shift, mean, sum_g, sum_g_yc);
-  }
+  with_act_code(act, [&]<int ACT>() {
+    bn_reduce_tile<ACT, SCALE>(dout, y, rows, C, scale, shift, mean, sum_g, sum_g_yc);
+  });
 }
 
 void tile_bn_reduce(const float* dout, const float* y, int64_t rows, int64_t C,
@@ -146,10 +140,7 @@ inline void bn_grad_tile(const float* dout, const float* y, float* dy, int64_t r
 void tile_bn_grad(const float* dout, const float* y, float* dy, int64_t rows, int64_t C,
                   const float* scale, const float* shift, const float* mean,
                   const float* coef_b, const float* coef_c, int64_t act) {
-  switch (act) {
-    case 1: return bn_grad_tile<1>(dout, y, dy, rows, C, scale, shift, mean, coef_b, coef_c);
-    case 2: return bn_grad_tile<2>(dout, y, dy, rows, C, scale, shift, mean, coef_b, coef_c);
-    case 3: return bn_grad_tile<3>(dout, y, dy, rows, C, scale, shift, mean, coef_b, coef_c);
-    default: return bn_grad_tile<0>(dout, y, dy, rows, C, scale, shift, mean, coef_b, coef_c);
-  }
+  with_act_code(act, [&]<int ACT>() {
+    bn_grad_tile<ACT>(dout, y, dy, rows, C, scale, shift, mean, coef_b, coef_c);
+  });
 }

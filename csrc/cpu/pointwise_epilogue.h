@@ -28,12 +28,7 @@ inline void bias_act_tile(float* y, int64_t rows, int64_t C, const float* bias) 
 }
 
 void bias_act_rows(float* y, int64_t rows, int64_t C, const float* bias, int64_t act) {
-  switch (act) {
-    case 1: return bias_act_tile<1>(y, rows, C, bias);
-    case 2: return bias_act_tile<2>(y, rows, C, bias);
-    case 3: return bias_act_tile<3>(y, rows, C, bias);
-    default: return bias_act_tile<0>(y, rows, C, bias);
-  }
+  with_act_code(act, [&]<int ACT>() { bias_act_tile<ACT>(y, rows, C, bias); });
 }
 
 template <int ACT>
@@ -53,12 +48,7 @@ inline void bias_act_planar_tile(float* y, int64_t C, int64_t cols, int64_t ld,
 
 void bias_act_planar(float* y, int64_t C, int64_t cols, int64_t ld, const float* bias,
                      int64_t act) {
-  switch (act) {
-    case 1: return bias_act_planar_tile<1>(y, C, cols, ld, bias);
-    case 2: return bias_act_planar_tile<2>(y, C, cols, ld, bias);
-    case 3: return bias_act_planar_tile<3>(y, C, cols, ld, bias);
-    default: return bias_act_planar_tile<0>(y, C, cols, ld, bias);
-  }
+  with_act_code(act, [&]<int ACT>() { bias_act_planar_tile<ACT>(y, C, cols, ld, bias); });
 }
 
 void bias_sigmoid_rows(float* y, int64_t rows, int64_t C, const float* bias) {

@@ -199,6 +199,19 @@ inline V vsigmoid(V z) {
   return vrecip(1.0f + vexp(-z));
 }
 
+// Runs f.template operator()<ACT>() with the runtime Act code as a constant (codes other
+// than 1-3 run the identity; check_act refuses them before any kernel runs), so the
+// loops inside f evaluate act_forward / act_backward with no per-element branch.
+template <class F>
+inline void with_act_code(int64_t act, F&& f) {
+  switch (act) {
+    case 1: return f.template operator()<1>();
+    case 2: return f.template operator()<2>();
+    case 3: return f.template operator()<3>();
+    default: return f.template operator()<0>();
+  }
+}
+
 // act(z) for the Act codes of common/math.h (0 identity, 1 relu, 2 silu, 3 relu6).
 template <class V>
 inline V act_forward(V z, int64_t act) {

@@ -654,6 +654,7 @@ void dx_row(const Geo& g, const A* const* drows, const A* wt, A* dx, const Looka
       for (int64_t iw = t0; iw < t1; iw += kBlock) {
         V acc[kBlock];
         dx_pixels<K, V>(drows, wt + c, iw + g.pl, C, c, acc);
+        materialize(acc);
         if (g.pf != 0) {
           for (int o = 0; o < kBlock; ++o) prefetch_write(dx, (iw + o + g.pf) * C + c);
         }

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import nn
 
-_ACT_MODULES = {nn.SiLU: "silu", nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Identity: "identity"}
+from ..ops.activations import ACTIVATIONS, activation
+
+_ACT_MODULES = {a.module: a.name for a in ACTIVATIONS}
 # act name -> the PyTorch function (the unfused paths)
-ACT_FUNCTIONS = {"silu": F.silu, "relu": F.relu, "relu6": F.relu6, "identity": lambda t: t}
+ACT_FUNCTIONS = {a.name: a.forward for a in ACTIVATIONS}
 
 
 def act_name(module: nn.Module | None) -> str | None:
@@ -29,7 +30,4 @@ def fusable_act(act: str | nn.Module) -> str:
 
 
 def act_module(name: str) -> nn.Module:
-    for cls, act in _ACT_MODULES.items():
-        if act == name:
-            return cls()
-    raise ValueError(f"act must be one of {sorted(_ACT_MODULES.values())}, got {name!r}")
+    return activation(name).module()

@@ -32,7 +32,7 @@ from torch import Tensor
 from .._ext import ext_module
 from ..backends import register_impl, remember_backend, runs_forward_backend, select
 from . import reference
-from .activations import act_code, apply_act
+from .activations import act_code, apply_act, by_code
 from .bn_math import as_dtype
 from .checks import check_device, check_tensor
 from .eager import autocast_enabled_for, onnx_exporting, plain_eager, records_graph
@@ -84,13 +84,7 @@ def bias_or_zeros(bias: Tensor | None, weight: Tensor) -> Tensor:
 
 def _act_backward(da, h, act):
     """da * act'(h), one ATen op (each small op costs ~5-10 us of dispatch)."""
-    if act == 2:
-        return torch.ops.aten.silu_backward(da, h)
-    if act == 1:
-        return torch.ops.aten.threshold_backward(da, h, 0)
-    if act == 3:
-        return torch.ops.aten.hardtanh_backward(da, h, 0, 6)
-    return da
+    return by_code(act).backward(da, h)
 
 
 @torch.library.custom_op("effnet_kernels::se_fwd", mutates_args=())

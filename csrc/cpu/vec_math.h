@@ -69,16 +69,16 @@ inline V vsplat(ElemOf<V> s) {
 }
 
 // Makes the compiler have every v[i] in a register here (an empty asm that reads and
-// rewrites them). A block's accumulators pass through it before their conditional stores:
-// otherwise GCC sinks each accumulator's whole FMA chain into its store's branch, one
-// serial chain per pixel (25 FMAs, 100 cycles of latency, for a 5x5 dx gather) instead of
-// kBlock interleaved ones.
+// rewrites them; volatile, so it is neither moved into a branch nor dropped). A block's
+// accumulators pass through it before their conditional stores: otherwise GCC sinks each
+// accumulator's whole FMA chain into its store's branch, one serial chain per pixel (25
+// FMAs, 100 cycles of latency, for a 5x5 dx gather) instead of kBlock interleaved ones.
 template <class V, int N>
 inline void materialize(V (&v)[N]) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
   if constexpr (sizeof(V) >= 16 && sizeof(V) <= kVecBytes) {  // whole SIMD registers
 #pragma GCC unroll 16
-    for (int i = 0; i < N; ++i) __asm__("" : "+v"(v[i]));
+    for (int i = 0; i < N; ++i) __asm__ volatile("" : "+v"(v[i]));
   }
 #endif
 }

@@ -60,9 +60,9 @@ inline void vstream_fence() {
 #endif
 }
 
-// s in every lane. s - 0 is s for every s, so the compiler emits a plain broadcast (from
-// memory, folded into the FMA in the GEMM micro kernel); V{} + s (0 + s is +0 for s = -0)
-// cost a scalar add and a register broadcast per use.
+// s in every lane. s - 0 is s for every s, so the compiler emits a plain broadcast (a
+// broadcast load in the GEMM micro kernel); V{} + s (0 + s is +0 for s = -0) cost a
+// scalar add and a register broadcast per use.
 template <class V>
 inline V vsplat(ElemOf<V> s) {
   return s - V{};

@@ -6,7 +6,7 @@ PyTorch, and the float64 variance of it is the truth. What is left is the statis
 themselves: the running variance after a step (momentum 1: the batch's unbiased variance;
 momentum 0.1: PyTorch's blend) must stay within a few times PyTorch's own error on the same
 y, plus a floor of 1e-6 relative. Before the corrected two-pass row moments and the
-double-precision merge of the row means (csrc/cpu/depthwise_kernels.h, chan_merge), the cpu
+double-precision merge of the row means (csrc/cpu/depthwise_passes.h, chan_merge), the cpu
 backend was 4e-5 - 8e-5 off at a mean/spread of 1e4, and the C++ running update
 (running + m * (batch - running)) lost the batch variance's digits at momentum 1. The
 depthwise case and the running update run on every backend and device of the machine (on a

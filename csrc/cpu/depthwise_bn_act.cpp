@@ -24,7 +24,8 @@
 // inputs are converted on entry and outputs converted back, except in dw_forward and
 // dw_forward_pool, which transpose NCHW rows in cache: depthwise_planar.h) and
 // accumulate in float (double for float64). The row kernels live in
-// depthwise_kernels.h, compiled once per ISA (AVX-512, AVX2, baseline) in isa_*.cpp and
+// depthwise_kernels.h (the passes; row access and per-row cores in depthwise_row_access.h
+// and depthwise_row_kernels.h), compiled once per ISA (AVX-512, AVX2, baseline) in isa_*.cpp and
 // picked at runtime (isa.h); EFFNET_CPU_ISA=avx2 or =base forces a narrower one. float64 always runs the baseline's
 // (depthwise_passes.h, EFFNET_DW_PICK_PASS). Threads split fixed work units
 // (at::parallel_for) and write per-group partials that are merged in order, so results
@@ -134,7 +135,7 @@ at::Tensor grad_output(const at::Tensor& dy, const at::Tensor& x) {
   return to_format(same_dtype, at::MemoryFormat::ChannelsLast);
 }
 
-// Software prefetch in the row kernels (Geo::pf, depthwise_kernels.h): on for float32 and
+// Software prefetch in the row kernels (Geo::pf, depthwise_row_access.h): on for float32 and
 // float64 tensors of kPrefetchMinBytes and more (B0's 112x112 and 56x56 activations at
 // batch 8: 1.2-1.7x faster training passes on the 2-core development machine), off below,
 // where the data stays in L2 and the extra instructions cost 5-10 %. The distance is

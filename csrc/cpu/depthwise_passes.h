@@ -1,6 +1,7 @@
 // Shared declarations of the CPU depthwise conv + BN + activation passes.
 //
-// The row kernels (depthwise_kernels.h) are compiled once per instruction set, each in its
+// The row kernels (depthwise_kernels.h with depthwise_row_access.h and
+// depthwise_row_kernels.h) are compiled once per instruction set, each in its
 // own translation unit (isa_avx512.cpp, isa_avx2.cpp, isa_base.cpp) and namespace;
 // depthwise_bn_act.cpp picks one set at runtime. This header holds what both sides need:
 // the call geometry, the per-channel parameters, the accumulation type, Chan's merge and

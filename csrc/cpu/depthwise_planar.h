@@ -2,7 +2,8 @@
 // without converting it to channels_last and back.
 //
 // No include guard on purpose: isa_kernels.inc includes this once per ISA, after
-// depthwise_kernels.h (RowSource's cache layout, gather_rows, forward_row).
+// depthwise_row_access.h (RowSource's cache layout, gather_rows) and
+// depthwise_row_kernels.h (forward_row).
 //
 // Layout: x is (N, C, H, W) row-major, so input row ih of image n is C runs of W values,
 // run c at x + ((n * C + c) * H + ih) * W, and the rows of one image follow each other

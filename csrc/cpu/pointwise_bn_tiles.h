@@ -6,7 +6,7 @@
 //
 //   tile_moments    mean[c] = sum_r y[r, c] / rows (rounded), dev[c] = sum_r (y[r, c] - mean[c]),
 //                   m2[c] = sum_r (y[r, c] - mean[c])^2 - dev[c]^2 / rows: the corrected
-//                   two-pass moments of moments_row (depthwise_kernels.h)
+//                   two-pass moments of moments_row (depthwise_row_kernels.h)
 //   tile_affine_act y[r, c] = act(z)                                        (in place)
 //   tile_affine_act_stream  the same from src into dst, dst written with streaming stores
 //   tile_bn_reduce  sum_g[c] += sum_r g,  sum_g_yc[c] += sum_r g * (y[r, c] - mean[c])

@@ -191,9 +191,15 @@ void XWtProduct::parallel(const float* x, float* y, int64_t rows) const {
     blas(x, y, rows);
     return;
   }
-  // Column panels over the threads where there are enough of them, else row ranges.
+  // Column panels over the threads where they share the columns evenly (or there are too
+  // few rows to split), else row ranges. at::parallel_for gives each thread a run of
+  // ceil(panels / threads) panels, so 80 columns (32 + 32 + 16) went 64 | 16 over two
+  // threads and took as long as 64 columns on one.
+  const int64_t threads = at::get_num_threads();
   const int64_t panels = (cout_ + panel_ - 1) / panel_;
-  if (panels >= at::get_num_threads()) {
+  const int64_t widest = std::min(cout_, (panels + threads - 1) / threads * panel_);
+  const bool even = widest * threads * 10 <= cout_ * 11;  // within 10 % of cout / threads
+  if (panels >= threads && (even || rows < threads * kRowGrain)) {
     at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
       kernel_(x, cin_, wt_.data(), ld_, y, cout_, rows, cin_, p0 * panel_,
               std::min(cout_, p1 * panel_));

@@ -98,12 +98,18 @@ inline void check_update_args(const at::Tensor& running_mean, const at::Tensor& 
 }
 
 // The same update through ATen ops, for running statistics in another dtype (a model cast
-// to bfloat16 keeps bfloat16 buffers) or strided.
+// to bfloat16 keeps bfloat16 buffers) or strided: computed in the wider of the two dtypes
+// and rounded once into the buffer, as PyTorch does (a float16 buffer then takes a batch
+// variance above float16's range, blended, instead of an overflowed inf).
 inline void update_running_aten(const at::Tensor& running_mean, const at::Tensor& running_var,
                                 const at::Tensor& mean, const at::Tensor& var, double momentum,
                                 double unbias) {
-  running_mean.lerp_(mean.to(running_mean.scalar_type()), momentum);
-  running_var.lerp_(var.mul(unbias).to(running_var.scalar_type()), momentum);
+  const auto blend = [momentum](const at::Tensor& running, const at::Tensor& batch) {
+    const auto dtype = at::promote_types(running.scalar_type(), batch.scalar_type());
+    running.copy_(batch.to(dtype).mul(momentum).add_(running.to(dtype).mul(1.0 - momentum)));
+  };
+  blend(running_mean, mean);
+  blend(running_var, var.mul(unbias));
 }
 
 // PyTorch's unbiased-variance factor M / (M - 1) (1 when M == 1).

@@ -51,11 +51,14 @@ def bn_backward_coefs(scale: Tensor, invstd: Tensor, sum_g: Tensor, sum_g_yc: Te
 
 def bn_update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
                       momentum: float, count: int) -> None:
-    """PyTorch's rule: running = (1 - m) * running + m * batch, with the unbiased variance."""
+    """PyTorch's rule: running = m * batch + (1 - m) * running, with the unbiased variance,
+    computed in the wider of the two dtypes and rounded once into the running buffer (a
+    float16 buffer takes a batch variance above its range, blended, without overflowing)."""
     with torch.no_grad():
-        running_mean.lerp_(as_dtype(mean, running_mean.dtype), momentum)
         unbiased = var * (count / max(count - 1, 1))
-        running_var.lerp_(as_dtype(unbiased, running_var.dtype), momentum)
+        for running, batch in ((running_mean, mean), (running_var, unbiased)):
+            dtype = torch.promote_types(running.dtype, batch.dtype)
+            running.copy_(batch.to(dtype) * momentum + running.to(dtype) * (1 - momentum))
 
 
 def running_stats(running_mean: Tensor | None, running_var: Tensor | None,

@@ -52,6 +52,22 @@ def test_entry_forms_agree(act):
     torch.testing.assert_close(entry.backward(da, z), da * grad, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("act", sorted(ACT_CODES))
+def test_kinks_and_nan_as_pytorch(act):
+    """At the kinks (0 and 6, either sign of zero) and at NaN the table's value and
+    derivative are PyTorch's: relu and relu6 pass NaN, their derivative is 0 at the kinks
+    and passes the gradient at NaN (threshold_backward, hardtanh_backward)."""
+    z = torch.tensor([float("nan"), -0.0, 0.0, 6.0, -1.0, 7.0, 3.0], dtype=torch.float64,
+                     requires_grad=True)
+    want = ACTS[act](z)
+    grad = torch.ones_like(z) if act == "identity" else torch.autograd.grad(want.sum(), z)[0]
+    entry = activation(act)
+    torch.testing.assert_close(entry.forward(z.detach()), want.detach(), rtol=0, atol=0,
+                               equal_nan=True)
+    torch.testing.assert_close(act_grad(z.detach(), entry.code), grad, rtol=0, atol=0,
+                               equal_nan=True)
+
+
 def test_unknown_names_are_refused():
     with pytest.raises(ValueError, match="act must be one of"):
         act_code("gelu")

@@ -1,7 +1,8 @@
 """Edge cases of the fused ops' contract found in review: output strides predicted for
 non-dense inputs (fake kernels, torch.compile), strided running statistics in eval, the
-running-statistics pair, second derivatives, argument types, and the checks of
-DepthwiseConvBNAct.from_modules."""
+running-statistics pair, second derivatives, argument types, the checks of
+DepthwiseConvBNAct.from_modules, float16 running statistics past float16's range, and NaN
+through the activations."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 import effnet_kernels as ek
 from effnet_kernels.functional import depthwise_conv_bn_act, squeeze_excite
 from effnet_kernels.nn import DepthwiseConvBNAct
+from effnet_kernels.nn.activations import ACT_FUNCTIONS
 from effnet_kernels.nn.conv_bn_act import SameConv2d
 from effnet_kernels.ops import depthwise
 from effnet_kernels.ops import squeeze_excite as se_ops
@@ -190,3 +192,72 @@ def test_forward_mode_ad_raises_a_clear_error():
             fn(forward_ad.make_dual(x, tangent))
         with forward_ad.dual_level():  # a level without tangents on the inputs: runs
             fn(x)
+
+
+EDGE_BACKENDS = ["reference", "cpu", "triton", "cuda"]
+
+
+def _device(backend):
+    return "cuda" if backend == "cuda" else "cpu"
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+@pytest.mark.parametrize("momentum", [0.0, 0.1])
+def test_half_running_stats_take_a_batch_variance_beyond_their_range(backend, momentum):
+    """A float16 running_var and a batch variance above float16's largest value (65504):
+    blended in float and rounded once, as PyTorch does, instead of overflowing to inf (or
+    NaN at momentum 0) when the batch value is cast first."""
+    device = _device(backend)
+    require_backend(depthwise.OP, backend, device, torch.float16)
+    x = (torch.randn(2, 4, 8, 8) * 300).half().to(device)  # variance ~9e4
+    w = torch.zeros(4, 1, 3, 3, dtype=torch.half, device=device)
+    w[:, 0, 1, 1] = 1
+    rm, rv = torch.zeros(4, dtype=torch.half, device=device), torch.ones(4, dtype=torch.half, device=device)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    with ek.use_backend(backend):
+        depthwise_conv_bn_act(x, w, None, None, rm, rv, training=True, momentum=momentum,
+                              act="identity")
+    torch.nn.functional.batch_norm(x, rm_ref, rv_ref, training=True, momentum=momentum)
+    assert torch.isfinite(rv).all(), rv
+    torch.testing.assert_close(rm, rm_ref, rtol=2e-3, atol=1e-2)
+    torch.testing.assert_close(rv, rv_ref, rtol=2e-3, atol=0)
+    if momentum == 0.0:
+        assert torch.equal(rv, torch.ones_like(rv)) and torch.equal(rm, torch.zeros_like(rm))
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+@pytest.mark.parametrize("act", ["relu", "relu6", "silu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_nan_passes_through_the_activation(backend, act, training):
+    """A NaN in x reaches the output where PyTorch's composition puts it (eval: its pixel;
+    training: its channel, through the batch statistics): relu and relu6 of NaN are NaN.
+    The gradients are NaN at least wherever PyTorch's are, so a diverging run shows it: the
+    kernels' dL/dy adds the batch terms coef_c * (y - mean), zero in eval, and 0 * NaN
+    spreads NaN over the conv window around the NaN pixel in eval, where PyTorch's dx
+    stays finite."""
+    device = _device(backend)
+    require_backend(depthwise.OP, backend, device, torch.float32)
+    x = torch.randn(2, 4, 5, 5, device=device)
+    x[0, 1, 2, 2] = float("nan")
+    w, g, b, rm, rv = (t.to(device) for t in dw_params())
+    dy = torch.randn(2, 4, 5, 5, device=device)
+
+    def run(fn):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = fn(xs, ws)
+        out.backward(dy)
+        return out.detach(), xs.grad, ws.grad
+
+    def composed(xs, ws):
+        y = torch.nn.functional.conv2d(xs, ws, padding=1, groups=4)
+        z = torch.nn.functional.batch_norm(y, rm.clone(), rv.clone(), g, b, training, 0.1, 1e-5)
+        return ACT_FUNCTIONS[act](z)
+
+    with ek.use_backend(backend):
+        got = run(lambda xs, ws: depthwise_conv_bn_act(xs, ws, g, b, rm.clone(), rv.clone(),
+                                                       training=training, act=act))
+    expected = run(composed)
+    assert torch.equal(torch.isnan(got[0]), torch.isnan(expected[0]))
+    for name, a, e in zip(("dx", "dweight"), got[1:], expected[1:]):
+        assert torch.isnan(a)[torch.isnan(e)].all(), (name, torch.isnan(a).sum(),
+                                                      torch.isnan(e).sum())

@@ -230,30 +230,31 @@ inline void with_act_code(int64_t act, F&& f) {
   }
 }
 
-// act(z) for the Act codes of common/math.h (0 identity, 1 relu, 2 silu, 3 relu6).
+// act(z) for the Act codes of common/math.h (0 identity, 1 relu, 2 silu, 3 relu6); the
+// comparisons are written so that NaN passes through relu and relu6 (common/math.h).
 template <class V>
 inline V act_forward(V z, int64_t act) {
-  if (act == 1) return z > 0 ? z : V{};
+  if (act == 1) return z < 0 ? V{} : z;
   if (act == 2) return z * vsigmoid(z);
   if (act == 3) {
-    const V six = vsplat<V>(6), low = z > 0 ? z : V{};
-    return low < six ? low : six;
+    const V six = vsplat<V>(6), low = z < 0 ? V{} : z;
+    return low > six ? six : low;
   }
   return z;
 }
 
-// act'(z): relu' = [z > 0]; silu' = s * (1 + z * (1 - s)), s = sigmoid(z);
-// relu6' = [0 < z < 6].
+// act'(z): relu' = 0 where z <= 0, else 1; silu' = s * (1 + z * (1 - s)), s = sigmoid(z);
+// relu6' = 0 where z <= 0 or z >= 6, else 1 (1 at NaN, as in common/math.h).
 template <class V>
 inline V act_backward(V z, int64_t act) {
-  if (act == 1) return z > 0 ? vsplat<V>(1) : V{};
+  if (act == 1) return z <= 0 ? V{} : vsplat<V>(1);
   if (act == 2) {
     const V s = vsigmoid(z);
     return s * (1.0f + z * (1.0f - s));
   }
   if (act == 3) {
-    const V above = z > 0 ? vsplat<V>(1) : V{};
-    return z < vsplat<V>(6) ? above : V{};
+    const V above = z <= 0 ? V{} : vsplat<V>(1);
+    return z >= vsplat<V>(6) ? V{} : above;
   }
   return vsplat<V>(1);
 }

@@ -37,13 +37,14 @@ def _silu_grad(z: Tensor) -> Tensor:
 ACTIVATIONS = (
     Activation("identity", 0, nn.Identity, _identity, _identity, torch.ones_like,
                lambda da, z: da),
-    Activation("relu", 1, nn.ReLU, F.relu, torch.relu_, lambda z: (z > 0).to(z.dtype),
+    Activation("relu", 1, nn.ReLU, F.relu, torch.relu_, lambda z: (~(z <= 0)).to(z.dtype),
                lambda da, z: _aten.threshold_backward(da, z, 0)),
     Activation("silu", 2, nn.SiLU, F.silu, partial(F.silu, inplace=True), _silu_grad,
                _aten.silu_backward),
-    # relu6' is zero at both kinks, as PyTorch's hardtanh_backward
+    # relu6' is zero at both kinks, and one at NaN (relu' too), as PyTorch's
+    # hardtanh_backward and threshold_backward
     Activation("relu6", 3, nn.ReLU6, F.relu6, partial(F.relu6, inplace=True),
-               lambda z: ((z > 0) & (z < 6)).to(z.dtype),
+               lambda z: (~((z <= 0) | (z >= 6))).to(z.dtype),
                lambda da, z: _aten.hardtanh_backward(da, z, 0, 6)),
 )
 _BY_NAME = {a.name: a for a in ACTIVATIONS}

@@ -79,12 +79,12 @@ def _chan(ptr, c, cmask):
 
 @triton.jit
 def _act(z, ACT: tl.constexpr):
-    if ACT == 1:
-        z = tl.where(z > 0, z, 0.0)
+    if ACT == 1:  # NaN passes through relu and relu6, as in PyTorch
+        z = tl.where(z < 0, 0.0, z)
     elif ACT == 2:
         z = z / (1.0 + tl.exp(-z))
     elif ACT == 3:
-        z = tl.minimum(tl.maximum(z, 0.0), 6.0)
+        z = tl.where(z < 0, 0.0, tl.where(z > 6.0, 6.0, z))
     return z
 
 
@@ -92,12 +92,12 @@ def _act(z, ACT: tl.constexpr):
 def _act_backward(dy, z, ACT: tl.constexpr):
     """dy * act'(z)."""
     if ACT == 1:
-        dy = tl.where(z > 0, dy, 0.0)
+        dy = tl.where(z <= 0, 0.0, dy)
     elif ACT == 2:
         s = 1.0 / (1.0 + tl.exp(-z))
         dy = dy * (s * (1.0 + z * (1.0 - s)))
     elif ACT == 3:
-        dy = tl.where((z > 0) & (z < 6.0), dy, 0.0)
+        dy = tl.where((z <= 0) | (z >= 6.0), 0.0, dy)
     return dy
 
 

@@ -232,6 +232,33 @@ def test_non_contiguous_input(backend):
         torch.testing.assert_close(got, reference.squeeze_excite(v, *p))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dense_views_whose_size_one_dims_carry_any_stride(backend):
+    """Views that are dense although a size-1 dim's stride is arbitrary (is_contiguous
+    ignores it): W == 1 from a transpose, in NCHW and in channels_last, and a batch-1
+    channel slice; output and every gradient against the float64 truth, dy in the
+    default layout."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    require_backend(OP, backend, device, torch.float32)
+    _, params, _ = make_inputs((2, 9, 4, 4, 3))
+    views = [torch.randn(2, 9, 1, 40).transpose(2, 3),        # NCHW, stride(3) == 40
+             torch.randn(2, 1, 40, 9).permute(0, 3, 2, 1),    # channels_last, stride(3) == 360
+             torch.randn(1, 10, 6, 6)[:, 1:]]                 # stride(0) == 360, not 324
+    for v in views:
+        v = v.to(device)
+        assert v.is_contiguous() or v.is_contiguous(memory_format=torch.channels_last)
+        dy = torch.randn(v.shape, device=device)
+        truth = run(reference.squeeze_excite, (v.double(), params, dy.double()), torch.float64,
+                    torch.contiguous_format, device)
+        x = v.detach().requires_grad_()
+        ps = [p.to(device, torch.float32).requires_grad_() for p in params]
+        with use_backend(backend):
+            out = squeeze_excite(x, *ps)
+        grads = torch.autograd.grad(out, [x, *ps], dy)
+        for key, a, t in zip(KEYS, (out, *grads), truth.values()):
+            torch.testing.assert_close(a.double(), t, rtol=1e-4, atol=1e-5, msg=f"{key} {v.stride()}")
+
+
 def test_float32_weights_with_bf16_input():
     x, (rw, rb, ew, eb), _ = make_inputs((2, 17, 5, 5, 4))
     xb = x.bfloat16().requires_grad_()

@@ -96,11 +96,37 @@ def test_running_stats_come_in_pairs(training):
     ({"training": 1}, TypeError, "training must be a bool"),
     ({"momentum": None}, ValueError, "momentum must be a float in"),
     ({"momentum": 1.5}, ValueError, "momentum must be a float in"),
+    ({"eps": "1e-5"}, TypeError, "eps must be a positive float, got str"),
+    ({"eps": None}, TypeError, "eps must be a positive float, got NoneType"),
+    ({"eps": 0.0}, ValueError, "eps must be positive"),
+    ({"training": torch.tensor(True)}, TypeError, "training must be a bool, got torch.Tensor"),
+    ({"process_group": "world", "training": True}, TypeError,
+     "process_group must be a torch.distributed ProcessGroup or None, got str"),
 ])
 def test_argument_types(kw, error, match):
     x = torch.randn(2, 4, 6, 6)
     with pytest.raises(error, match=match):
         depthwise_conv_bn_act(x, *dw_params(), **kw)
+
+
+def test_numpy_scalars_are_taken_as_python_numbers():
+    """stride, padding, training, momentum, eps and p as NumPy scalars (what a config
+    loaded with NumPy gives): the same results as the Python numbers."""
+    np = pytest.importorskip("numpy")
+    x = torch.randn(2, 4, 6, 6)
+    w, g, b, rm, rv = dw_params()
+    rm2, rv2 = rm.clone(), rv.clone()
+    want = depthwise_conv_bn_act(x, w, g, b, rm, rv, stride=2, padding=1, training=True,
+                                 momentum=0.1, eps=1e-5)
+    got = depthwise_conv_bn_act(x, w, g, b, rm2, rv2, stride=np.int64(2), padding=np.int64(1),
+                                training=np.bool_(True), momentum=np.float32(0.1),
+                                eps=np.float64(1e-5))
+    assert torch.equal(got, want) and torch.equal(rm2, rm) and torch.equal(rv2, rv)
+    gen, gen2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    torch.testing.assert_close(
+        ek.functional.drop_connect_add(x, x, np.float32(0.5), training=np.bool_(True), generator=gen2),
+        ek.functional.drop_connect_add(x, x, float(np.float32(0.5)), training=True, generator=gen),
+        rtol=0, atol=0)
 
 
 def test_meta_tensors_get_the_registry_error():

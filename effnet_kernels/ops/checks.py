@@ -3,6 +3,8 @@ was expected, and are raised before any kernel runs."""
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -38,11 +40,38 @@ def check_vector(name: str, t, length: int, ref: torch.Tensor) -> None:
     check_device(name, t, ref)
 
 
+def type_name(value) -> str:
+    """The type of value as an error message names it: `float`, `numpy.bool`."""
+    t = type(value)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__name__}"
+
+
+def is_int(value) -> bool:
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_int_arg(name: str, value, allowed) -> int:
     if isinstance(value, (tuple, list)):
         if len(value) != 2 or value[0] != value[1]:
             raise ValueError(f"{name} must be an int or a pair of equal ints, got {value!r}")
         value = value[0]
-    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+    if not is_int(value) or value not in allowed:
         raise ValueError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
-    return value
+    return int(value)
+
+
+def check_bool_arg(name: str, value) -> bool:
+    """value as a bool: a Python or NumPy bool (not a number or a tensor)."""
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if not (isinstance(value, bool) or numpy_bool):
+        raise TypeError(f"{name} must be a bool, got {type_name(value)}")
+    return bool(value)
+
+
+def check_real_arg(name: str, value, expected: str) -> float:
+    """value as a float: a Python or NumPy real number, not a bool; `expected` says what
+    the argument takes (its range) in the error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {type_name(value)}")
+    return float(value)

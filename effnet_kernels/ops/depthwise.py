@@ -23,6 +23,7 @@ autograd-registered custom op must be functional.
 from __future__ import annotations
 
 import importlib
+import numbers
 
 import torch
 from torch import Tensor
@@ -32,7 +33,17 @@ from ..backends import register_impl, remember_backend, runs_forward_backend, se
 from . import reference
 from .activations import act_code
 from .bn_math import COMPOSITE, as_dtype, running_stats, vector_math
-from .checks import check_device, check_int_arg, check_same_dtype, check_tensor, check_vector
+from .checks import (
+    check_bool_arg,
+    check_device,
+    check_int_arg,
+    check_real_arg,
+    check_same_dtype,
+    check_tensor,
+    check_vector,
+    is_int,
+    type_name,
+)
 from .eager import autocast_enabled_for, onnx_exporting, plain_eager, records_graph
 from .geometry import acc_dtype, conv_geometry, dense, dense_format, memory_format_of
 from .second_order import first_order_only, reject_forward_ad
@@ -290,12 +301,12 @@ def _check_padding(padding, kernel: int):
         return padding
     if isinstance(padding, (tuple, list)) and len(padding) == 2 and padding[0] == padding[1]:
         padding = padding[0]
-    if isinstance(padding, bool) or not isinstance(padding, int) or not 0 <= padding <= kernel // 2:
+    if not is_int(padding) or not 0 <= padding <= kernel // 2:
         raise ValueError(
             f"padding must be None, 'same' or an int in [0, {kernel // 2}] for kernel size "
             f"{kernel}, got {padding!r}"
         )
-    return padding
+    return int(padding)
 
 
 def _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, training):
@@ -315,8 +326,6 @@ def _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, trai
     for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias),
                     ("running_mean", running_mean), ("running_var", running_var)):
         check_vector(name, t, c, x)
-    if not isinstance(training, bool):
-        raise TypeError(f"training must be a bool, got {type(training).__name__}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be "
                          "None")
@@ -349,17 +358,24 @@ def depthwise_conv_bn_act(
         # As eager autocast does for conv2d: input and weight in the autocast dtype.
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
+    training = check_bool_arg("training", training)
     _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, training)
     reject_forward_ad("depthwise_conv_bn_act", x, weight, bn_weight, bn_bias)
     stride = check_int_arg("stride", stride, (1, 2))
     kernel = weight.shape[-1]
     padding = _check_padding(padding, kernel)
     code = act_code(act)
+    eps = check_real_arg("eps", eps, "a positive float")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) \
             or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
+    momentum = float(momentum)
+    if process_group is not None and not (torch.distributed.is_available() and isinstance(
+            process_group, torch.distributed.ProcessGroup)):
+        raise TypeError("process_group must be a torch.distributed ProcessGroup or None, got "
+                        f"{type_name(process_group)}")
     geo = conv_geometry(x.shape[2], x.shape[3], kernel, stride, padding)
     if geo.out_h < 1 or geo.out_w < 1:
         raise ValueError(

@@ -31,7 +31,7 @@ from .._ext import ext_module
 from ..backends import forced_backend, register_impl, remember_backend, runs_forward_backend, select
 from . import reference
 from .bn_math import as_dtype
-from .checks import check_same_dtype, check_tensor
+from .checks import check_bool_arg, check_real_arg, check_same_dtype, check_tensor
 from .eager import onnx_exporting, plain_eager
 from .geometry import acc_dtype, dense_format, is_dense
 
@@ -141,7 +141,7 @@ class _DropConnectAddFn(torch.autograd.Function):
         return dx, dy, None
 
 
-def _check_inputs(x, shortcut, p, training, generator) -> float:
+def _check_inputs(x, shortcut, p, training, generator) -> tuple[float, bool]:
     check_tensor("x", x)
     check_tensor("shortcut", shortcut)
     if x.dim() < 1:
@@ -153,11 +153,8 @@ def _check_inputs(x, shortcut, p, training, generator) -> float:
     check_same_dtype("shortcut", shortcut, "x", x)
     if shortcut.device != x.device:
         raise ValueError(f"shortcut must be on {x.device} like x, got {shortcut.device}")
-    if not isinstance(training, bool):
-        raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
-        raise TypeError(f"p must be a float in [0, 1), got {type(p).__name__}")
-    p = float(p)
+    training = check_bool_arg("training", training)
+    p = check_real_arg("p", p, "a float in [0, 1)")
     if not (0.0 <= p < 1.0) or math.isnan(p):
         raise ValueError(f"p must be in [0, 1), got {p}")
     if generator is not None:
@@ -168,7 +165,7 @@ def _check_inputs(x, shortcut, p, training, generator) -> float:
                 f"generator must be a {x.device.type} generator like x's device, "
                 f"got a {generator.device.type} generator"
             )
-    return p
+    return p, training
 
 
 def drop_scale(n: int, p: float, device, dtype, generator=None) -> Tensor:
@@ -190,7 +187,7 @@ def drop_connect_add(
     in another format is converted to x's. Same semantics as
     `effnet_kernels.ops.reference.drop_connect_add`.
     """
-    p = _check_inputs(x, shortcut, p, training, generator)
+    p, training = _check_inputs(x, shortcut, p, training, generator)
     if not training or p == 0.0:
         if not torch.compiler.is_compiling() and forced_backend() != "auto":
             select(OP, x)  # the plain add runs no kernel, but a forced backend must serve x

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
@@ -105,7 +106,7 @@ inline void update_running_aten(const at::Tensor& running_mean, const at::Tensor
                                 const at::Tensor& mean, const at::Tensor& var, double momentum,
                                 double unbias) {
   const auto blend = [momentum](const at::Tensor& running, const at::Tensor& batch) {
-    const auto dtype = at::promote_types(running.scalar_type(), batch.scalar_type());
+    const auto dtype = c10::promoteTypes(running.scalar_type(), batch.scalar_type());
     running.copy_(batch.to(dtype).mul(momentum).add_(running.to(dtype).mul(1.0 - momentum)));
   };
   blend(running_mean, mean);

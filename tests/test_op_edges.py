@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from backend_params import require_backend
+from backend_params import backend_device, require_backend
 from torch import nn
 
 import effnet_kernels as ek
@@ -223,17 +223,13 @@ def test_forward_mode_ad_raises_a_clear_error():
 EDGE_BACKENDS = ["reference", "cpu", "triton", "cuda"]
 
 
-def _device(backend):
-    return "cuda" if backend == "cuda" else "cpu"
-
-
 @pytest.mark.parametrize("backend", EDGE_BACKENDS)
 @pytest.mark.parametrize("momentum", [0.0, 0.1])
 def test_half_running_stats_take_a_batch_variance_beyond_their_range(backend, momentum):
     """A float16 running_var and a batch variance above float16's largest value (65504):
     blended in float and rounded once, as PyTorch does, instead of overflowing to inf (or
     NaN at momentum 0) when the batch value is cast first."""
-    device = _device(backend)
+    device = backend_device(backend)
     require_backend(depthwise.OP, backend, device, torch.float16)
     x = (torch.randn(2, 4, 8, 8) * 300).half().to(device)  # variance ~9e4
     w = torch.zeros(4, 1, 3, 3, dtype=torch.half, device=device)
@@ -261,7 +257,7 @@ def test_nan_passes_through_the_activation(backend, act, training):
     kernels' dL/dy adds the batch terms coef_c * (y - mean), zero in eval, and 0 * NaN
     spreads NaN over the conv window around the NaN pixel in eval, where PyTorch's dx
     stays finite."""
-    device = _device(backend)
+    device = backend_device(backend)
     require_backend(depthwise.OP, backend, device, torch.float32)
     x = torch.randn(2, 4, 5, 5, device=device)
     x[0, 1, 2, 2] = float("nan")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from backend_params import DEVICES
+from backend_params import DEVICES, backend_device
 from backend_params import require_backend as _require_backend
 from torch import nn
 
@@ -238,7 +238,7 @@ def test_dense_views_whose_size_one_dims_carry_any_stride(backend):
     ignores it): W == 1 from a transpose, in NCHW and in channels_last, and a batch-1
     channel slice; output and every gradient against the float64 truth, dy in the
     default layout."""
-    device = "cuda" if backend == "cuda" else "cpu"
+    device = backend_device(backend)
     require_backend(OP, backend, device, torch.float32)
     _, params, _ = make_inputs((2, 9, 4, 4, 3))
     views = [torch.randn(2, 9, 1, 40).transpose(2, 3),        # NCHW, stride(3) == 40

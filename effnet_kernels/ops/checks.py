@@ -51,6 +51,11 @@ def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_real(value) -> bool:
+    """A real number (Python or NumPy), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_int_arg(name: str, value, allowed) -> int:
     if isinstance(value, (tuple, list)):
         if len(value) != 2 or value[0] != value[1]:
@@ -72,6 +77,6 @@ def check_bool_arg(name: str, value) -> bool:
 def check_real_arg(name: str, value, expected: str) -> float:
     """value as a float: a Python or NumPy real number, not a bool; `expected` says what
     the argument takes (its range) in the error."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise TypeError(f"{name} must be {expected}, got {type_name(value)}")
     return float(value)

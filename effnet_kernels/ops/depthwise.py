@@ -23,7 +23,6 @@ autograd-registered custom op must be functional.
 from __future__ import annotations
 
 import importlib
-import numbers
 
 import torch
 from torch import Tensor
@@ -42,6 +41,7 @@ from .checks import (
     check_tensor,
     check_vector,
     is_int,
+    is_real,
     type_name,
 )
 from .eager import autocast_enabled_for, onnx_exporting, plain_eager, records_graph
@@ -368,8 +368,7 @@ def depthwise_conv_bn_act(
     eps = check_real_arg("eps", eps, "a positive float")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) \
-            or not 0.0 <= momentum <= 1.0:
+    if not is_real(momentum) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
     momentum = float(momentum)
     if process_group is not None and not (torch.distributed.is_available() and isinstance(

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from effnet_kernels import available_backends, use_backend
+from effnet_kernels.bench.providers import timm_drop_path_add
 from effnet_kernels.functional import drop_connect_add
 from effnet_kernels.shapes import residual_shapes
 
@@ -27,9 +28,7 @@ P = 0.2
 
 
 def eager_drop_connect_add(x, shortcut, p: float = P):
-    keep = 1.0 - p
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep).div_(keep)
-    return shortcut + x * mask
+    return timm_drop_path_add(x, shortcut, p)
 
 
 _compiled = {}

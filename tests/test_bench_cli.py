@@ -255,3 +255,31 @@ def test_round_orders_vary_who_runs_before_whom():
     assert {o[0] for o in orders} == set(names)
     before = {(o[i - 1], o[i]) for o in orders for i in range(1, len(o))}
     assert all((a, b) in before for a in names for b in names if a != b)
+
+
+def test_eager_baselines_run_timms_own_ops():
+    """The eager side of the op benchmarks is what a timm EfficientNet runs, op for op: the
+    drop-connect baseline gives timm's drop_path + add bitwise from the same seed and
+    dispatches the same ATen ops (the mask, not x, divided by keep), and the SE baseline
+    matches timm's SqueezeExcite (SiLU, as EfficientNet's) with the same weights."""
+    pytest.importorskip("timm")
+    from timm.layers import drop_path
+    from timm.models._efficientnet_blocks import SqueezeExcite
+
+    from effnet_kernels.bench.dispatch import top_level_aten_ops
+    from effnet_kernels.bench.providers import DropConnectEager, SqueezeExciteEager
+
+    x, shortcut = torch.randn(4, 6, 5, 5), torch.randn(4, 6, 5, 5)
+    ours = DropConnectEager(0.25).train()
+    torch.manual_seed(3)
+    got = ours(x, shortcut)
+    torch.manual_seed(3)
+    want = shortcut + drop_path(x, 0.25, training=True)
+    assert torch.equal(got, want)
+    assert top_level_aten_ops(lambda: ours(x, shortcut)) == top_level_aten_ops(
+        lambda: shortcut + drop_path(x, 0.25, training=True))
+
+    se = SqueezeExciteEager(6, 2)
+    timm_se = SqueezeExcite(6, rd_channels=2, act_layer=torch.nn.SiLU)  # as EfficientNet builds it
+    timm_se.load_state_dict(se.state_dict())
+    torch.testing.assert_close(se(x), timm_se(x), rtol=0, atol=0)

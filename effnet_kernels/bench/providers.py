@@ -133,8 +133,16 @@ class SqueezeExciteEager(nn.Module):
         return x * s.sigmoid()
 
 
+def timm_drop_path_add(x, shortcut, p: float):
+    """timm's drop_path (timm.layers.drop_path, scale_by_keep) then the residual add, op for
+    op: the (N, 1, 1, 1) mask is divided by keep, so x takes one multiply, not two passes."""
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep).div_(keep)
+    return shortcut + x * mask
+
+
 class DropConnectEager(nn.Module):
-    """timm's drop_path + residual add: shortcut + x * mask[n] / keep."""
+    """timm's drop_path + residual add (timm_drop_path_add); eval or p == 0: the add."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -143,9 +151,7 @@ class DropConnectEager(nn.Module):
     def forward(self, x, shortcut):
         if not self.training or self.p == 0:
             return shortcut + x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(keep)
-        return shortcut + x * mask / keep
+        return timm_drop_path_add(x, shortcut, self.p)
 
 
 def _randomize_bn(bn: nn.BatchNorm2d, gen: torch.Generator) -> None:

@@ -142,16 +142,28 @@ def remember_backend(ctx) -> None:
 
 def runs_forward_backend(backward: Callable) -> Callable:
     """Decorate an autograd backward(ctx, *grads) so that it runs under the backend its
-    forward ran under (recorded by remember_backend)."""
+    forward ran under (recorded by remember_backend), with autocast off. The forwards
+    compute in dtypes they fix themselves (squeeze-excite's MLP in float32, the depthwise
+    op in its input's dtype); a backward called inside an autocast region (`loss.backward()`
+    within `torch.autocast`) would otherwise have its ATen ops recast, and the dtypes no
+    longer match what the forward saved."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
         name = getattr(ctx, "effnet_backend", None)
-        if name is None:
+        autocast_on = [d for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
+        if name is None and not autocast_on:
             return backward(ctx, *grads)
-        with use_backend(name):
+        with contextlib.ExitStack() as stack:
+            if name is not None:
+                stack.enter_context(use_backend(name))
+            for device in autocast_on:
+                stack.enter_context(torch.autocast(device, enabled=False))
             return backward(ctx, *grads)
     return wrapper
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 def not_supported_reasons(op: str, backend: str, device: torch.device, dtype: torch.dtype):

@@ -389,3 +389,23 @@ def test_timm_features_only_backbone(name):
     x, y = batch(2, 64)
     assert_eval_parity(fused, original, x)
     assert_train_parity(fused, original, x, y)
+
+
+def test_backward_inside_the_autocast_region():
+    """`loss.backward()` inside the `torch.autocast` block (PyTorch advises against it but
+    runs it): the fused backwards run with autocast off, as outside the block, and give
+    the same gradients (squeeze-excite's float32 MLP used to meet bfloat16 there)."""
+    fused, _ = converted_pair("timm", "efficientnet_b0", drop_rate=0.0, drop_path_rate=0.0)
+    fused = fused.train().to(memory_format=torch.channels_last)
+    x, y = batch(2, 32, classes=CLASSES, fmt=torch.channels_last)
+    grads = []
+    for inside in (False, True):
+        fused.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(fused(x).float(), y)
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        grads.append([p.grad for p in fused.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

@@ -206,3 +206,70 @@ def test_convert_sync_batchnorm_after_convert_keeps_the_numbers(source):
     fused = effnet_kernels.convert_sync_batchnorm(fused)
     assert any(isinstance(m, nn.SyncBatchNorm) for m in fused.modules())
     assert_same_logits(fused.eval(), original.eval(), batch(2, 32, fmt=CL)[0])
+
+
+@pytest.mark.parametrize("route", ["reverted", "hooked_children", "autocast"])
+def test_eval_memos_follow_running_stats_torch_batchnorm_updates(route):
+    """PyTorch's BatchNorm updates the running statistics without bumping their version
+    counters (it does bump num_batches_tracked's, which the memos watch): after a training
+    forward that takes torch's norms (a reverted model converted again, blocks whose
+    children carry hooks, autocast), the next eval call folds the new statistics."""
+    fused, original = pair("timm")
+    x = batch(4, 64, fmt=CL)[0]  # train-mode BN: enough values per channel at 2 x 2
+    with torch.no_grad():
+        fused.eval()(x)  # memoizes every fold and block plan
+    if route == "reverted":
+        effnet_kernels.revert(fused)
+    for model in (fused, original):
+        hooks = [b.bn1.register_forward_hook(lambda *args: None)
+                 for b in model.blocks[1]] if route == "hooked_children" else []
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=route == "autocast")
+        with torch.no_grad(), autocast:
+            model.train()(x)
+        for hook in hooks:
+            hook.remove()
+    if route == "reverted":
+        effnet_kernels.convert(fused, warn=False)
+    with torch.no_grad():
+        memoized = fused.eval()(x)
+        effnet_kernels.clear_eval_cache()
+        assert torch.equal(memoized, fused(x))
+    if route != "autocast":  # bf16 statistics differ between the routes by rounding
+        assert_same_logits(fused, original.eval(), x)
+
+
+@pytest.mark.parametrize("source", ["timm", "torchvision"])
+def test_drop_path_rate_one_drops_every_sample(source):
+    """timm's drop_path and torchvision's stochastic_depth take a rate of 1 (every sample
+    dropped in training, nothing in eval); the fused op's p must be below 1, so the
+    converted blocks compute that case themselves."""
+    fused, original = drop_path_pair(source, lambda m: isinstance(m, nn.BatchNorm2d))
+    for model in (fused, original):
+        for m in model.modules():
+            if type(m).__name__ == "DropPath":
+                m.drop_prob = 1.0
+            elif type(m).__name__ == "StochasticDepth":
+                m.p = 1.0
+    x = batch(2, 32, fmt=CL)[0]
+    assert_same_logits(fused, original, x)  # training, norms frozen: no randomness left
+    assert_same_logits(fused.eval(), original.eval(), x)
+
+
+def test_own_models_call_hooked_children():
+    """In effnet_kernels' own models a stem, head or SE conv carrying a forward hook is
+    called as a module (the fused paths read its weights without calling it), with the
+    same logits."""
+    model = pair("effnet_kernels")[0].eval()
+    x = batch(2, 32, fmt=CL)[0]
+    with torch.no_grad():
+        plain = model(x)
+    names = ["conv_stem", "bn1", "blocks.0.0.se.conv_reduce", "blocks.2.1.se.conv_expand",
+             "conv_head", "bn2"]
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        model.get_submodule(name).register_forward_hook(
+            lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + 1))
+    with torch.no_grad():
+        hooked = model(x)
+    assert calls == dict.fromkeys(names, 1)
+    torch.testing.assert_close(hooked, plain, rtol=1e-5, atol=1e-5)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.activations import ACT_FUNCTIONS
+from ..nn.block_structure import has_call_hooks
 from ..nn.conv_bn_act import SameConv2d, conv_bn_act
 from ..nn.mbconv import DepthwiseSeparable, MBConv
 from .config import (
@@ -40,8 +41,9 @@ TF_BN_EPS = 1e-3
 
 def _conv_norm_act(x: Tensor, conv: nn.Module, norm: nn.Module, act: str) -> Tensor:
     """The fused conv + BN + act; a norm that is no BatchNorm (e.g. a FrozenBatchNorm2d
-    swapped in to freeze the model) runs as its own module."""
-    if type(norm) in (nn.BatchNorm2d, nn.SyncBatchNorm):
+    swapped in to freeze the model), or a conv or norm carrying call hooks, runs as its
+    own modules."""
+    if type(norm) in (nn.BatchNorm2d, nn.SyncBatchNorm) and not has_call_hooks(conv, norm):
         return conv_bn_act(x, conv, norm, act)
     return ACT_FUNCTIONS[act](norm(conv(x)))
 

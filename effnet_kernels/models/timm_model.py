@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from .._ext import ext_module
 from ..nn.activations import act_name
-from ..nn.block_structure import CALL_HOOKS
+from ..nn.block_structure import has_call_hooks
 from ..nn.class_swap import swap_class
 from ..nn.conv_bn_act import conv_bn_act, is_same_conv
 from ..nn.eval_conv import patch_conv_serves
@@ -88,7 +88,7 @@ def _fusable_act(x: Tensor, conv: nn.Module, bn: nn.Module) -> str | None:
             and plain_eager(x) and not torch.is_autocast_enabled("cpu")):
         return None
     act = act_name(bn.act)
-    if act is None or any(getattr(m, name) for m in (conv, bn) for name in CALL_HOOKS):
+    if act is None or has_call_hooks(conv, bn):
         return None
     if records_graph(x, conv.weight, conv.bias, bn.weight, bn.bias):
         return None

@@ -76,6 +76,13 @@ _WATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 CALL_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
+def has_call_hooks(*modules: nn.Module) -> bool:
+    """Whether any of the modules carries hooks that run when it is called (forward,
+    forward-pre, backward): a fused path that reads the module's tensors instead of calling
+    it must then call it."""
+    return any(getattr(m, name) for m in modules for name in CALL_HOOKS)
+
+
 def _watch_objects(block: nn.Module) -> tuple:
     slots, modules, registries = [], [], []
     for path in block.fused_paths:
@@ -96,7 +103,7 @@ def _changed_by_kinds(block: nn.Module) -> bool:
             module = module._modules.get(part)
             if module is None:
                 return True
-        if _kind(module) is not kind or any(getattr(module, name) for name in CALL_HOOKS):
+        if _kind(module) is not kind or has_call_hooks(module):
             return True
     return False
 

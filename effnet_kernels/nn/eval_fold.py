@@ -6,9 +6,13 @@ ten small ops per conv (one of them over the whole weight): on a GPU, launches t
 outnumber the conv itself; on CPU, Python dispatch. The folded (weight, bias) is kept per
 BatchNorm module and reused while every source tensor is the same object with the same
 storage and the same version counter. In-place writes (optimizer steps, load_state_dict,
-running-statistics updates, `.data` swaps by `module.to(...)`) change one of these, so the
-fold is recomputed on the next call. In-place writes through `.data` (`p.data.mul_(...)`)
-bump no version counter: after those, call effnet_kernels.clear_eval_cache().
+`.data` swaps by `module.to(...)`) change one of these, so the fold is recomputed on the
+next call. PyTorch's own BatchNorm updates the running statistics inside its kernel and
+bumps no version of theirs, but it counts the batch in `num_batches_tracked` with an
+in-place add: the memo watches that counter too, so a training forward through any route
+(the original module's forward, a hooked or autocast call, a reverted model) refolds.
+In-place writes through `.data` (`p.data.mul_(...)`) bump no version counter: after
+those, call effnet_kernels.clear_eval_cache().
 
 Only calls that record no autograd graph through the sources use the memo; calls that
 differentiate w.r.t. the weights, and torch.compile tracing, fold inline.
@@ -38,7 +42,8 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
 
 def folded_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """fold_conv_bn(conv, bn), from the memo when its sources have not changed."""
-    sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+               getattr(bn, "num_batches_tracked", None))
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in sources)):
         return fold_conv_bn(conv, bn)

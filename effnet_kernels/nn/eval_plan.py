@@ -123,6 +123,14 @@ def _sources(expand, depthwise, se, projection) -> tuple:
     return tuple(d.get(k) for d, k in _slots(expand, depthwise, se, projection))
 
 
+def _batch_counters(expand, depthwise, projection) -> list:
+    """(dict, key) of each norm's num_batches_tracked: PyTorch's BatchNorm updates the
+    running statistics without bumping their versions, but bumps this counter's (see
+    nn/eval_fold.py), so a plan watches it beside its sources."""
+    return [(part[1]._buffers, "num_batches_tracked") for part in (expand, depthwise, projection)
+            if part is not None]
+
+
 def _watch(slots: list) -> tuple | None:
     """(dict, key, tensor, version, data pointer) per slot; None when some tensor is an
     inference tensor (no version counter: nothing to watch)."""
@@ -262,7 +270,7 @@ def _plan_for(block: nn.Module, expand, depthwise, se, projection, skip) -> _Pla
         return entry[2]
     slots = _slots(expand, depthwise, se, projection)
     plan = _build(expand, depthwise, se, projection, skip, slots)
-    watched = _watch(slots)
+    watched = _watch(slots + _batch_counters(expand, depthwise, projection))
     if watched is not None:
         _PLANS[block] = (settings, watched, plan)
     elif plan is not None:  # a plan for this call only: packing once would not pay

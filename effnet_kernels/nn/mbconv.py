@@ -190,7 +190,13 @@ def drop_path_training(block: nn.Module) -> bool:
 
 def add_residual(block: nn.Module, x: Tensor, shortcut: Tensor) -> Tensor:
     """shortcut + drop_path(x), at the block's drop-path rate and in its drop-path mode."""
-    return drop_connect_add(x, shortcut, _drop_prob(block), training=drop_path_training(block))
+    p, training = _drop_prob(block), drop_path_training(block)
+    if p == 1.0:
+        # timm's drop_path and torchvision's stochastic_depth take a rate of 1: every sample
+        # is dropped (x times a zero mask, left unscaled), and eval ignores the rate. The
+        # fused op's contract is p in [0, 1), so the block computes this itself.
+        return shortcut + (x * 0.0 if training else x)
+    return drop_connect_add(x, shortcut, p, training=training)
 
 
 def drops_paths(block: nn.Module, skip: bool) -> bool:

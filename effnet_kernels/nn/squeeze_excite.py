@@ -10,7 +10,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..ops.squeeze_excite import squeeze_excite
-from .activations import fusable_act
+from .activations import ACT_FUNCTIONS, fusable_act
+from .block_structure import has_call_hooks
 
 
 def _check_1x1(name: str, conv: nn.Conv2d) -> None:
@@ -50,6 +51,11 @@ class SqueezeExcite(nn.Module):
         return self
 
     def forward(self, x: Tensor, pooled: Tensor | None = None) -> Tensor:
+        if has_call_hooks(self.conv_reduce, self.conv_expand):
+            # The fused op reads the convs' weights without calling them: with hooks on
+            # them, run timm's module graph so that the hooks see their calls.
+            s = self.conv_reduce(x.mean((2, 3), keepdim=True))
+            return x * self.conv_expand(ACT_FUNCTIONS[self.act](s)).sigmoid()
         return squeeze_excite(
             x, self.conv_reduce.weight, self.conv_reduce.bias, self.conv_expand.weight,
             self.conv_expand.bias, act=self.act, pooled=pooled,

@@ -194,8 +194,11 @@ def add_residual(block: nn.Module, x: Tensor, shortcut: Tensor) -> Tensor:
     if p == 1.0:
         # timm's drop_path and torchvision's stochastic_depth take a rate of 1: every sample
         # is dropped (x times a zero mask, left unscaled), and eval ignores the rate. The
-        # fused op's contract is p in [0, 1), so the block computes this itself.
-        return shortcut + (x * 0.0 if training else x)
+        # fused op's contract is p in [0, 1): training computes this here, eval takes the
+        # op's plain add as at any other rate.
+        if training:
+            return shortcut + x * 0.0
+        p = 0.0
     return drop_connect_add(x, shortcut, p, training=training)
 
 

@@ -140,6 +140,10 @@ def remember_backend(ctx) -> None:
         ctx.effnet_backend = forced_backend()
 
 
+# The devices whose autocast state runs_forward_backend turns off around a backward.
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
 def runs_forward_backend(backward: Callable) -> Callable:
     """Decorate an autograd backward(ctx, *grads) so that it runs under the backend its
     forward ran under (recorded by remember_backend), with autocast off. The forwards
@@ -161,9 +165,6 @@ def runs_forward_backend(backward: Callable) -> Callable:
                 stack.enter_context(torch.autocast(device, enabled=False))
             return backward(ctx, *grads)
     return wrapper
-
-
-_AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 def not_supported_reasons(op: str, backend: str, device: torch.device, dtype: torch.dtype):

@@ -20,6 +20,7 @@ import copy
 import torch
 
 import effnet_kernels as ek
+from effnet_kernels.bench.host_allocator import add_host_allocator_argument, set_host_allocator
 from effnet_kernels.bench.timing import measure_interleaved, set_threads
 
 CPU = torch.device("cpu")
@@ -56,7 +57,9 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=224)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    add_host_allocator_argument(ap)
     args = ap.parse_args()
+    print(f"host allocator: {set_host_allocator(args.host_allocator)}")
     import timm
 
     threads = set_threads(args.threads)

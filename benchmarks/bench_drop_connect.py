@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from effnet_kernels import available_backends, use_backend
+from effnet_kernels.bench.host_allocator import add_host_allocator_argument, set_host_allocator
 from effnet_kernels.bench.providers import timm_drop_path_add
 from effnet_kernels.functional import drop_connect_add
 from effnet_kernels.shapes import residual_shapes
@@ -120,7 +121,9 @@ def main():
     parser.add_argument("--cpu-time", action="store_true",
                         help="time with this thread's CPU clock (needs --threads 1): robust to a "
                              "loaded machine, blind to waiting")
+    add_host_allocator_argument(parser)
     args = parser.parse_args()
+    print(f"host allocator: {set_host_allocator(args.host_allocator)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cpu_time and (args.device != "cpu" or torch.get_num_threads() != 1):

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from effnet_kernels import available_backends, use_backend
+from effnet_kernels.bench.host_allocator import add_host_allocator_argument, set_host_allocator
 from effnet_kernels.nn import SqueezeExcite
 from effnet_kernels.shapes import se_shapes
 
@@ -117,7 +118,9 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    add_host_allocator_argument(parser)
     args = parser.parse_args()
+    print(f"host allocator: {set_host_allocator(args.host_allocator)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [p for p in providers() if not (args.no_compile and p == "compile")]

@@ -64,6 +64,7 @@ import torch
 import effnet_kernels as ek
 from effnet_kernels._ext import ext_module
 from effnet_kernels.bench.e2e import onnx_infer_fn
+from effnet_kernels.bench.host_allocator import add_host_allocator_argument, set_host_allocator
 from effnet_kernels.bench.timing import measure_interleaved, set_threads
 from effnet_kernels.nn import eval_conv, eval_plan, gemm_conv, gemm_linear, pointwise, train_tail
 from effnet_kernels.ops import depthwise as dw_ops
@@ -162,7 +163,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--format", choices=tuple(FORMATS), default="channels_last")
+    add_host_allocator_argument(ap)
     args = ap.parse_args()
+    print(f"host allocator: {set_host_allocator(args.host_allocator)}")
     threads = set_threads(args.threads)
     model, images, labels = model_and_data(args.model, args.batch, args.resolution,
                                            FORMATS[args.format])

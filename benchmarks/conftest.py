@@ -7,6 +7,8 @@ Options (each also read from an environment variable, for CI):
   --effnet-providers comma subset of fused,eager,compile (all)                   EFFNET_BENCH_PROVIDERS
   --effnet-formats   comma subset of nchw,channels_last (both)                   EFFNET_BENCH_FORMATS
   --effnet-threads   torch CPU threads, fixed and recorded (torch's default)     EFFNET_BENCH_THREADS
+  --effnet-host-allocator keep or glibc: what malloc does with freed memory (keep)
+                     (effnet_kernels/bench/host_allocator.py)                    EFFNET_BENCH_HOST_ALLOCATOR
 
 `pytest benchmarks/bench_depthwise.py --benchmark-only` runs one suite; `pytest benchmarks
 --benchmark-only` runs all (bench_*.py files are collected here, tests/ keeps test_*.py).
@@ -21,6 +23,8 @@ import os
 import pytest
 import torch
 
+from effnet_kernels.bench.host_allocator import set_host_allocator
+
 OPTIONS = {
     "variant": ("EFFNET_BENCH_VARIANT", "b0"),
     "batch": ("EFFNET_BENCH_BATCH", "8"),
@@ -28,13 +32,14 @@ OPTIONS = {
     "providers": ("EFFNET_BENCH_PROVIDERS", "fused,eager,compile"),
     "formats": ("EFFNET_BENCH_FORMATS", "nchw,channels_last"),
     "threads": ("EFFNET_BENCH_THREADS", ""),
+    "host_allocator": ("EFFNET_BENCH_HOST_ALLOCATOR", "keep"),
 }
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("effnet-kernels benchmarks")
     for name, (env, default) in OPTIONS.items():
-        group.addoption(f"--effnet-{name}", dest=f"effnet_{name}",
+        group.addoption(f"--effnet-{name.replace('_', '-')}", dest=f"effnet_{name}",
                         default=os.environ.get(env, default),
                         help=f"(env {env}, default {default or 'all'})")
 
@@ -54,6 +59,10 @@ def pytest_configure(config):
     threads = bench_option(config, "threads")
     if threads:
         torch.set_num_threads(threads)
+    try:
+        config.effnet_host_allocator = set_host_allocator(bench_option(config, "host_allocator"))
+    except ValueError as exc:
+        raise pytest.UsageError(f"--effnet-host-allocator: {exc}") from None
 
 
 def pytest_collect_file(file_path, parent):
@@ -73,3 +82,4 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["torch_threads"] = torch.get_num_threads()
     machine_info["effnet_kernels_build"] = effnet_kernels.build_info()
     machine_info["effnet_kernels_git_sha"] = git_sha()
+    machine_info["host_allocator"] = getattr(config, "effnet_host_allocator", None)

@@ -50,6 +50,7 @@ def test_smoke_json_header(smoke):
     for key in ("timestamp", "git_sha", "machine", "versions", "build_info"):
         assert key in env
     assert env["versions"]["torch"] == torch.__version__
+    assert env["host_allocator"].startswith("keep"), env["host_allocator"]
     assert result["settings"]["level"] == "smoke"
     assert result["threads"] >= 1 and result["copy_bandwidth_gbps"] > 0
 

@@ -17,6 +17,7 @@ import torch
 from ..backends import BACKENDS, not_supported_reasons
 from ..models.config import SCALING
 from .e2e import PROVIDERS as E2E_PROVIDERS
+from .host_allocator import add_host_allocator_argument
 from .providers import OPS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--e2e-providers", default=None,
                    help=f"comma-separated subset of {','.join(E2E_PROVIDERS)} for the end-to-end "
                    "part; default per level")
+    add_host_allocator_argument(b)
     return parser
 
 
@@ -141,6 +143,7 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
         else per_device(cfg["compile_budget"]),
         "e2e_batch": args.e2e_batch or per_device(cfg["e2e_batch"]), "e2e_resolution": e2e_res,
         "e2e_rounds": cfg["e2e_rounds"], "e2e_providers": e2e_providers or cfg["e2e_providers"],
+        "host_allocator": args.host_allocator,
     }
 
 

@@ -157,6 +157,7 @@ def write_markdown(path: str, result: dict) -> None:
         f"{env['timestamp']} · git {env['git_sha'] or '-'} · torch {env['versions']['torch']} · "
         f"{env['build_info'].get('gpu') or env['machine']['processor'] or 'cpu'} · "
         f"{result['threads']} threads · copy bandwidth {_f(result['copy_bandwidth_gbps'])} GB/s",
+        f"host allocator: {env.get('host_allocator', '-')}",
     ]
     for title, key, fn in (("Self-check", "selfcheck", selfcheck_table), ("Ops", "rows", op_table),
                            ("End to end", "e2e", e2e_table), ("Skipped", "skipped", skipped_table)):

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from . import report
 from .cli import DTYPES
 from .e2e import run_e2e
+from .host_allocator import set_host_allocator
 from .providers import Case, Unavailable, bytes_moved, clear_compiled, fused_providers, make, op_shapes
 from .selfcheck import run_selfcheck
 from .timing import copy_bandwidth_gbps, measure_interleaved, set_threads
@@ -51,7 +52,9 @@ class Run:
         self.compile_spent = 0.0
         self.result = {
             "schema_version": report.SCHEMA_VERSION, "complete": False,
-            "environment": report.environment(), "settings": s,
+            "environment": {**report.environment(),
+                            "host_allocator": set_host_allocator(s["host_allocator"])},
+            "settings": s,
             "threads": set_threads(s["threads"]), "copy_bandwidth_gbps": None,
             "selfcheck": [], "rows": [], "e2e": [], "skipped": [], "plots": [],
         }
@@ -171,6 +174,7 @@ class Run:
         print(f"\neffnet-kernels bench: {r['settings']['level']} on {r['settings']['device']} "
               f"{r['settings']['dtype']}, {r['threads']} threads, copy bandwidth "
               f"{r['copy_bandwidth_gbps']:.1f} GB/s, {r['duration_s']:.0f} s")
+        print(f"host allocator: {r['environment']['host_allocator']}")
         load = r["environment"]["machine"]["loadavg_at_start"]
         if load and load[0] > (os.cpu_count() or 1):
             print(f"WARNING: load average {load[0]:.1f} on {os.cpu_count()} CPUs at start: the "

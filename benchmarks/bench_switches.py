@@ -13,11 +13,12 @@ the speed drifts by up to x1.5 between runs, so a change is measured against its
 switch in one process, never against a figure of another run. Switches:
 
   prefetch     the depthwise row kernels' software prefetch (_C.cpu.dw_set_prefetch)
-  planar       the NCHW eval routes (use with --format nchw; a channels_last model takes
-               neither): the depthwise forward reading and writing NCHW tensors in place
-               (_C.cpu.dw_set_planar) and the 1x1 convs as one GEMM per image
-               (nn/gemm_conv.PLANAR_GEMM), against converting to channels_last and back
-               and oneDNN's NCHW conv
+  planar       the NCHW eval routes of the ops: the depthwise forward reading and writing
+               NCHW tensors in place (_C.cpu.dw_set_planar) and the 1x1 convs as one GEMM
+               per image (nn/gemm_conv.PLANAR_GEMM), against converting to channels_last
+               and back and oneDNN's NCHW conv. A converted model given NCHW input runs its
+               fused blocks channels_last (nn/block_layout.py), so there only what runs
+               outside them (torchvision's stem and head) can take these routes
   native_gemm  the 1x1 convs' products on the native packed GEMM (_C.cpu.gemm_set_mode
                "native", csrc/cpu/packed_gemm.h) against BLAS sgemm_ ("blas"); "auto"
                picks one per CPU vendor

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from ..nn.activations import act_name
+from ..nn.block_layout import run_channels_last
 from ..nn.block_structure import (
     record_structure,
     share_hooks,
@@ -114,6 +115,9 @@ class TorchvisionMBConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if structure_changed(self):
             return unfused_forward(self, x)
+        return run_channels_last(self._fused, x)
+
+    def _fused(self, x: Tensor) -> Tensor:
         shortcut, layers = x, self.block
         expand = (layers[0][0], layers[0][1], self.acts[0]) if self.has_expand else None
         dw, se, proj = layers[-3], layers[-2], layers[-1]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.activations import ACT_FUNCTIONS
+from ..nn.block_layout import run_channels_last
 from ..nn.block_structure import has_call_hooks
 from ..nn.conv_bn_act import SameConv2d, conv_bn_act
 from ..nn.mbconv import DepthwiseSeparable, MBConv
@@ -135,6 +136,10 @@ class EfficientNet(nn.Module):
         init_weights(self)
 
     def forward_features(self, x: Tensor) -> Tensor:
+        # On CPU the trunk runs channels_last from the image on (nn/block_layout.py).
+        return run_channels_last(self._trunk, x)
+
+    def _trunk(self, x: Tensor) -> Tensor:
         x = _conv_norm_act(x, self.conv_stem, self.bn1, self.act)
         x = self.blocks(x)
         return _conv_norm_act(x, self.conv_head, self.bn2, self.act)
@@ -194,6 +199,9 @@ class EfficientNetFeatures(nn.Module):
         init_weights(self)
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        return run_channels_last(self._features, x)
+
+    def _features(self, x: Tensor) -> list[Tensor]:
         x = _conv_norm_act(x, self.conv_stem, self.bn1, self.act)
         features = []
         for i, stage in enumerate(self.blocks):

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from .._ext import ext_module
 from ..nn.activations import act_name
+from ..nn.block_layout import run_channels_last
 from ..nn.block_structure import has_call_hooks
 from ..nn.class_swap import swap_class
 from ..nn.conv_bn_act import conv_bn_act, is_same_conv
@@ -66,6 +67,11 @@ class FusedStemEfficientNet(EfficientNet):
     """timm's EfficientNet whose eval stem (and head) run as fused conv + BN + act passes."""
 
     def forward_features(self, x: Tensor) -> Tensor:
+        # On CPU the whole trunk runs channels_last from the (3-channel) image on; the
+        # feature map comes back in NCHW for NCHW input (nn/block_layout.py).
+        return run_channels_last(self._trunk, x)
+
+    def _trunk(self, x: Tensor) -> Tensor:
         stem = fused_stem(x, self.conv_stem, self.bn1)
         if stem is None:
             return super().forward_features(x)

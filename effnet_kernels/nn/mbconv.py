@@ -14,7 +14,9 @@ Forward, per block:
   residual                     fused `drop_connect_add` (stride 1 and in == out channels)
 On CPU, depthwise -> SE -> projection runs with the SE pool from the depthwise epilogue
 and the SE gate folded into the projection's weights: nn/eval_tail.py in eval without
-autograd, nn/train_tail.py in training (the gated activation is never stored).
+autograd, nn/train_tail.py in training (the gated activation is never stored); a block
+given a CPU tensor that is not channels_last runs on a channels_last copy
+(nn/block_layout.py).
 
 `from_timm(block)` builds a fused block around an existing timm block's own child modules
 (the same Parameter and buffer objects, every child under its original name), reading
@@ -30,6 +32,7 @@ from ..ops.drop_connect import drop_connect_add
 from ..ops.squeeze_excite import squeeze_excite
 from .activations import ACT_FUNCTIONS, act_name
 from .batchnorm import is_plain_batchnorm
+from .block_layout import run_channels_last
 from .block_structure import record_structure, share_hooks, structure_changed, unfused_forward
 from .conv_bn_act import SameConv2d, conv_bn_act, dw_bn_act, is_same_conv
 from .eval_plan import eval_block
@@ -278,6 +281,9 @@ class MBConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if structure_changed(self):
             return self._unfused(x)
+        return run_channels_last(self._fused, x)
+
+    def _fused(self, x: Tensor) -> Tensor:
         conv_pw, bn1, conv_dw, bn2, conv_pwl, bn3 = _children(
             self, "conv_pw", "bn1", "conv_dw", "bn2", "conv_pwl", "bn3")
         expand = (conv_pw, bn1, self.acts[0])
@@ -351,6 +357,9 @@ class DepthwiseSeparable(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if structure_changed(self):
             return self._unfused(x)
+        return run_channels_last(self._fused, x)
+
+    def _fused(self, x: Tensor) -> Tensor:
         conv_dw, bn1, conv_pw, bn2 = _children(self, "conv_dw", "bn1", "conv_pw", "bn2")
         depthwise = (conv_dw, bn1, self.acts[0])
         projection = (conv_pw, bn2, self.acts[1])

@@ -45,7 +45,14 @@ from .checks import (
     type_name,
 )
 from .eager import autocast_enabled_for, onnx_exporting, plain_eager, records_graph
-from .geometry import acc_dtype, conv_geometry, dense, dense_format, memory_format_of
+from .geometry import (
+    acc_dtype,
+    conv_geometry,
+    copy_in_format,
+    dense,
+    dense_format,
+    memory_format_of,
+)
 from .second_order import first_order_only, reject_forward_ad
 
 OP = "depthwise_conv_bn_act"
@@ -141,19 +148,7 @@ def _affine_act_in_place(prims, y, scale, shift, act, pool, fmt):
         out, sums = prims.dw_affine_act_pool_(y, scale, shift, act)
     else:
         out, sums = prims.dw_affine_act_(y, scale, shift, act), None
-    return _in_format(out, fmt), sums
-
-
-def _in_format(t: Tensor, fmt: torch.memory_format) -> Tensor:
-    """t in memory format fmt. A CPU copy goes into the extension's output cache: an
-    activation above glibc's mmap threshold copied by .contiguous() lands on fresh pages
-    every call (the kept y of an NCHW training call is channels_last)."""
-    if t.is_contiguous(memory_format=fmt):
-        return t
-    ext = ext_module() if t.device.type == "cpu" else None
-    if ext is None:
-        return t.contiguous(memory_format=fmt)
-    return ext.cpu.empty_cached(list(t.shape), t, fmt == torch.channels_last).copy_(t)
+    return copy_in_format(out, fmt), sums
 
 
 def _empty_out(x, out_h, out_w):

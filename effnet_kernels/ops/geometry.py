@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import torch
 
+from .._ext import ext_module
+
 
 class ConvGeometry(NamedTuple):
     stride: int
@@ -64,6 +66,18 @@ def _densify_format(x: torch.Tensor) -> torch.memory_format:
 def dense(x: torch.Tensor) -> torch.Tensor:
     """x made dense in its own memory format (NCHW or channels_last)."""
     return x if is_dense(x) else x.contiguous(memory_format=_densify_format(x))
+
+
+def copy_in_format(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """t in memory format fmt (t itself where it already is), through autograd. A CPU copy
+    goes into the extension's output cache: an activation above glibc's mmap threshold
+    copied by .contiguous() lands on fresh pages every call."""
+    if t.is_contiguous(memory_format=fmt):
+        return t
+    ext = ext_module() if t.device.type == "cpu" else None
+    if ext is None:
+        return t.contiguous(memory_format=fmt)
+    return ext.cpu.empty_cached(list(t.shape), t, fmt == torch.channels_last).copy_(t)
 
 
 def dense_format(x: torch.Tensor) -> torch.memory_format:

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from act_cases import ACTS, act_spread
+from native_gemm import native_gemm_forced, native_gemm_possible  # noqa: F401
 
 from effnet_kernels._ext import ext_module
 from effnet_kernels.nn import eval_conv
@@ -23,9 +24,9 @@ from effnet_kernels.ops.geometry import conv_geometry
 from effnet_kernels.testing import assert_parity
 
 EXT = ext_module()
-pytestmark = pytest.mark.skipif(EXT is None or not EXT.cpu.patch_conv_available(),
-                                reason="the patch conv needs the native GEMM (AVX2 / AVX-512, "
-                                       "not an Intel CPU on the 'auto' GEMM policy)")
+pytestmark = [pytest.mark.skipif(not native_gemm_possible(),
+                                 reason="the patch conv needs the native GEMM (AVX2 / AVX-512)"),
+              pytest.mark.usefixtures("native_gemm_forced")]
 CL = torch.channels_last
 
 

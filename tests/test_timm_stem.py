@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 from model_cases import assert_eval_parity, batch, randomize_bn
+from native_gemm import native_gemm_forced, native_gemm_possible  # noqa: F401
 from torch import nn
 
 import effnet_kernels
@@ -22,8 +23,9 @@ from effnet_kernels.testing import assert_parity
 timm = pytest.importorskip("timm")
 timm_model = pytest.importorskip("effnet_kernels.models.timm_model")
 EXT = ext_module()
-pytestmark = pytest.mark.skipif(EXT is None or not EXT.cpu.patch_conv_available(),
-                                reason="the fused stem needs the patch conv (native GEMM)")
+pytestmark = [pytest.mark.skipif(not native_gemm_possible(),
+                                 reason="the fused stem needs the patch conv (native GEMM)"),
+              pytest.mark.usefixtures("native_gemm_forced")]
 CL = torch.channels_last
 
 

@@ -6,6 +6,7 @@ process-wide and cannot be undone."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ from effnet_kernels.bench.host_allocator import set_host_allocator
 
 line = set_host_allocator(sys.argv[1])
 faults = []
-for _ in range(12):
+for _ in range(40):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     a = torch.empty(16 << 20)  # 64 MiB: above glibc's largest mmap threshold
     a.fill_(1.0)
@@ -47,9 +48,11 @@ def probe(policy: str) -> dict:
 def test_keep_reuses_freed_pages():
     result = probe("keep")
     assert result["line"].startswith("keep (glibc")
-    # the heap grows over the first few steps while small allocations settle between the
-    # large blocks; from then on every step reuses the same pages
-    assert max(result["faults"][-4:]) < PAGES_PER_STEP // 100, result["faults"]
+    # the heap grows over the first steps while small allocations settle between the large
+    # blocks (now and then later too); from then on steps reuse the same pages
+    later = result["faults"][10:]
+    assert statistics.median(later) < PAGES_PER_STEP // 100, result["faults"]
+    assert sum(later) < 3 * PAGES_PER_STEP, result["faults"]
 
 
 @needs_glibc
@@ -57,7 +60,7 @@ def test_glibc_defaults_map_fresh_pages():
     """The cost that "keep" removes, so the test above measures something."""
     result = probe("glibc")
     assert result["line"].startswith("glibc ")
-    assert min(result["faults"][-4:]) > PAGES_PER_STEP // 2, result["faults"]
+    assert statistics.median(result["faults"][10:]) > PAGES_PER_STEP // 2, result["faults"]
 
 
 def test_unknown_policy_is_an_error():

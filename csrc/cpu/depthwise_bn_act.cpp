@@ -55,6 +55,7 @@
 #include "common/math.h"
 #include "depthwise_passes.h"
 #include "isa.h"
+#include "layout_copy.h"
 #include "output_cache.h"
 #include "packed_weight.h"
 #include "pointwise_epilogue_decl.h"
@@ -121,7 +122,7 @@ at::Tensor per_channel(const at::Tensor& t, const char* name, const at::Tensor& 
 at::Tensor to_format(const at::Tensor& t, at::MemoryFormat fmt) {
   if (t.is_contiguous(fmt)) return t;
   at::Tensor out = cpu::empty_output(t.sizes(), t.options(), fmt);
-  out.copy_(t);
+  cpu::copy_layout(out, t);
   return out;
 }
 

@@ -131,11 +131,17 @@ struct ExpandSource {
 // Declarations per ISA namespace (avx512, avx2, base); an ISA file instantiates them with
 // EFFNET_DW_INSTANTIATE_PASSES() after including depthwise_kernels.h in that namespace.
 //   expand_forward_rows  forward_rows (float32) on the rows of an ExpandSource
+//   transpose_floats     dst[j * ld_dst + i] = src[i * ld_src + j], i < rows, j < cols: the
+//                        tiled transpose of depthwise_planar.h, for layout_copy.cpp (which
+//                        moves any 4-byte elements through it: loads, shuffles and stores
+//                        keep every bit)
 #define EFFNET_DW_ISA_PASSES(ISA) \
   namespace ISA {                 \
   EFFNET_DW_PASSES(template <typename X>, X)                                                 \
   void expand_forward_rows(const Geo& g, const ExpandSource& e, const Params<float>& p,     \
                            float* out, int64_t r0, int64_t r1, float* row_sums);             \
+  void transpose_floats(const float* src, int64_t ld_src, float* dst, int64_t ld_dst,       \
+                        int64_t rows, int64_t cols);                                         \
   }
 #define EFFNET_DW_INSTANTIATE_PASSES()    \
   EFFNET_DW_PASSES(template, float)       \

@@ -90,6 +90,11 @@ void transpose_block(const From* src, int64_t ld_src, To* dst, int64_t ld_dst, i
   }
 }
 
+void transpose_floats(const float* src, int64_t ld_src, float* dst, int64_t ld_dst,
+                      int64_t rows, int64_t cols) {
+  transpose_block(src, ld_src, dst, ld_dst, rows, cols);
+}
+
 // Pixels per transpose: rows narrower than this are transposed several at a time (the
 // rows of one image are consecutive in each channel's plane), so B0's 7- and 14-pixel
 // rows fill whole 8 x 8 tiles instead of mostly edge tiles.

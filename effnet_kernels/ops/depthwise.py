@@ -163,8 +163,8 @@ def _act_pass(prims, x, weight, scale, shift, geo, act, pool):
     fmt = memory_format_of(x)
     if pool and hasattr(prims, "dw_forward_pool"):
         out, sums = prims.dw_forward_pool(x, weight, scale, shift, *geo, act)
-        return out.contiguous(memory_format=fmt), sums
-    out = prims.dw_forward(x, weight, scale, shift, *geo, act).contiguous(memory_format=fmt)
+        return copy_in_format(out, fmt), sums
+    out = copy_in_format(prims.dw_forward(x, weight, scale, shift, *geo, act), fmt)
     return out, (_pool_sums(out) if pool else None)
 
 
@@ -219,7 +219,7 @@ def _backward_math(dy, x, weight, bn_weight, bn_bias, mean, var, stride, pad_top
     dx, dweight = prims.dw_backward(
         dy, x, weight, scale, shift, mean, coef_b, coef_c, stride, pad_top, pad_left, act,
         **({} if kept_y is None else {"y": kept_y}))
-    return (dx.contiguous(memory_format=fmt), dweight, as_dtype(dgamma, bn_weight.dtype),
+    return (copy_in_format(dx, fmt), dweight, as_dtype(dgamma, bn_weight.dtype),
             as_dtype(sum_g, bn_bias.dtype))
 
 

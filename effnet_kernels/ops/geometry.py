@@ -70,14 +70,34 @@ def dense(x: torch.Tensor) -> torch.Tensor:
 
 def copy_in_format(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     """t in memory format fmt (t itself where it already is), through autograd. A CPU copy
-    goes into the extension's output cache: an activation above glibc's mmap threshold
-    copied by .contiguous() lands on fresh pages every call."""
+    goes into the extension's output cache (an activation above glibc's mmap threshold
+    copied by .contiguous() lands on fresh pages every call) and a dense NCHW <->
+    channels_last copy runs as the extension's tiled transpose (csrc/cpu/layout_copy.cpp)."""
     if t.is_contiguous(memory_format=fmt):
         return t
     ext = ext_module() if t.device.type == "cpu" else None
     if ext is None:
         return t.contiguous(memory_format=fmt)
-    return ext.cpu.empty_cached(list(t.shape), t, fmt == torch.channels_last).copy_(t)
+    if torch.is_grad_enabled() and t.requires_grad:
+        return _LayoutCopy.apply(t, fmt == torch.channels_last)
+    return _layout_copy(ext, t, fmt == torch.channels_last)
+
+
+def _layout_copy(ext, t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return ext.cpu.copy_layout(ext.cpu.empty_cached(list(t.shape), t, channels_last), t)
+
+
+class _LayoutCopy(torch.autograd.Function):
+    """copy_in_format's copy on CPU; the gradient passes through in the layout it comes
+    in, as Tensor.copy_'s does."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+        return _layout_copy(ext_module(), t, channels_last)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
 
 
 def dense_format(x: torch.Tensor) -> torch.memory_format:

@@ -27,7 +27,6 @@ namespace {
 constexpr int64_t kTile = 32;
 constexpr int64_t kTilesPerTask = 16;
 
-
 template <typename T>
 void transpose_batched(const T* src, T* dst, int64_t batch, int64_t rows, int64_t cols) {
   const int64_t row_tiles = (rows + kTile - 1) / kTile;

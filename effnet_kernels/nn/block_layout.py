@@ -14,8 +14,8 @@ whatever layout they arrive. Whole models do the same once: our own EfficientNet
 converted timm EfficientNet copy the (3-channel) image and return the feature maps in
 NCHW, so their blocks see channels_last and copy nothing (the step above: 203 ms). The
 copies come from the extension's output cache, so the C allocator maps no fresh pages
-for them. Only plain eager calls convert: a traced call
-(torch.compile, export, jit.trace) keeps the graph it had.
+for them. Only plain eager calls convert: a traced call (torch.compile, export,
+jit.trace) keeps the graph it had.
 """
 
 from __future__ import annotations
